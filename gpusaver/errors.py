@@ -1,0 +1,131 @@
+"""The errors gpusaver raises.
+
+Every error derives from :class:`GpuSaverError` and also from the built-in
+exception a caller would naturally catch: a corrupt checkpoint is a
+``ValueError``, a missing tensor a ``KeyError``, a missing checkpoint a
+``FileNotFoundError``, a failed write an ``OSError`` that keeps its errno.
+Messages name the file, the tensor, what was expected and what was found.
+"""
+
+from __future__ import annotations
+
+import errno as _errno
+
+__all__ = [
+    "GpuSaverError",
+    "CorruptCheckpointError",
+    "ChecksumError",
+    "UnsupportedVersionError",
+    "UnsupportedDTypeError",
+    "TensorNotFoundError",
+    "CheckpointNotFoundError",
+    "ShapeMismatchError",
+    "DTypeMismatchError",
+    "CheckpointWriteError",
+    "BackendUnavailableError",
+    "InsufficientDeviceMemoryError",
+]
+
+
+class GpuSaverError(Exception):
+    """Base class of every error gpusaver raises on purpose."""
+
+
+class CorruptCheckpointError(GpuSaverError, ValueError):
+    """A checkpoint file is malformed, truncated or otherwise unreadable.
+
+    Attributes:
+        path: the file that is damaged, when known.
+    """
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path
+
+
+class ChecksumError(CorruptCheckpointError):
+    """Stored and recomputed crc32c disagree.
+
+    Attributes:
+        path: the damaged file.
+        tensor: the tensor (or ``None`` for an index block).
+        expected: the crc32c stored in the checkpoint (unmasked).
+        actual: the crc32c of the bytes read (unmasked).
+    """
+
+    def __init__(
+        self,
+        path: str | None,
+        tensor: str | None,
+        expected: int,
+        actual: int,
+        what: str = "data",
+    ) -> None:
+        where = f"tensor {tensor!r}" if tensor is not None else what
+        super().__init__(
+            f"checksum mismatch in {path!r} ({where}): expected crc32c "
+            f"0x{expected:08x}, got 0x{actual:08x}; the file is corrupt",
+            path,
+        )
+        self.tensor = tensor
+        self.expected = expected
+        self.actual = actual
+
+
+class UnsupportedVersionError(CorruptCheckpointError):
+    """The checkpoint was written by a newer format version than this reader."""
+
+
+class UnsupportedDTypeError(GpuSaverError, TypeError, ValueError):
+    """A dtype that the V2 format (or this package) cannot store or read."""
+
+
+class TensorNotFoundError(GpuSaverError, KeyError):
+    """A tensor name is not in the checkpoint."""
+
+    def __init__(self, message: str, name: str | None = None) -> None:
+        super().__init__(message)
+        self.name = name
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0])
+
+
+class CheckpointNotFoundError(GpuSaverError, FileNotFoundError):
+    """No checkpoint exists at the given path."""
+
+    def __init__(self, message: str, path: str | None = None) -> None:
+        super().__init__(_errno.ENOENT, message)
+        self.filename = path
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+class ShapeMismatchError(GpuSaverError, ValueError):
+    """A stored tensor's shape does not fit the destination."""
+
+
+class DTypeMismatchError(GpuSaverError, ValueError):
+    """A stored tensor's dtype differs from the destination's."""
+
+
+class CheckpointWriteError(GpuSaverError, OSError):
+    """Writing a checkpoint failed; ``errno`` is the operating system's."""
+
+    def __init__(self, err: int | None, message: str, filename: str | None = None) -> None:
+        super().__init__(err, message)
+        self.filename = filename
+
+    def __str__(self) -> str:
+        code = _errno.errorcode.get(self.errno or 0, "")
+        prefix = f"[{code}] " if code else ""
+        return f"{prefix}{self.strerror}"
+
+
+class BackendUnavailableError(GpuSaverError, RuntimeError):
+    """The requested array backend (e.g. CuPy) cannot run on this machine."""
+
+
+class InsufficientDeviceMemoryError(GpuSaverError, MemoryError):
+    """A restore would not fit in the free memory of a device."""

@@ -1,0 +1,126 @@
+"""The file operations of a save, behind one small interface.
+
+Every byte a save puts on disk goes through a :class:`FileOps`. The default,
+:class:`PosixFileOps`, is plain POSIX I/O. Tests substitute their own to fail
+or crash at any operation or at a named *phase* of the commit protocol (see
+``gpusaver.pipeline.commit`` for the list of phases), or to model a power loss.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+__all__ = ["FileOps", "PosixFileOps", "POSIX", "IOV_MAX"]
+
+IOV_MAX = getattr(os, "sysconf", lambda _: 1024)("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
+if not isinstance(IOV_MAX, int) or IOV_MAX <= 0:
+    IOV_MAX = 1024
+_MAX_WRITE = 1 << 30  # keep each writev below Linux's 2 GiB per-call limit
+
+
+@runtime_checkable
+class FileOps(Protocol):
+    """What a save needs from the file system. Every method raises ``OSError``."""
+
+    def phase(self, name: str) -> None:
+        """Marks that the save reached the named phase (a fault-injection point)."""
+
+    def create(self, path: str) -> int:
+        """Creates ``path`` exclusively for writing and returns a file descriptor."""
+
+    def write(self, fd: int, buffers: Sequence[Any]) -> None:
+        """Appends every byte of ``buffers`` (byte-format memoryviews) to ``fd``."""
+
+    def fsync(self, fd: int) -> None:
+        """Flushes ``fd``'s data and metadata to stable storage."""
+
+    def close(self, fd: int) -> None:
+        """Closes ``fd``."""
+
+    def rename(self, src: str, dst: str) -> None:
+        """Atomically renames ``src`` to ``dst``, replacing ``dst``."""
+
+    def remove(self, path: str) -> None:
+        """Removes a file; a missing file raises FileNotFoundError."""
+
+    def mkdir(self, path: str) -> None:
+        """Creates one directory; an existing one raises FileExistsError."""
+
+    def rmtree(self, path: str) -> None:
+        """Removes a directory and everything in it."""
+
+    def fsync_dir(self, path: str) -> None:
+        """Makes the directory's entries (creations, renames, removals) durable."""
+
+
+class PosixFileOps:
+    """Plain POSIX file operations."""
+
+    def phase(self, name: str) -> None:
+        return None
+
+    def create(self, path: str) -> int:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+
+    def write(self, fd: int, buffers: Sequence[Any]) -> None:
+        views = list(buffers)
+        i, n = 0, len(views)
+        while i < n:
+            # One writev of at most IOV_MAX buffers and about _MAX_WRITE bytes.
+            j, total = i, 0
+            while j < n and j - i < IOV_MAX and (total == 0 or total + len(views[j]) <= _MAX_WRITE):
+                total += len(views[j])
+                j += 1
+            if total > _MAX_WRITE:  # one huge buffer: write it in pieces
+                view = views[i]
+                views[i] = view[_MAX_WRITE:]
+                _write_all(fd, [view[:_MAX_WRITE]], _MAX_WRITE)
+                continue
+            _write_all(fd, views[i:j], total)
+            i = j
+
+    def fsync(self, fd: int) -> None:
+        os.fsync(fd)
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+
+    def rename(self, src: str, dst: str) -> None:
+        os.replace(src, dst)
+
+    def remove(self, path: str) -> None:
+        os.remove(path)
+
+    def mkdir(self, path: str) -> None:
+        os.mkdir(path)
+
+    def rmtree(self, path: str) -> None:
+        shutil.rmtree(path)
+
+    def fsync_dir(self, path: str) -> None:
+        fd = os.open(path or ".", os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _write_all(fd: int, views: list[Any], total: int) -> None:
+    written = os.writev(fd, views) if len(views) > 1 else os.write(fd, views[0])
+    while written < total:  # a short write: resume where it stopped
+        rest = []
+        skip = written
+        for v in views:
+            if skip >= len(v):
+                skip -= len(v)
+                continue
+            rest.append(v[skip:])
+            skip = 0
+        views, total = rest, total - written
+        written = os.writev(fd, views) if len(views) > 1 else os.write(fd, views[0])
+
+
+#: The default file operations.
+POSIX = PosixFileOps()

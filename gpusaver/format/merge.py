@@ -1,0 +1,213 @@
+"""merge_bundles: several shard bundles into one checkpoint, committed atomically.
+
+The merged index is what TensorFlow's MergeV2Checkpoints produces for the same
+inputs (same entries, shard ids and header). The order of operations makes
+the merge safe against crashes (design.md, "Commit protocol"):
+
+1. any existing ``<merged>.index`` is removed first, so an old checkpoint of the
+   same name becomes invisible before its data files are replaced;
+2. stale data files of that old checkpoint are removed;
+3. each input's data file is renamed to ``<merged>.data-0000k-of-0000N``;
+4. the merged index is written to a temporary name, fsynced and renamed to
+   ``<merged>.index``, then the directory is fsynced: the checkpoint exists;
+5. the inputs' index files (and their directories, when then empty) are removed.
+
+Named phases (``fileops.phase``) mark each step for fault injection.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import uuid
+from typing import Sequence
+
+from gpusaver.errors import CorruptCheckpointError
+from gpusaver.fileops import POSIX, FileOps
+from gpusaver.format.entry import decode_entry, decode_header, encode_entry, encode_header
+from gpusaver.format.naming import data_file_glob, data_filename, index_filename
+from gpusaver.format.table import TableReader, TableWriter
+from gpusaver.format.wire import Malformed, encode_varint
+from gpusaver.format.writer import os_error
+
+__all__ = ["merge_bundles"]
+
+
+def _read_input(prefix: str) -> tuple[int, bytes, int, list[tuple[bytes, bytes]]]:
+    path = index_filename(prefix)
+    try:
+        table = TableReader.open(path)
+        items = table.items()
+        if not items or items[0][0] != b"":
+            raise Malformed("no header entry")
+        header = decode_header(items[0][1])
+    except Malformed as e:
+        raise CorruptCheckpointError(f"cannot merge {path!r}: {e}", path) from None
+    return header.num_shards, header.version_bytes, header.endianness, items[1:]
+
+
+def merge_bundles(
+    prefixes: Sequence[str],
+    merged_prefix: str,
+    *,
+    durable: bool = True,
+    fileops: FileOps | None = None,
+    allow_missing_files: bool = False,
+) -> None:
+    """Merges the bundles ``prefixes`` into the checkpoint ``merged_prefix``.
+
+    Inputs with no tensors are skipped (their data file is removed): the format
+    cannot express an empty shard.
+
+    Args:
+        prefixes: the input bundles, in shard order.
+        merged_prefix: the checkpoint to create (replaced if it exists).
+        durable: fsync the new index and the directory.
+        fileops: file operations (tests inject faults here).
+        allow_missing_files: skip inputs whose index is missing instead of failing.
+
+    Raises:
+        ValueError: no inputs, a duplicate tensor, inputs that disagree on
+            version or endianness.
+        CorruptCheckpointError: an unreadable input.
+        CheckpointWriteError: an OSError, keeping its errno.
+    """
+    ops = fileops or POSIX
+    merged_prefix = os.fspath(merged_prefix)
+    inputs = []
+    for prefix in prefixes:
+        prefix = os.fspath(prefix)
+        if not os.path.exists(index_filename(prefix)):
+            if allow_missing_files:
+                continue
+            raise ValueError(f"cannot merge: {index_filename(prefix)!r} does not exist")
+        inputs.append((prefix, *_read_input(prefix)))
+    if not inputs:
+        raise ValueError(f"cannot merge into {merged_prefix!r}: no input bundle exists")
+
+    merged: dict[bytes, bytes] = {}
+    sliced: dict[bytes, tuple] = {}
+    file_ids: dict[str, int] = {}
+    empty_inputs: list[str] = []
+    version, endianness = inputs[0][2], inputs[0][3]
+    for prefix, num_shards, in_version, in_endianness, items in inputs:
+        if in_endianness != endianness or in_version != version:
+            raise ValueError(f"cannot merge {prefix!r}: its version or endianness differs from {inputs[0][0]!r}")
+        if not items:
+            empty_inputs.append(prefix)
+            continue
+        for key, value in items:
+            try:
+                entry = decode_entry(value)
+            except Malformed as e:
+                raise CorruptCheckpointError(f"cannot merge {prefix!r}: entry {key!r}: {e}", prefix) from None
+            if key in merged or key in sliced:
+                if key in sliced and entry.slices:
+                    full = sliced[key]
+                    if full.dtype != entry.dtype or full.shape != entry.shape:
+                        raise ValueError(f"cannot merge: slices of {key!r} disagree on dtype or shape")
+                    full.slices.extend(entry.slices)
+                    continue
+                raise ValueError(f"cannot merge: duplicate tensor keyed by {key.decode('utf-8', 'replace')!r}")
+            old_file = data_filename(prefix, entry.shard_id, num_shards)
+            entry.shard_id = file_ids.setdefault(old_file, len(file_ids))
+            if entry.slices:
+                sliced[key] = entry
+            else:
+                merged[key] = encode_entry(
+                    entry.dtype, entry.shape, entry.shard_id, entry.offset, entry.size, entry.crc32c
+                )
+    for key, full in sliced.items():
+        merged[key] = encode_entry(full.dtype, full.shape, full.shard_id, slices=full.slices)
+    num_files = len(file_ids)
+
+    directory = os.path.dirname(merged_prefix)
+    try:
+        if directory and not os.path.isdir(directory):
+            try:
+                ops.mkdir(directory)
+            except FileExistsError:
+                pass
+        _commit(ops, merged_prefix, merged, file_ids, num_files, durable, version, endianness)
+    except OSError as e:
+        raise os_error(e, "merging into", merged_prefix) from e
+    _cleanup_inputs(ops, [p for p, *_ in inputs], merged_prefix, empty_inputs)
+
+
+def _commit(
+    ops: FileOps,
+    merged_prefix: str,
+    merged: dict[bytes, bytes],
+    file_ids: dict[str, int],
+    num_files: int,
+    durable: bool,
+    version: bytes,
+    endianness: int,
+) -> None:
+    index = index_filename(merged_prefix)
+    directory = os.path.dirname(merged_prefix) or "."
+    ops.phase("merge:start")
+    if os.path.lexists(index):
+        ops.remove(index)
+        ops.phase("merge:old_index_removed")
+    new_names = {data_filename(merged_prefix, i, num_files) for i in file_ids.values()}
+    for stale in glob.glob(data_file_glob(merged_prefix)):
+        if stale not in new_names and stale not in file_ids:
+            ops.remove(stale)
+    for old, new_id in file_ids.items():
+        ops.rename(old, data_filename(merged_prefix, new_id, num_files))
+        ops.phase(f"merge:data_renamed:{new_id}")
+    header = encode_header(num_files)
+    if version != b"\x08\x01" or endianness:
+        header = (b"\x08" + encode_varint(num_files) if num_files else b"") + (
+            b"\x10" + encode_varint(endianness) if endianness else b""
+        ) + (b"\x1a" + encode_varint(len(version)) + version)
+    parts: list[bytes] = []
+    table = TableWriter(parts.append)
+    table.add(b"", header)
+    for key in sorted(merged):
+        table.add(key, merged[key])
+    table.finish()
+    tmp = f"{index}.tempstate{uuid.uuid4().hex}"
+    fd = ops.create(tmp)
+    try:
+        try:
+            ops.write(fd, [memoryview(b"".join(parts))])
+            ops.phase("merge:index_written")
+            if durable:
+                ops.fsync(fd)
+                ops.phase("merge:index_fsynced")
+        finally:
+            ops.close(fd)
+        ops.phase("merge:before_index_rename")
+        ops.rename(tmp, index)
+    except BaseException:
+        try:
+            ops.remove(tmp)
+        except OSError:
+            pass
+        raise
+    ops.phase("merge:index_renamed")
+    if durable:
+        ops.fsync_dir(directory)
+        ops.phase("merge:dir_fsynced")
+
+
+def _cleanup_inputs(ops: FileOps, prefixes: list[str], merged_prefix: str, empty: list[str]) -> None:
+    """Best effort, after the commit: input indexes, empty inputs' data files, empty input dirs."""
+    merged_dir = os.path.dirname(os.path.abspath(merged_prefix))
+    for prefix in prefixes:
+        doomed = [index_filename(prefix)]
+        if prefix in empty:
+            doomed += glob.glob(data_file_glob(prefix))
+        for path in doomed:
+            try:
+                ops.remove(path)
+            except OSError:
+                pass
+        in_dir = os.path.dirname(os.path.abspath(prefix))
+        if in_dir != merged_dir:
+            try:
+                os.rmdir(in_dir)
+            except OSError:
+                pass

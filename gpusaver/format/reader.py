@@ -1,0 +1,317 @@
+"""BundleReader: lazy, verified reads of a checkpoint bundle.
+
+Opening a bundle reads and checks its index (every block's crc). Tensors are
+read on demand, each reading only its own bytes, and every tensor's crc32c is
+verified. Sizes are checked against the entry and the data file before any
+memory is allocated, so a corrupt index cannot trigger a huge allocation.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from typing import Any, Iterator
+
+import numpy as np
+
+from gpusaver.errors import (
+    ChecksumError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    ShapeMismatchError,
+    TensorNotFoundError,
+)
+from gpusaver.format import crc, dtypes, slices as _slices
+from gpusaver.format.entry import BundleEntry, BundleHeader, decode_entry, decode_header
+from gpusaver.format.naming import data_filename, index_filename
+from gpusaver.format.table import TableReader
+from gpusaver.format.tensors import decode_strings
+from gpusaver.format.wire import Malformed
+
+__all__ = ["BundleReader", "read_exact"]
+
+
+def read_exact(fd: int, out: memoryview, offset: int, path: str) -> None:
+    """Fills ``out`` from ``fd`` at ``offset``; a short file raises CorruptCheckpointError."""
+    done, n = 0, len(out)
+    while done < n:
+        got = os.preadv(fd, [out[done:]], offset + done)
+        if got <= 0:
+            raise CorruptCheckpointError(
+                f"{path!r} is truncated: needed bytes up to {offset + n}, file ended at {offset + done}", path
+            )
+        done += got
+
+
+class BundleReader:
+    """Reads one checkpoint (``prefix.index`` and its data files).
+
+    Args:
+        prefix: the checkpoint prefix.
+
+    Raises:
+        CheckpointNotFoundError: ``prefix.index`` does not exist.
+        CorruptCheckpointError: the index is damaged (a ``ValueError``).
+        UnsupportedVersionError: written by a newer format.
+    """
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = os.fspath(prefix)
+        self.index_path = index_filename(self.prefix)
+        try:
+            with open(self.index_path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise CheckpointNotFoundError(
+                f"no checkpoint at {self.prefix!r}: {self.index_path!r} does not exist", self.prefix
+            ) from None
+        except IsADirectoryError:
+            raise CheckpointNotFoundError(f"{self.index_path!r} is a directory, not a checkpoint index", self.prefix) from None
+        try:
+            self._table = TableReader(data, self.index_path)
+            first = self._table.first()
+            if first is None or first[0] != b"":
+                raise Malformed("the index has no header entry")
+            self.header: BundleHeader = decode_header(first[1])
+        except Malformed as e:
+            raise CorruptCheckpointError(f"{self.index_path!r} is not a valid checkpoint index: {e}", self.index_path) from None
+        self._entries: dict[bytes, BundleEntry] = {}
+        self._files: dict[int, tuple[int, int, str]] = {}
+        self._lock = threading.Lock()
+
+    # ---------------------------------------------------------------- metadata
+    def _corrupt(self, e: Exception) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"{self.index_path!r} is corrupt: {e}", self.index_path)
+
+    def entry(self, name: str | bytes) -> BundleEntry:
+        """The index entry of ``name``.
+
+        Raises:
+            TensorNotFoundError: no such tensor (a ``KeyError``).
+        """
+        key = name.encode("utf-8") if isinstance(name, str) else name
+        cached = self._entries.get(key)
+        if cached is not None:
+            return cached
+        try:
+            value = self._table.get(key) if key else None
+            if value is None:
+                raise TensorNotFoundError(
+                    f"tensor {key.decode('utf-8', 'replace')!r} not found in checkpoint {self.prefix!r}",
+                    key.decode("utf-8", "replace"),
+                )
+            entry = decode_entry(value)
+        except Malformed as e:
+            raise self._corrupt(e) from None
+        if entry.shard_id >= self.header.num_shards and not entry.slices:
+            raise self._corrupt(ValueError(f"tensor {key!r} names shard {entry.shard_id} of {self.header.num_shards}"))
+        self._entries[key] = entry
+        return entry
+
+    def _all_entries(self) -> Iterator[tuple[bytes, BundleEntry]]:
+        try:
+            for key, value in self._table:
+                if key:
+                    entry = self._entries.get(key)
+                    if entry is None:
+                        entry = self._entries[key] = decode_entry(value)
+                    yield key, entry
+        except Malformed as e:
+            raise self._corrupt(e) from None
+
+    def variables(self) -> dict[str, BundleEntry]:
+        """Every variable's entry by name; slice entries are hidden as TensorFlow hides them."""
+        all_entries = dict(self._all_entries())
+        hidden = set()
+        for key, entry in all_entries.items():
+            for extents in entry.slices:
+                hidden.add(_slices.encode_slice_key(key, extents))
+        return {k.decode("utf-8", "replace"): e for k, e in all_entries.items() if k not in hidden}
+
+    def keys(self) -> list[str]:
+        """Variable names, sorted."""
+        return sorted(self.variables())
+
+    def has_tensor(self, name: str) -> bool:
+        """True if ``name`` is a variable of this checkpoint."""
+        try:
+            self.entry(name)
+        except TensorNotFoundError:
+            return False
+        return True
+
+    def dtype(self, name: str) -> np.dtype:
+        """The NumPy dtype of a stored tensor."""
+        return dtypes.to_numpy(self.entry(name).dtype, path=self.index_path, tensor=name)
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        """The shape of a stored tensor."""
+        return self.entry(name).shape
+
+    # -------------------------------------------------------------------- data
+    def _data_file(self, shard_id: int) -> tuple[int, int, str]:
+        with self._lock:
+            cached = self._files.get(shard_id)
+            if cached is None:
+                path = data_filename(self.prefix, shard_id, self.header.num_shards)
+                try:
+                    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                except FileNotFoundError:
+                    raise CorruptCheckpointError(
+                        f"checkpoint {self.prefix!r} is incomplete: data file {path!r} is missing", path
+                    ) from None
+                cached = self._files[shard_id] = (fd, os.fstat(fd).st_size, path)
+            return cached
+
+    def data_location(self, name: str, entry: BundleEntry | None = None) -> tuple[int, int, int, str]:
+        """``(fd, offset, size, path)`` of a tensor's bytes, checked against the file's size."""
+        entry = entry or self.entry(name)
+        fd, file_size, path = self._data_file(entry.shard_id)
+        if entry.offset + entry.size > file_size:
+            raise CorruptCheckpointError(
+                f"{path!r} is truncated: tensor {name!r} needs bytes [{entry.offset}, "
+                f"{entry.offset + entry.size}) but the file has {file_size}",
+                path,
+            )
+        return fd, entry.offset, entry.size, path
+
+    def _check_size(self, name: str, entry: BundleEntry, dtype: np.dtype) -> None:
+        expect = entry.num_elements * dtype.itemsize
+        if entry.size != expect:
+            raise CorruptCheckpointError(
+                f"invalid size in the entry of tensor {name!r} in {self.index_path!r}: "
+                f"{entry.size} bytes stored, {expect} expected for shape {list(entry.shape)} of {dtype}",
+                self.index_path,
+            )
+
+    def read_into(self, name: str, out: Any, *, verify: bool = True) -> None:
+        """Reads a numeric tensor's bytes straight into ``out`` and verifies them.
+
+        Args:
+            name: the tensor.
+            out: a writable C-contiguous buffer of exactly the tensor's byte size
+                (e.g. a flat uint8 view of the destination array).
+            verify: check the crc32c (on by default).
+
+        Raises:
+            ChecksumError: the bytes do not match their checksum.
+        """
+        self._read_into(name, self.entry(name), out, verify)
+
+    def _read_into(self, name: str, entry: BundleEntry, out: Any, verify: bool = True) -> None:
+        dtype = dtypes.to_numpy(entry.dtype, path=self.index_path, tensor=name)
+        if entry.slices or dtype == dtypes.OBJECT:
+            raise ValueError(f"tensor {name!r} is {'partitioned' if entry.slices else 'a string tensor'}; use get_tensor")
+        self._check_size(name, entry, dtype)
+        view = memoryview(out).cast("B") if not isinstance(out, memoryview) or out.format != "B" else out
+        if len(view) != entry.size:
+            raise ShapeMismatchError(f"tensor {name!r} has {entry.size} bytes; the destination has {len(view)}")
+        fd, offset, size, path = self.data_location(name, entry)
+        read_exact(fd, view, offset, path)
+        if verify:
+            actual = crc.value(view)
+            expected = crc.unmask(entry.crc32c)
+            if actual != expected:
+                raise ChecksumError(path, name, expected, actual)
+
+    def get_tensor(self, name: str) -> np.ndarray:
+        """Reads a whole tensor as a NumPy array, checksums verified.
+
+        Partitioned tensors are assembled from their stored slices.
+        """
+        entry = self.entry(name)
+        if entry.slices:
+            return self._assemble(name, entry, [(0, -1)] * len(entry.shape))
+        return self._read_entry(name, entry)
+
+    def _read_entry(self, name: str, entry: BundleEntry) -> np.ndarray:
+        dtype = dtypes.to_numpy(entry.dtype, path=self.index_path, tensor=name)
+        if dtype == dtypes.OBJECT:
+            if entry.size < entry.num_elements + 4:
+                raise CorruptCheckpointError(
+                    f"string tensor {name!r} in {self.index_path!r}: {entry.size} bytes cannot hold "
+                    f"{entry.num_elements} strings",
+                    self.index_path,
+                )
+            fd, offset, size, path = self.data_location(name, entry)
+            buf = bytearray(size)
+            read_exact(fd, memoryview(buf), offset, path)
+            return decode_strings(buf, entry.shape, crc.unmask(entry.crc32c), path, name)
+        self._check_size(name, entry, dtype)
+        self.data_location(name, entry)  # truncation is found before allocating
+        out = np.empty(entry.shape, dtype=dtype)
+        self._read_into(name, entry, out.reshape(-1).view(np.uint8))
+        if self.header.endianness == 1 and dtype.itemsize > 1:
+            out = out.view(dtype.newbyteorder(">")).astype(dtype)
+        return out
+
+    def read_slice(self, name: str, slice_spec: str) -> np.ndarray:
+        """Reads the region ``slice_spec`` (e.g. ``"2,3:-"``) of a tensor, from whole or sliced storage."""
+        entry = self.entry(name)
+        extents = _slices.parse_slice_spec(slice_spec)
+        _slices.check_fits(entry.shape, extents, f"slice {slice_spec!r} of {name!r}")
+        if not entry.slices:
+            full = self._read_entry(name, entry)
+            region = tuple(slice(a, b) for a, b in _slices.normalize(entry.shape, extents))
+            return np.ascontiguousarray(full[region])
+        return self._assemble(name, entry, extents)
+
+    def _assemble(self, name: str, entry: BundleEntry, want: list[tuple[int, int]]) -> np.ndarray:
+        dtype = dtypes.to_numpy(entry.dtype, path=self.index_path, tensor=name)
+        region = _slices.normalize(entry.shape, want)
+        out = np.empty([b - a for a, b in region], dtype=dtype)
+        covered = np.zeros(out.shape, dtype=bool)
+        key = name.encode("utf-8")
+        for extents in entry.slices:
+            stored = _slices.normalize(entry.shape, extents)
+            inter = [(max(a, c), min(b, d)) for (a, b), (c, d) in zip(region, stored)]
+            if any(lo >= hi for lo, hi in inter) and out.size:
+                continue
+            slice_key = _slices.encode_slice_key(key, extents)
+            try:
+                part_entry = self.entry(slice_key)
+            except TensorNotFoundError:
+                raise CorruptCheckpointError(
+                    f"slice {_slices.format_slice_spec(extents)} of {name!r} is listed but not stored in "
+                    f"{self.index_path!r}",
+                    self.index_path,
+                ) from None
+            want_shape = tuple(b - a for a, b in stored)
+            if part_entry.shape != want_shape or part_entry.dtype != entry.dtype:
+                raise CorruptCheckpointError(
+                    f"slice {_slices.format_slice_spec(extents)} of {name!r} is stored as "
+                    f"{dtypes.dtype_name(part_entry.dtype)} {list(part_entry.shape)}, expected "
+                    f"{dtypes.dtype_name(entry.dtype)} {list(want_shape)}",
+                    self.index_path,
+                )
+            part = self._read_entry(name, part_entry)
+            src = tuple(slice(lo - c, hi - c) for (lo, hi), (c, _) in zip(inter, stored))
+            dst = tuple(slice(lo - a, hi - a) for (lo, hi), (a, _) in zip(inter, region))
+            out[dst] = part[src]
+            covered[dst] = True
+        if not covered.all():
+            raise CorruptCheckpointError(
+                f"tensor {name!r} in {self.index_path!r} does not have sufficient slices to cover "
+                f"{_slices.format_slice_spec(want)}",
+                self.index_path,
+            )
+        return out
+
+    def close(self) -> None:
+        """Closes the data files."""
+        with self._lock:
+            for fd, _, _ in self._files.values():
+                os.close(fd)
+            self._files.clear()
+
+    def __enter__(self) -> "BundleReader":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
