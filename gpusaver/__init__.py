@@ -1,5 +1,75 @@
-"""gpusaver: a GPU-aware, device-sharded checkpoint saver (TensorFlow V2 format)."""
+"""gpusaver: a GPU-aware, device-sharded checkpoint saver in TensorFlow's V2 format.
+
+The public API follows ``tf.compat.v1.train.Saver``, made eager::
+
+    import numpy as np, gpusaver as gs
+
+    w = np.zeros((1024, 1024), np.float32)
+    saver = gs.Saver({"dense/w": w}, max_to_keep=5)
+    path = saver.save("ckpts/model", global_step=100)   # "ckpts/model-100"
+    saver.restore(gs.latest_checkpoint("ckpts"))         # in place
+    gs.load_checkpoint("ckpts").get_tensor("dense/w")    # verified against its crc32c
+"""
 
 from gpusaver._version import __version__
+from gpusaver.checkpoint_management import (
+    checkpoint_exists,
+    generate_checkpoint_state_proto,
+    get_checkpoint_mtimes,
+    get_checkpoint_state,
+    latest_checkpoint,
+    remove_checkpoint,
+    update_checkpoint_state,
+)
+from gpusaver.checkpoint_reader import CheckpointReader, list_variables, load_checkpoint
+from gpusaver.devices import DeviceSpec, canonical_device
+from gpusaver.errors import (
+    BackendUnavailableError,
+    CheckpointNotFoundError,
+    CheckpointWriteError,
+    ChecksumError,
+    CorruptCheckpointError,
+    DTypeMismatchError,
+    GpuSaverError,
+    InsufficientDeviceMemoryError,
+    InvalidCheckpointPathError,
+    ShapeMismatchError,
+    StatePathConflictError,
+    TensorNotFoundError,
+    UnsupportedDTypeError,
+    UnsupportedVersionError,
+)
+from gpusaver.saver import Saver
+from gpusaver.variables import Variable
 
-__all__ = ["__version__"]
+__all__ = [
+    "__version__",
+    "Saver",
+    "Variable",
+    "CheckpointReader",
+    "DeviceSpec",
+    "canonical_device",
+    "load_checkpoint",
+    "list_variables",
+    "latest_checkpoint",
+    "get_checkpoint_state",
+    "update_checkpoint_state",
+    "generate_checkpoint_state_proto",
+    "checkpoint_exists",
+    "get_checkpoint_mtimes",
+    "remove_checkpoint",
+    "GpuSaverError",
+    "CorruptCheckpointError",
+    "ChecksumError",
+    "UnsupportedVersionError",
+    "UnsupportedDTypeError",
+    "TensorNotFoundError",
+    "CheckpointNotFoundError",
+    "InvalidCheckpointPathError",
+    "StatePathConflictError",
+    "ShapeMismatchError",
+    "DTypeMismatchError",
+    "CheckpointWriteError",
+    "BackendUnavailableError",
+    "InsufficientDeviceMemoryError",
+]

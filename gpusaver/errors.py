@@ -19,6 +19,8 @@ __all__ = [
     "UnsupportedDTypeError",
     "TensorNotFoundError",
     "CheckpointNotFoundError",
+    "InvalidCheckpointPathError",
+    "StatePathConflictError",
     "ShapeMismatchError",
     "DTypeMismatchError",
     "CheckpointWriteError",
@@ -100,6 +102,18 @@ class CheckpointNotFoundError(GpuSaverError, FileNotFoundError):
 
     def __str__(self) -> str:
         return str(self.strerror)
+
+
+class InvalidCheckpointPathError(CheckpointNotFoundError, ValueError):
+    """A path that names no checkpoint, where TensorFlow raises ValueError.
+
+    Both a ``FileNotFoundError`` and a ``ValueError``, so code written for
+    either convention catches it.
+    """
+
+
+class StatePathConflictError(GpuSaverError, ValueError, RuntimeError):
+    """The ``checkpoint`` state file would overwrite the checkpoint itself."""
 
 
 class ShapeMismatchError(GpuSaverError, ValueError):

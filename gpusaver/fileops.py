@@ -8,6 +8,7 @@ or crash at any operation or at a named *phase* of the commit protocol (see
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from typing import Any, Protocol, Sequence, runtime_checkable
@@ -100,9 +101,15 @@ class PosixFileOps:
         shutil.rmtree(path)
 
     def fsync_dir(self, path: str) -> None:
+        if os.name == "nt":  # directories cannot be opened; renames are journaled
+            return
         fd = os.open(path or ".", os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
         try:
             os.fsync(fd)
+        except OSError as e:
+            # Some file systems cannot fsync a directory; their renames are as durable as they get.
+            if e.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+                raise
         finally:
             os.close(fd)
 

@@ -43,8 +43,9 @@ def os_error(e: OSError, what: str, path: str | None) -> CheckpointWriteError:
 class _WriterThread:
     """Appends buffers to a file descriptor on a thread of its own, in order."""
 
-    def __init__(self, fileops: FileOps, fd: int, path: str) -> None:
+    def __init__(self, fileops: FileOps, fd: int, path: str, thread_init: Callable[[], None] | None) -> None:
         self._fileops = fileops
+        self._thread_init = thread_init
         self._fd = fd
         self._path = path
         self._queue: "queue.Queue[tuple[list[Any], Callable[[], None] | None] | None]" = queue.Queue(_QUEUE_DEPTH)
@@ -53,6 +54,11 @@ class _WriterThread:
         self._thread.start()
 
     def _run(self) -> None:
+        if self._thread_init is not None:
+            try:
+                self._thread_init()
+            except Exception:  # noqa: BLE001 - placement is a hint, never a failure
+                pass
         while True:
             job = self._queue.get()
             if job is None:
@@ -106,9 +112,17 @@ class BundleWriter:
             (not recursively).
         durable: fsync the files and the directory (on by default).
         fileops: the file operations to use (tests inject faults here).
+        thread_init: run first on the writer thread (e.g. to pin it near a GPU).
     """
 
-    def __init__(self, prefix: str, *, durable: bool = True, fileops: FileOps | None = None) -> None:
+    def __init__(
+        self,
+        prefix: str,
+        *,
+        durable: bool = True,
+        fileops: FileOps | None = None,
+        thread_init: Callable[[], None] | None = None,
+    ) -> None:
         self.prefix = os.fspath(prefix)
         self._fileops = fileops or POSIX
         self._durable = durable
@@ -133,7 +147,7 @@ class BundleWriter:
             self._fd: int | None = self._fileops.create(self._tmp_data)
         except OSError as e:
             raise os_error(e, "creating", self._tmp_data) from e
-        self._writer = _WriterThread(self._fileops, self._fd, self._tmp_data)
+        self._writer = _WriterThread(self._fileops, self._fd, self._tmp_data, thread_init)
 
     # ------------------------------------------------------------------ adding
     def _key(self, name: str | bytes) -> bytes:

@@ -1,0 +1,54 @@
+"""The interface every array backend implements, and the pieces they share.
+
+A backend moves one device group's bytes between its memory and the format
+layer: on save it streams the tensors into a :class:`~gpusaver.format.BundleWriter`
+(host arrays as zero-copy views; device arrays through pinned host staging
+buffers with asynchronous copies), on restore it reads tensors from a
+:class:`~gpusaver.format.BundleReader` straight into the destination arrays.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, Sequence, runtime_checkable
+
+import numpy as np
+
+from gpusaver.devices import DeviceSpec
+from gpusaver.format import BundleReader, BundleWriter
+
+__all__ = ["Backend", "Tensor"]
+
+#: ``(checkpoint key, array)``
+Tensor = tuple[str, Any]
+
+
+@runtime_checkable
+class Backend(Protocol):
+    """What the pipeline needs from an array library."""
+
+    name: str
+
+    def owns(self, array: Any) -> bool:
+        """True if ``array`` is this backend's array type."""
+
+    def default_device(self, array: Any) -> DeviceSpec:
+        """Where ``array`` lives (NumPy: ``/cpu:0``; CuPy: ``/gpu:<id>``)."""
+
+    def check_device(self, array: Any, device: DeviceSpec) -> None:
+        """Raises ValueError unless ``array`` may be placed on ``device``."""
+
+    def dtype(self, array: Any) -> np.dtype:
+        """The array's NumPy dtype."""
+
+    def save_group(self, tensors: Sequence[Tensor], writer: BundleWriter) -> None:
+        """Streams the group's tensors, in order, into ``writer``."""
+
+    def restore_group(self, reader: BundleReader, tensors: Sequence[Tensor], *, sequential: bool) -> None:
+        """Reads each tensor's stored value into the array, in place, verifying checksums.
+
+        The caller has already checked names, dtypes and shapes.
+        """
+
+    def check_restore_memory(self, device: DeviceSpec, tensors: Sequence[Tensor], reader: BundleReader) -> None:
+        """Raises InsufficientDeviceMemoryError, before any copy, if restoring needs
+        more new device memory (staging, temporaries) than is free."""

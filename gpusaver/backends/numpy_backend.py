@@ -1,0 +1,77 @@
+"""The host backend: NumPy arrays, written from and read into their own memory."""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from gpusaver.devices import DeviceSpec
+from gpusaver.format import BundleReader, BundleWriter
+from gpusaver.format.tensors import as_host_array, byte_view
+
+__all__ = ["NumpyBackend", "CHUNK_BYTES"]
+
+#: A non-contiguous array is staged through contiguous copies of about this size.
+CHUNK_BYTES = 16 << 20
+
+
+def _row_chunks(arr: np.ndarray) -> Iterator[tuple[memoryview, None]]:
+    """C-order bytes of a non-contiguous array, a few leading-axis rows at a time."""
+    if arr.ndim == 0 or arr.shape[0] == 0:
+        yield byte_view(np.ascontiguousarray(arr)), None
+        return
+    row_bytes = max(1, arr[0].size * arr.dtype.itemsize)
+    step = max(1, CHUNK_BYTES // row_bytes)
+    for start in range(0, arr.shape[0], step):
+        yield byte_view(np.ascontiguousarray(arr[start : start + step])), None
+
+
+class NumpyBackend:
+    """Host arrays; also the path every backend's host staging shares."""
+
+    name = "numpy"
+
+    def owns(self, array: Any) -> bool:
+        return isinstance(array, np.ndarray)
+
+    def default_device(self, array: Any) -> DeviceSpec:
+        return DeviceSpec()
+
+    def check_device(self, array: Any, device: DeviceSpec) -> None:
+        if device.is_gpu:
+            raise ValueError(
+                f"a NumPy array lives in host memory and cannot be placed on {device.short}; "
+                "use a CuPy array for a GPU, or a CPU device such as '/cpu:1'"
+            )
+
+    def dtype(self, array: Any) -> np.dtype:
+        return array.dtype
+
+    def save_group(self, tensors: Sequence[tuple[str, Any]], writer: BundleWriter) -> None:
+        for name, arr in tensors:
+            if arr.dtype.kind == "O" or (arr.flags.c_contiguous and arr.dtype.byteorder != ">"):
+                writer.add(name, arr)
+            else:
+                arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
+                writer.add_raw(name, arr.dtype, arr.shape, _row_chunks(arr))
+
+    def restore_group(self, reader: BundleReader, tensors: Sequence[tuple[str, Any]], *, sequential: bool) -> None:
+        for name, arr in tensors:
+            entry = reader.entry(name)
+            if entry.slices or arr.dtype.kind == "O":
+                arr[...] = reader.get_tensor(name).reshape(arr.shape)
+            elif arr.flags.c_contiguous and arr.flags.writeable and arr.dtype.byteorder != ">":
+                reader.read_into(name, byte_view(arr))
+            else:
+                staged = np.empty(arr.shape, dtype=arr.dtype.newbyteorder("="))
+                reader.read_into(name, byte_view(staged))
+                arr[...] = staged
+
+    def check_restore_memory(self, device: DeviceSpec, tensors: Sequence[tuple[str, Any]], reader: BundleReader) -> None:
+        return None
+
+
+def host_array(value: Any, name: str) -> np.ndarray:
+    """Validates a host value for saving (see :func:`gpusaver.format.tensors.as_host_array`)."""
+    return as_host_array(value, name)

@@ -1,0 +1,114 @@
+"""Reading checkpoints as TensorFlow's ``tf.train.load_checkpoint`` does."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from gpusaver.errors import CheckpointNotFoundError, InvalidCheckpointPathError
+from gpusaver.format import BundleReader
+
+__all__ = ["CheckpointReader", "load_checkpoint", "list_variables", "resolve_checkpoint_path"]
+
+
+def resolve_checkpoint_path(path: str | os.PathLike[str]) -> str:
+    """A checkpoint prefix from a prefix or a directory (through its ``checkpoint`` file).
+
+    Raises:
+        CheckpointNotFoundError: a directory whose state file names no existing checkpoint.
+    """
+    from gpusaver.checkpoint_management import latest_checkpoint
+
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        prefix = latest_checkpoint(path)
+        if prefix is None:
+            raise InvalidCheckpointPathError(
+                f"couldn't find a 'checkpoint' file or checkpoints in directory {path!r}", path
+            )
+        return prefix
+    return path
+
+
+class CheckpointReader:
+    """A lazy reader of one checkpoint; each tensor read checks its crc32c.
+
+    Args:
+        prefix: the checkpoint prefix.
+    """
+
+    def __init__(self, prefix: str) -> None:
+        self._bundle = BundleReader(prefix)
+        self.prefix = self._bundle.prefix
+
+    @property
+    def bundle(self) -> BundleReader:
+        """The underlying :class:`~gpusaver.format.BundleReader`."""
+        return self._bundle
+
+    def get_tensor(self, name: str, device: int | None = None) -> Any:
+        """The tensor's value: a NumPy array, or a CuPy array on GPU ``device`` when given.
+
+        Raises:
+            TensorNotFoundError: no such tensor (a KeyError).
+            ChecksumError: its bytes do not match their crc32c.
+        """
+        if device is None:
+            return self._bundle.get_tensor(name)
+        from gpusaver import backends
+
+        backend = backends.gpu_backend()
+        if backend is None:
+            raise backends.BackendUnavailableError(
+                f"get_tensor({name!r}, device={device}) needs a usable GPU: "
+                f"{backends.unavailable_reason() or 'GPUSAVER_BACKEND=numpy'}"
+            )
+        return backend.read_tensor(self._bundle, name, device)
+
+    def has_tensor(self, name: str) -> bool:
+        """True if the checkpoint holds variable ``name``."""
+        return self._bundle.has_tensor(name)
+
+    def get_variable_to_shape_map(self) -> dict[str, list[int]]:
+        """Every variable's shape (partitioned variables with their full shape)."""
+        return {k: list(e.shape) for k, e in self._bundle.variables().items()}
+
+    def get_variable_to_dtype_map(self) -> dict[str, np.dtype]:
+        """Every variable's NumPy dtype (``object`` for strings)."""
+        from gpusaver.format import dtypes
+
+        return {
+            k: dtypes.to_numpy(e.dtype, path=self._bundle.index_path, tensor=k)
+            for k, e in self._bundle.variables().items()
+        }
+
+    def close(self) -> None:
+        self._bundle.close()
+
+    def __enter__(self) -> "CheckpointReader":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def load_checkpoint(ckpt_dir_or_file: str | os.PathLike[str]) -> CheckpointReader:
+    """Opens a checkpoint: a prefix, or a directory resolved through its ``checkpoint`` file.
+
+    Raises:
+        CheckpointNotFoundError: nothing to open (also a ValueError, as in TensorFlow).
+        CorruptCheckpointError: a damaged index.
+    """
+    prefix = resolve_checkpoint_path(ckpt_dir_or_file)
+    try:
+        return CheckpointReader(prefix)
+    except CheckpointNotFoundError as e:
+        raise InvalidCheckpointPathError(str(e), prefix) from None
+
+
+def list_variables(ckpt_dir_or_file: str | os.PathLike[str]) -> list[tuple[str, list[int]]]:
+    """``[(name, shape), ...]`` of every variable, sorted by name."""
+    with load_checkpoint(ckpt_dir_or_file) as reader:
+        return sorted(reader.get_variable_to_shape_map().items())

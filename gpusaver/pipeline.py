@@ -1,0 +1,312 @@
+"""The save and restore pipelines, and the commit protocol that makes a save atomic.
+
+Save: variables are grouped by canonical device (sorted; group k is shard k of
+N). Each group runs on a worker thread of its own, streaming its tensors
+through its backend into ``<prefix>_temp_<uuid>/part-0000k-of-0000N``. The
+worker of the last group is the coordinator: once every group has finished it
+merges the shards into ``<prefix>`` (:func:`gpusaver.format.merge_bundles`:
+index last, via temp file, fsync and rename). Any failure removes the temp
+directory and leaves every earlier checkpoint untouched.
+
+Phases reported to ``FileOps.phase`` (fault-injection points), in order:
+``save:start``, ``shard:written:<k>`` for each shard, then the merge's
+``merge:start``, ``merge:old_index_removed`` (only when replacing),
+``merge:data_renamed:<k>``, ``merge:index_written``, ``merge:index_fsynced``,
+``merge:before_index_rename``, ``merge:index_renamed``, ``merge:dir_fsynced``,
+and ``save:committed``. The Saver adds ``state:written`` and
+``retention:removed:<prefix>``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+import threading
+import time
+import uuid
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from gpusaver.devices import DeviceSpec
+from gpusaver.errors import (
+    CheckpointWriteError,
+    DTypeMismatchError,
+    ShapeMismatchError,
+    TensorNotFoundError,
+)
+from gpusaver.fileops import POSIX, FileOps
+from gpusaver.format import BundleReader, BundleWriter, dtypes, merge_bundles
+from gpusaver.format.writer import os_error
+from gpusaver.variables import ResolvedVariable
+
+__all__ = ["Group", "group_by_device", "save_checkpoint", "restore_checkpoint", "clean_stale_temp_dirs"]
+
+_TEMP_RE = re.compile(r"^(?P<base>.+)_temp_(?P<id>[0-9a-f]{32})$")
+_OWNER = "OWNER"
+#: A temp directory without an owner file is stale once older than this.
+_ORPHAN_AGE = 600.0
+
+
+class Group:
+    """The variables of one device."""
+
+    def __init__(self, device: DeviceSpec, variables: list[ResolvedVariable]) -> None:
+        self.device = device
+        self.variables = variables
+
+    @property
+    def backend(self) -> Any:
+        return self.variables[0].backend
+
+    def tensors(self) -> list[tuple[str, Any]]:
+        return [(v.name, v.array) for v in self.variables]
+
+
+def group_by_device(variables: Sequence[ResolvedVariable]) -> list[Group]:
+    """Groups variables by canonical device string, sorted as TensorFlow sorts them."""
+    by_device: dict[str, list[ResolvedVariable]] = {}
+    for v in variables:
+        by_device.setdefault(v.device.canonical, []).append(v)
+    return [Group(by_device[k][0].device, by_device[k]) for k in sorted(by_device)]
+
+
+# ----------------------------------------------------------------------- owner
+def _process_start_time(pid: int) -> str | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        return stat[stat.rindex(b")") + 2 :].split()[19].decode()
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _owner_record() -> str:
+    pid = os.getpid()
+    return f"{socket.gethostname()} {pid} {_process_start_time(pid) or '-'}\n"
+
+
+def _owner_alive(record: str) -> bool:
+    parts = record.split()
+    if len(parts) != 3 or parts[0] != socket.gethostname():
+        return True  # another host's save, or unknown: never touch it
+    try:
+        pid = int(parts[1])
+    except ValueError:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    return parts[2] == "-" or _process_start_time(pid) == parts[2]
+
+
+def clean_stale_temp_dirs(directory: str, fileops: FileOps | None = None) -> list[str]:
+    """Removes temp directories of saves whose process is gone; returns what was removed.
+
+    A temp directory belongs to a live save when its owner process (same host,
+    same pid, same start time) is still running; those are never touched.
+    """
+    ops = fileops or POSIX
+    removed = []
+    try:
+        names = os.listdir(directory or ".")
+    except OSError:
+        return removed
+    for name in names:
+        if not _TEMP_RE.match(name):
+            continue
+        path = os.path.join(directory, name)
+        try:
+            with open(os.path.join(path, _OWNER)) as f:
+                alive = _owner_alive(f.read())
+        except FileNotFoundError:
+            try:
+                alive = time.time() - os.stat(path).st_mtime < _ORPHAN_AGE
+            except OSError:
+                continue
+        except OSError:
+            continue
+        if not alive:
+            try:
+                ops.rmtree(path)
+                removed.append(path)
+            except OSError:
+                pass
+    return removed
+
+
+# ------------------------------------------------------------------------ save
+def _make_temp_dir(prefix: str, ops: FileOps) -> str:
+    temp_dir = f"{prefix}_temp_{uuid.uuid4().hex}"
+    ops.mkdir(temp_dir)
+    fd = ops.create(os.path.join(temp_dir, _OWNER))
+    try:
+        ops.write(fd, [memoryview(_owner_record().encode())])
+    finally:
+        ops.close(fd)
+    return temp_dir
+
+
+def save_checkpoint(
+    prefix: str,
+    groups: Sequence[Group],
+    *,
+    sharded: bool,
+    durable: bool = True,
+    fileops: FileOps | None = None,
+    on_phase: Callable[[str, float], None] | None = None,
+) -> str:
+    """Writes ``groups`` as the checkpoint ``prefix``, atomically. Returns ``prefix``.
+
+    Args:
+        prefix: the checkpoint prefix; its directory must exist.
+        groups: device groups (see :func:`group_by_device`), in shard order.
+        sharded: one shard per group, written concurrently; else one data file.
+        durable: fsync files and directories.
+        fileops: file operations (tests inject faults here).
+        on_phase: called with ``(phase, seconds)`` as each stage of the save ends.
+
+    Raises:
+        CheckpointWriteError: an OSError, keeping its errno; nothing is committed.
+    """
+    ops = fileops or POSIX
+    ops.phase("save:start")
+    started = time.perf_counter()
+    try:
+        temp_dir = _make_temp_dir(prefix, ops)
+    except OSError as e:
+        raise os_error(e, "creating the temporary directory for", prefix) from e
+    shard_lists = [[g] for g in groups] if sharded else [list(groups)]
+    n = len(shard_lists)
+    part_prefixes = [os.path.join(temp_dir, "part-%05d-of-%05d" % (k, n)) for k in range(n)]
+    errors: list[BaseException] = []
+    done = [threading.Event() for _ in range(n)]
+    abort = threading.Event()
+
+    def write_shard(k: int) -> None:
+        try:
+            t0 = time.perf_counter()
+            init = getattr(shard_lists[k][0].backend, "thread_init", None) if len(shard_lists[k]) == 1 else None
+            device = shard_lists[k][0].device
+            thread_init = (lambda: init(device)) if init is not None else None
+            with BundleWriter(part_prefixes[k], durable=durable, fileops=ops, thread_init=thread_init) as writer:
+                for group in shard_lists[k]:
+                    if abort.is_set():
+                        raise _Aborted()
+                    group.backend.save_group(group.tensors(), writer)
+            ops.phase(f"shard:written:{k}")
+            if on_phase:
+                on_phase(f"shard:{k}", time.perf_counter() - t0)
+        except BaseException as e:  # noqa: BLE001 - re-raised by the caller
+            abort.set()
+            errors.append(e)
+        finally:
+            done[k].set()
+        if k == n - 1:  # the last device's worker coordinates the merge
+            for ev in done:
+                ev.wait()
+            if errors:
+                return
+            try:
+                t0 = time.perf_counter()
+                merge_bundles(part_prefixes, prefix, durable=durable, fileops=ops)
+                if on_phase:
+                    on_phase("merge", time.perf_counter() - t0)
+            except BaseException as e:  # noqa: BLE001
+                errors.append(e)
+
+    threads = [threading.Thread(target=write_shard, args=(k,), name=f"gpusaver-shard-{k}") for k in range(n - 1)]
+    for t in threads:
+        t.start()
+    write_shard(n - 1)
+    for t in threads:
+        t.join()
+    try:
+        ops.rmtree(temp_dir)
+    except OSError:
+        pass
+    if errors:
+        real = [e for e in errors if not isinstance(e, _Aborted)] or errors
+        err = real[0]
+        if isinstance(err, OSError) and not isinstance(err, CheckpointWriteError):
+            raise os_error(err, "saving", prefix) from err
+        raise err
+    ops.phase("save:committed")
+    if on_phase:
+        on_phase("total", time.perf_counter() - started)
+    return prefix
+
+
+class _Aborted(Exception):
+    """Another shard failed; this one stopped early."""
+
+
+# --------------------------------------------------------------------- restore
+def check_restore(reader: BundleReader, variables: Sequence[ResolvedVariable], reshape: bool) -> None:
+    """Checks every variable against the checkpoint before any array is touched.
+
+    Raises:
+        TensorNotFoundError: a variable is missing (a KeyError).
+        DTypeMismatchError / ShapeMismatchError: it does not fit (ValueErrors).
+    """
+    for v in variables:
+        try:
+            entry = reader.entry(v.name)
+        except TensorNotFoundError:
+            raise TensorNotFoundError(
+                f"variable {v.name!r} not found in checkpoint {reader.prefix!r}", v.name
+            ) from None
+        stored = dtypes.to_numpy(entry.dtype, path=reader.index_path, tensor=v.name)
+        mine = np.dtype(v.backend.dtype(v.array))
+        if mine.kind != "O" and mine.byteorder not in "=|":
+            mine = mine.newbyteorder("=")
+        if stored != mine:
+            raise DTypeMismatchError(
+                f"variable {v.name!r} is {mine} but checkpoint {reader.prefix!r} stores it as "
+                f"{dtypes.dtype_name(entry.dtype)} ({stored})"
+            )
+        shape = tuple(v.array.shape)
+        if tuple(entry.shape) != shape:
+            same_count = int(np.prod(shape, dtype=np.int64)) == entry.num_elements
+            if not (reshape and same_count):
+                hint = "" if reshape else " (reshape=True allows a different shape with the same element count)"
+                raise ShapeMismatchError(
+                    f"variable {v.name!r} has shape {list(shape)} but checkpoint {reader.prefix!r} stores "
+                    f"shape {list(entry.shape)}{hint}"
+                )
+        if not getattr(getattr(v.array, "flags", None), "writeable", True):
+            raise ValueError(f"variable {v.name!r} is read-only and cannot be restored in place")
+        if mine.kind != "O":
+            reader.data_location(v.name, entry)  # a truncated data file is found now
+
+
+def restore_checkpoint(
+    reader: BundleReader,
+    groups: Sequence[Group],
+    *,
+    sequential: bool = False,
+) -> None:
+    """Restores every group in place (groups in parallel unless ``sequential``)."""
+    if sequential or len(groups) == 1:
+        for g in groups:
+            g.backend.restore_group(reader, g.tensors(), sequential=sequential)
+        return
+    errors: list[BaseException] = []
+
+    def run(g: Group) -> None:
+        try:
+            g.backend.restore_group(reader, g.tensors(), sequential=False)
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(g,), name=f"gpusaver-restore-{i}") for i, g in enumerate(groups)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]

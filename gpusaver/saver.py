@@ -1,0 +1,339 @@
+"""Saver: ``tf.compat.v1.train.Saver``, made eager, over NumPy and CuPy arrays.
+
+No sessions and no graphs: ``save`` writes the arrays' current values,
+``restore`` writes into the same array objects in place. Arguments that only
+mean something for a graph (``name``, ``saver_def``'s tensor names,
+``builder``, ``defer_build``, ``write_version`` other than V2, meta graphs)
+are accepted where TensorFlow has them and documented as such in the README.
+"""
+
+from __future__ import annotations
+
+import numbers
+import os
+import time
+from typing import Any, Callable, Iterable, Mapping
+
+import numpy as np
+
+from gpusaver import checkpoint_management as cm
+from gpusaver._proto.saver_pb2 import SaverDef
+from gpusaver.errors import InvalidCheckpointPathError, StatePathConflictError
+from gpusaver.fileops import POSIX, FileOps
+from gpusaver.format import BundleReader
+from gpusaver.pipeline import (
+    check_restore,
+    clean_stale_temp_dirs,
+    group_by_device,
+    restore_checkpoint,
+    save_checkpoint,
+)
+from gpusaver.variables import ResolvedVariable, resolve_var_list
+
+__all__ = ["Saver"]
+
+
+def _step_value(global_step: Any) -> int:
+    """An integer step from an int, a NumPy integer or a 0-d integer array."""
+    if isinstance(global_step, bool) or isinstance(global_step, np.bool_):
+        raise TypeError(f"global_step must be an integer, not {global_step!r}")
+    if isinstance(global_step, numbers.Integral):
+        return int(global_step)
+    dtype = getattr(global_step, "dtype", None)
+    if dtype is not None and getattr(global_step, "shape", None) == () and np.dtype(dtype).kind in "iu":
+        return int(global_step.item())
+    raise TypeError(
+        f"global_step must be an integer (or a 0-d integer array), not {type(global_step).__name__} {global_step!r}"
+    )
+
+
+class Saver:
+    """Saves and restores variables, with TensorFlow's checkpoint management.
+
+    Args:
+        var_list: a dict ``{name: array or Variable}`` or a list of named
+            :class:`~gpusaver.Variable`. Required (there is no graph to collect
+            variables from) unless ``allow_empty``.
+        reshape: restore a stored tensor into a variable of another shape
+            with the same number of elements.
+        sharded: one shard per device, written concurrently, then merged.
+        max_to_keep: how many recent checkpoints to keep; None or 0 keeps all.
+        keep_checkpoint_every_n_hours: additionally keep one checkpoint per
+            this many hours.
+        name: the name used in :meth:`as_saver_def` (``"save"``).
+        restore_sequentially: restore one device group, one tensor at a time,
+            bounding the memory in flight.
+        saver_def: a SaverDef whose settings (max_to_keep, sharded,
+            keep_checkpoint_every_n_hours) override the arguments.
+        builder, defer_build: accepted for compatibility; no meaning without a graph.
+        allow_empty: allow an empty var_list; save and restore do nothing.
+        write_version: only ``SaverDef.V2``.
+        pad_step_number: name checkpoints ``prefix-%08d``.
+        save_relative_paths: write relative paths into the ``checkpoint`` file.
+        filename: the default ``save_path`` for :meth:`save` and :meth:`restore`.
+        durable: fsync data, index, state file and directories (default). Off,
+            a process crash is still safe; a power loss is not.
+        fileops: file operations (tests inject faults here).
+        on_phase: called with ``(phase, seconds)`` as each stage of a save ends.
+
+    Raises:
+        ValueError: duplicate names, the same array twice, an empty var_list
+            without ``allow_empty``, or a write_version other than V2.
+    """
+
+    def __init__(
+        self,
+        var_list: Mapping[str, Any] | Iterable[Any] | None = None,
+        reshape: bool = False,
+        sharded: bool = False,
+        max_to_keep: int | None = 5,
+        keep_checkpoint_every_n_hours: float = 10000.0,
+        name: str | None = None,
+        restore_sequentially: bool = False,
+        saver_def: SaverDef | None = None,
+        builder: Any = None,
+        defer_build: bool = False,
+        allow_empty: bool = False,
+        write_version: int = SaverDef.V2,
+        pad_step_number: bool = False,
+        save_relative_paths: bool = False,
+        filename: str | None = None,
+        *,
+        durable: bool = True,
+        fileops: FileOps | None = None,
+        on_phase: Callable[[str, float], None] | None = None,
+    ) -> None:
+        if write_version != SaverDef.V2:
+            raise ValueError("gpusaver writes only the V2 checkpoint format (write_version=SaverDef.V2)")
+        if saver_def is not None:
+            max_to_keep = saver_def.max_to_keep
+            sharded = saver_def.sharded
+            keep_checkpoint_every_n_hours = saver_def.keep_checkpoint_every_n_hours
+            if saver_def.version not in (SaverDef.V2,):
+                raise ValueError("gpusaver reads only SaverDefs of version V2")
+        if var_list is None and not allow_empty:
+            raise ValueError(
+                "No variables to save: gpusaver has no graph to collect them from; pass var_list "
+                "(a dict {name: array} or a list of named Variables), or allow_empty=True"
+            )
+        self._variables: list[ResolvedVariable] = resolve_var_list(var_list) if var_list is not None else []
+        if not self._variables and not allow_empty:
+            raise ValueError("No variables to save (pass allow_empty=True to allow an empty Saver)")
+        self._is_empty = not self._variables
+        self._groups = group_by_device(self._variables)
+        self._reshape = reshape
+        self._sharded = sharded
+        self._max_to_keep = max_to_keep or 0
+        self._keep_hours = keep_checkpoint_every_n_hours
+        self._name = name or "save"
+        self._restore_sequentially = restore_sequentially
+        self._pad_step_number = pad_step_number
+        self._save_relative_paths = save_relative_paths
+        self._filename = filename
+        self._durable = durable
+        self._fileops = fileops or POSIX
+        self._on_phase = on_phase
+        self._last_checkpoints: list[tuple[str, float]] = []
+        self._checkpoints_to_be_deleted: list[tuple[str, float]] = []
+        self._next_checkpoint_time = time.time() + self._keep_hours * 3600
+
+    # ----------------------------------------------------------- properties
+    @property
+    def variables(self) -> dict[str, Any]:
+        """The saved arrays by name."""
+        return {v.name: v.array for v in self._variables}
+
+    @property
+    def devices(self) -> list[str]:
+        """The canonical devices, in shard order."""
+        return [g.device.canonical for g in self._groups]
+
+    @property
+    def last_checkpoints(self) -> list[str]:
+        """Prefixes of the checkpoints this saver still keeps, oldest first."""
+        return [p for p, _ in self._last_checkpoints]
+
+    def set_last_checkpoints(self, last_checkpoints: list[str]) -> None:
+        """Replaces the list of kept checkpoints (their times set to now)."""
+        if not isinstance(last_checkpoints, list):
+            raise TypeError("last_checkpoints must be a list")
+        now = time.time()
+        self._last_checkpoints = [(p, now) for p in last_checkpoints]
+
+    def set_last_checkpoints_with_time(self, last_checkpoints_with_time: list[tuple[str, float]]) -> None:
+        """Replaces the list of kept checkpoints, as ``(prefix, timestamp)`` pairs."""
+        if not isinstance(last_checkpoints_with_time, list):
+            raise TypeError("last_checkpoints_with_time must be a list of (path, time) pairs")
+        self._last_checkpoints = [(str(p), float(t)) for p, t in last_checkpoints_with_time]
+
+    def recover_last_checkpoints(self, checkpoint_paths: list[str]) -> None:
+        """Adopts existing checkpoints (e.g. after a restart), timed by their files' mtimes.
+
+        Missing checkpoints are skipped.
+        """
+        existing = [p for p in checkpoint_paths if cm.checkpoint_exists(p)]
+        mtimes = cm.get_checkpoint_mtimes(existing)
+        self.set_last_checkpoints_with_time(list(zip(existing, mtimes)))
+
+    # ----------------------------------------------------------------- save
+    def _checkpoint_prefix(self, save_path: str, global_step: Any) -> str:
+        if global_step is None:
+            return save_path
+        step = _step_value(global_step)
+        return "%s-%08d" % (save_path, step) if self._pad_step_number else "%s-%d" % (save_path, step)
+
+    def save(
+        self,
+        save_path: str | os.PathLike[str] | None = None,
+        global_step: Any = None,
+        latest_filename: str | None = None,
+        write_state: bool = True,
+        meta_graph_suffix: str = "meta",
+        write_meta_graph: bool = False,
+        strip_default_attrs: bool = False,
+        save_debug_info: bool = False,
+    ) -> str | None:
+        """Saves every variable; returns the checkpoint prefix (None for an empty Saver).
+
+        Args:
+            save_path: the prefix (``filename`` by default); its directory must exist.
+            global_step: appended as ``-<step>`` (``-%08d`` with ``pad_step_number``).
+            latest_filename: the state file's name in the checkpoint's directory
+                (``checkpoint``); it must not contain path components.
+            write_state: update the state file (and apply retention).
+            meta_graph_suffix, write_meta_graph, strip_default_attrs,
+                save_debug_info: accepted for compatibility; there is no meta graph.
+
+        Raises:
+            ValueError: a missing directory, a latest_filename with a path or
+                one colliding with the checkpoint, a path that is a directory.
+            TypeError: a global_step that is not an integer.
+            CheckpointWriteError: the save failed (an OSError keeping errno);
+                nothing changed on disk.
+        """
+        if save_path is None:
+            save_path = self._filename
+        if save_path is None:
+            raise ValueError("save_path is required (or give the Saver a filename)")
+        if latest_filename is None:
+            latest_filename = "checkpoint"
+        if not isinstance(latest_filename, str) or os.path.split(latest_filename)[0]:
+            raise ValueError(f"'latest_filename' must not contain path components: {latest_filename!r}")
+        save_path = os.fspath(save_path)
+        prefix = self._checkpoint_prefix(save_path, global_step)
+        if self._is_empty:
+            return None
+        parent = os.path.dirname(prefix)
+        if not os.path.isdir(parent or "."):
+            raise ValueError(f"Parent directory of {save_path} doesn't exist, can't save.")
+        if not os.access(parent or ".", os.W_OK | os.X_OK):
+            raise PermissionError(13, f"cannot save {prefix!r}: directory {parent or '.'!r} is not writable", parent)
+        if os.path.isdir(prefix):
+            raise ValueError(f"cannot save to {prefix!r}: it is a directory; give a file prefix such as {prefix}/model")
+        state_file = os.path.join(parent, latest_filename)
+        if write_state and os.path.abspath(state_file) == os.path.abspath(prefix):
+            raise StatePathConflictError(
+                f"save path {prefix!r} conflicts with the checkpoint state file {state_file!r}; "
+                "use a different save path or latest_filename"
+            )
+        clean_stale_temp_dirs(parent, self._fileops)
+        save_checkpoint(
+            prefix,
+            self._groups,
+            sharded=self._sharded,
+            durable=self._durable,
+            fileops=self._fileops,
+            on_phase=self._on_phase,
+        )
+        if write_state:
+            self._record_last_checkpoint(prefix)
+            cm.update_checkpoint_state(
+                parent,
+                prefix,
+                all_model_checkpoint_paths=self.last_checkpoints,
+                latest_filename=latest_filename,
+                save_relative_paths=self._save_relative_paths,
+                durable=self._durable,
+                fileops=self._fileops,
+            )
+            self._fileops.phase("state:written")
+            self._maybe_delete_old_checkpoints()
+        return prefix
+
+    def _record_last_checkpoint(self, prefix: str) -> None:
+        if not self._max_to_keep:
+            return
+        self._last_checkpoints = [p for p in self._last_checkpoints if p[0] != prefix]
+        self._last_checkpoints.append((prefix, time.time()))
+        if len(self._last_checkpoints) > self._max_to_keep:
+            self._checkpoints_to_be_deleted.append(self._last_checkpoints.pop(0))
+
+    def _maybe_delete_old_checkpoints(self) -> None:
+        while self._checkpoints_to_be_deleted:
+            path, stamp = self._checkpoints_to_be_deleted.pop(0)
+            if stamp > self._next_checkpoint_time:
+                self._next_checkpoint_time += self._keep_hours * 3600
+                continue
+            if path in self.last_checkpoints:
+                continue  # saved again under the same name since
+            cm.remove_checkpoint(path, fileops=self._fileops)
+            self._fileops.phase(f"retention:removed:{path}")
+
+    # -------------------------------------------------------------- restore
+    def restore(self, save_path: str | os.PathLike[str] | None = None) -> None:
+        """Restores every variable in place from the checkpoint ``save_path``.
+
+        All names, dtypes and shapes are checked before any array changes.
+        Every tensor's crc32c is verified.
+
+        Raises:
+            ValueError: ``save_path`` is None or names no checkpoint
+                (:class:`~gpusaver.errors.InvalidCheckpointPathError`, also a
+                FileNotFoundError).
+            TensorNotFoundError: a variable is not in the checkpoint (a KeyError).
+            DTypeMismatchError, ShapeMismatchError: a variable does not fit.
+            ChecksumError: stored bytes are damaged; the variables restored
+                before it hold checkpoint values, the failing one unverified bytes.
+        """
+        if self._is_empty:
+            return
+        if save_path is None:
+            save_path = self._filename
+        if save_path is None:
+            raise ValueError("Can't load save_path when it is None.")
+        prefix = os.fspath(save_path)
+        if not cm.checkpoint_exists(prefix) or not os.path.isfile(prefix + ".index"):
+            raise InvalidCheckpointPathError(f"The passed save_path is not a valid checkpoint: {prefix}", prefix)
+        reader = BundleReader(prefix)
+        try:
+            check_restore(reader, self._variables, self._reshape)
+            for g in self._groups:
+                g.backend.check_restore_memory(g.device, g.tensors(), reader)
+            restore_checkpoint(reader, self._groups, sequential=self._restore_sequentially)
+        finally:
+            reader.close()
+
+    # --------------------------------------------------------------- protos
+    def as_saver_def(self) -> SaverDef:
+        """The SaverDef describing this saver (tensor names as TensorFlow's Saver names them)."""
+        return SaverDef(
+            filename_tensor_name=f"{self._name}/Const:0",
+            save_tensor_name=f"{self._name}/control_dependency:0",
+            restore_op_name=f"{self._name}/restore_all",
+            max_to_keep=self._max_to_keep,
+            sharded=self._sharded,
+            keep_checkpoint_every_n_hours=self._keep_hours,
+            version=SaverDef.V2,
+        )
+
+    def to_proto(self, export_scope: str | None = None) -> SaverDef:
+        """The SaverDef (``export_scope`` is accepted for compatibility)."""
+        return self.as_saver_def()
+
+    @staticmethod
+    def from_proto(
+        saver_def: SaverDef, import_scope: str | None = None, *, var_list: Any = None, **kwargs: Any
+    ) -> "Saver":
+        """A Saver configured from a SaverDef, over ``var_list``."""
+        name = saver_def.restore_op_name.split("/")[0] if saver_def.restore_op_name else None
+        return Saver(var_list, saver_def=saver_def, name=name, **kwargs)
