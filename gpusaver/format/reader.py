@@ -133,7 +133,9 @@ class BundleReader:
         return sorted(self.variables())
 
     def has_tensor(self, name: str) -> bool:
-        """True if ``name`` is a variable of this checkpoint."""
+        """True if ``name`` is a variable of this checkpoint (stored slices are not variables)."""
+        if name.encode("utf-8").startswith(b"\x00"):
+            return name in self.variables()
         try:
             self.entry(name)
         except TensorNotFoundError:

@@ -44,7 +44,9 @@ def as_host_array(value: Any, name: str | None = None) -> np.ndarray:
     dtypes.from_numpy(arr.dtype, tensor=name)  # validates
     if arr.dtype.kind != "O" and arr.dtype.byteorder == ">":
         arr = arr.astype(arr.dtype.newbyteorder("<"))
-    return np.ascontiguousarray(arr)
+    if not arr.flags.c_contiguous:
+        arr = np.ascontiguousarray(arr).reshape(arr.shape)  # ascontiguousarray makes 0-d arrays 1-d
+    return arr
 
 
 def byte_view(arr: np.ndarray) -> memoryview:
