@@ -14,5 +14,7 @@ gpusaver_setup() {
     if [ ! -x "$VENV/bin/python" ]; then
         "${PYTHON:-python3}" -m venv "$VENV"
     fi
-    "$VENV/bin/python" -m pip install --disable-pip-version-check -q -e "$GPUSAVER_ROOT[$1]"
+    local spec="$GPUSAVER_ROOT"
+    if [ -n "${1:-}" ]; then spec="$GPUSAVER_ROOT[$1]"; fi
+    "$VENV/bin/python" -m pip install --disable-pip-version-check -q -e "$spec"
 }
