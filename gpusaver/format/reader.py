@@ -80,6 +80,17 @@ class BundleReader:
         self._lock = threading.Lock()
 
     # ---------------------------------------------------------------- metadata
+    def verify_index(self) -> None:
+        """Checks the whole index: every block's crc, the metaindex block, the footer padding.
+
+        Raises:
+            CorruptCheckpointError: damage anywhere in the index file.
+        """
+        try:
+            self._table.verify()
+        except Malformed as e:
+            raise self._corrupt(e) from None
+
     def _corrupt(self, e: Exception) -> CorruptCheckpointError:
         return CorruptCheckpointError(f"{self.index_path!r} is corrupt: {e}", self.index_path)
 

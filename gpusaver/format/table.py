@@ -254,6 +254,28 @@ class TableReader:
         if block_type == 1:
             raise Malformed(f"{what} block is Snappy-compressed, which checkpoints never use")
 
+    def verify(self) -> None:
+        """Checks every byte TensorFlow's reader would skip too: the metaindex block's crc,
+        the footer's padding, and every data block's crc.
+
+        Raises:
+            ChecksumError / Malformed: damage anywhere in the table.
+        """
+        data = self._data
+        foot = len(data) - FOOTER_SIZE
+        try:
+            off, pos = decode_varint(data, foot, foot + 40)
+            size, pos = decode_varint(data, pos, foot + 40)
+            self._checked_block(off, size, "metaindex")
+            _, pos = decode_varint(data, pos, foot + 40)
+            _, pos = decode_varint(data, pos, foot + 40)
+            if any(data[pos : foot + 40]):
+                raise Malformed("footer padding is not zero")
+        except Malformed as e:
+            raise Malformed(f"{self.path!r}: {e}", self.path) from None
+        for i in range(len(self._handles)):
+            self._block(i)
+
     def _read_index(self) -> tuple[list[bytes], list[tuple[int, int]]]:
         data = self._data
         if len(data) < FOOTER_SIZE:
