@@ -135,8 +135,14 @@ class CupyBackend:
             return state
 
     def thread_init(self, device: DeviceSpec) -> None:
-        """Keeps the calling (writer) thread on CPUs near the GPU, where NVML says which."""
-        nvml.pin_current_thread_near(device.index)
+        """Keeps the calling (writer) thread on CPUs near the GPU, where NVML says which.
+
+        NVML numbers GPUs its own way (CUDA_VISIBLE_DEVICES does not apply), so the
+        CUDA device is matched to NVML's by PCI bus id.
+        """
+        gpu = nvml.by_pci_bus_id(self._cp.cuda.Device(device.index).pci_bus_id)
+        if gpu is not None:
+            nvml.pin_current_thread_near(gpu.index)
 
     # ----------------------------------------------------------------- save
     def save_group(self, tensors: Sequence[tuple[str, Any]], writer: BundleWriter) -> None:
