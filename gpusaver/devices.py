@@ -81,10 +81,9 @@ def parse_device(spec: "str | DeviceSpec") -> DeviceSpec:
         raise ValueError(f"invalid device {spec!r}: empty")
     for piece in pieces:
         m = _FIELD.match(piece)
-        if m is None:
-            fields["device"] = _type_and_index(piece, spec)
-            continue
-        key, val = m.group(1).lower(), m.group(2)
+        key, val = ("device", piece) if m is None else (m.group(1).lower(), m.group(2))
+        if key in fields:
+            raise ValueError(f"invalid device {spec!r}: {key} given twice")
         if key == "job":
             if not val:
                 raise ValueError(f"invalid device {spec!r}: empty job")
