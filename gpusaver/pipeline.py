@@ -4,8 +4,9 @@ Save: variables are grouped by canonical device (sorted; group k is shard k of
 N). Each group runs on a worker thread of its own, streaming its tensors
 through its backend into ``<prefix>_temp_<uuid>/part-0000k-of-0000N``. The
 worker of the last group is the coordinator: once every group has finished it
-merges the shards into ``<prefix>`` (:func:`gpusaver.format.merge_bundles`:
-index last, via temp file, fsync and rename). Any failure removes the temp
+merges the shards into ``<prefix>`` from the shard writers' in-memory entries
+(:func:`gpusaver.format.merge.commit_merged`, the same commit as
+:func:`gpusaver.format.merge_bundles`: index last, via temp file, fsync and rename). Any failure removes the temp
 directory and leaves every earlier checkpoint untouched.
 
 Phases reported to ``FileOps.phase`` (fault-injection points), in order:
@@ -37,7 +38,9 @@ from gpusaver.errors import (
     TensorNotFoundError,
 )
 from gpusaver.fileops import POSIX, FileOps
-from gpusaver.format import BundleReader, BundleWriter, dtypes, merge_bundles
+from gpusaver.format import BundleReader, BundleWriter, dtypes
+from gpusaver.format.entry import encode_header
+from gpusaver.format.merge import commit_merged
 from gpusaver.format.writer import os_error
 from gpusaver.variables import ResolvedVariable
 
@@ -184,6 +187,7 @@ def save_checkpoint(
     n = len(shard_lists)
     part_prefixes = [os.path.join(temp_dir, "part-%05d-of-%05d" % (k, n)) for k in range(n)]
     errors: list[BaseException] = []
+    writers: list[Any] = [None] * n
     done = [threading.Event() for _ in range(n)]
     abort = threading.Event()
 
@@ -193,11 +197,17 @@ def save_checkpoint(
             init = getattr(shard_lists[k][0].backend, "thread_init", None) if len(shard_lists[k]) == 1 else None
             device = shard_lists[k][0].device
             thread_init = (lambda: init(device)) if init is not None else None
-            with BundleWriter(part_prefixes[k], durable=durable, fileops=ops, thread_init=thread_init) as writer:
+            writer = BundleWriter(part_prefixes[k], durable=durable, fileops=ops, thread_init=thread_init)
+            try:
                 for group in shard_lists[k]:
                     if abort.is_set():
                         raise _Aborted()
                     group.backend.save_group(group.tensors(), writer)
+                writer.finish(write_index=False)  # the coordinator merges from memory
+            except BaseException:
+                writer.abort()
+                raise
+            writers[k] = writer
             ops.phase(f"shard:written:{k}")
             if on_phase:
                 on_phase(f"shard:{k}", time.perf_counter() - t0)
@@ -213,7 +223,11 @@ def save_checkpoint(
                 return
             try:
                 t0 = time.perf_counter()
-                merge_bundles(part_prefixes, prefix, durable=durable, fileops=ops)
+                items = sorted(
+                    item for j, w in enumerate(writers) for item in w.index_items(shard_id=j, header=False)
+                )
+                file_ids = {w.data_path: j for j, w in enumerate(writers)}
+                commit_merged(ops, prefix, encode_header(n), items, file_ids, durable=durable)
                 if on_phase:
                     on_phase("merge", time.perf_counter() - t0)
             except BaseException as e:  # noqa: BLE001

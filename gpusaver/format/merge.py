@@ -120,29 +120,60 @@ def merge_bundles(
     for key, full in sliced.items():
         merged[key] = encode_entry(full.dtype, full.shape, full.shard_id, slices=full.slices)
     num_files = len(file_ids)
+    header = encode_header(num_files)
+    if version != b"\x08\x01" or endianness:
+        header = (b"\x08" + encode_varint(num_files) if num_files else b"") + (
+            b"\x10" + encode_varint(endianness) if endianness else b""
+        ) + (b"\x1a" + encode_varint(len(version)) + version)
 
     directory = os.path.dirname(merged_prefix)
+    if directory and not os.path.isdir(directory):
+        try:
+            ops.mkdir(directory)
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise os_error(e, "creating directory", directory) from e
+    commit_merged(ops, merged_prefix, header, sorted(merged.items()), file_ids, durable=durable)
+    _cleanup_inputs(ops, [p for p, *_ in inputs], merged_prefix, empty_inputs)
+
+
+def commit_merged(
+    ops: FileOps,
+    merged_prefix: str,
+    header: bytes,
+    items: Sequence[tuple[bytes, bytes]],
+    file_ids: dict[str, int],
+    *,
+    durable: bool = True,
+) -> None:
+    """The commit of a merge: old index out, data files renamed in, new index last.
+
+    Args:
+        ops: file operations.
+        merged_prefix: the checkpoint to create.
+        header: the encoded header entry.
+        items: the sorted ``(key, entry)`` pairs, entries already naming their new shard ids.
+        file_ids: current data file path -> new shard id.
+        durable: fsync the index and the directory.
+
+    Raises:
+        CheckpointWriteError: an OSError, keeping its errno.
+    """
     try:
-        if directory and not os.path.isdir(directory):
-            try:
-                ops.mkdir(directory)
-            except FileExistsError:
-                pass
-        _commit(ops, merged_prefix, merged, file_ids, num_files, durable, version, endianness)
+        _commit(ops, merged_prefix, header, items, file_ids, len(file_ids), durable)
     except OSError as e:
         raise os_error(e, "merging into", merged_prefix) from e
-    _cleanup_inputs(ops, [p for p, *_ in inputs], merged_prefix, empty_inputs)
 
 
 def _commit(
     ops: FileOps,
     merged_prefix: str,
-    merged: dict[bytes, bytes],
+    header: bytes,
+    items: Sequence[tuple[bytes, bytes]],
     file_ids: dict[str, int],
     num_files: int,
     durable: bool,
-    version: bytes,
-    endianness: int,
 ) -> None:
     index = index_filename(merged_prefix)
     directory = os.path.dirname(merged_prefix) or "."
@@ -157,16 +188,11 @@ def _commit(
     for old, new_id in file_ids.items():
         ops.rename(old, data_filename(merged_prefix, new_id, num_files))
         ops.phase(f"merge:data_renamed:{new_id}")
-    header = encode_header(num_files)
-    if version != b"\x08\x01" or endianness:
-        header = (b"\x08" + encode_varint(num_files) if num_files else b"") + (
-            b"\x10" + encode_varint(endianness) if endianness else b""
-        ) + (b"\x1a" + encode_varint(len(version)) + version)
     parts: list[bytes] = []
     table = TableWriter(parts.append)
     table.add(b"", header)
-    for key in sorted(merged):
-        table.add(key, merged[key])
+    for key, value in items:
+        table.add(key, value)
     table.finish()
     tmp = f"{index}.tempstate{uuid.uuid4().hex}"
     fd = ops.create(tmp)

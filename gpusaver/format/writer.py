@@ -126,7 +126,8 @@ class BundleWriter:
         self.prefix = os.fspath(prefix)
         self._fileops = fileops or POSIX
         self._durable = durable
-        self._entries: dict[bytes, bytes] = {}
+        # key -> (dtype, shape, offset, size, masked crc32c); encoded when the index is written
+        self._entries: dict[bytes, tuple[int, tuple[int, ...], int, int, int]] = {}
         self._sliced: dict[bytes, BundleEntry] = {}
         self._offset = 0
         self._batch: list[Any] = []
@@ -199,7 +200,7 @@ class BundleWriter:
         key = self._key(name)
         arr = as_host_array(array, name)
         dtype_enum, shape, offset, size, checksum = self._add_array(key, arr, name)
-        self._entries[key] = encode_entry(dtype_enum, shape, 0, offset, size, crc.mask(checksum))
+        self._entries[key] = (dtype_enum, shape, offset, size, crc.mask(checksum))
 
     def add_raw(
         self,
@@ -238,7 +239,7 @@ class BundleWriter:
         if size != expect:
             raise ValueError(f"tensor {name!r}: got {size} bytes for shape {tuple(shape)} of {np.dtype(dtype)}")
         checksum = running if crc32c is None else crc32c
-        self._entries[key] = encode_entry(dtype_enum, tuple(shape), 0, offset, size, crc.mask(checksum))
+        self._entries[key] = (dtype_enum, tuple(shape), offset, size, crc.mask(checksum))
 
     def add_slice(self, name: str, full_shape: Sequence[int], slice_spec: str, array: Any) -> None:
         """Appends one slice of a partitioned tensor.
@@ -280,23 +281,42 @@ class BundleWriter:
         slice_key = _slices.encode_slice_key(key, extents)
         _, shape, offset, size, checksum = self._add_array(slice_key, arr, name)
         full.slices.append(list(extents))
-        self._entries[slice_key] = encode_entry(dtype_enum, shape, 0, offset, size, crc.mask(checksum))
+        self._entries[slice_key] = (dtype_enum, shape, offset, size, crc.mask(checksum))
 
     # --------------------------------------------------------------- finishing
     @property
     def num_tensors(self) -> int:
         return len(self._entries) + len(self._sliced)
 
-    def index_items(self) -> list[tuple[bytes, bytes]]:
-        """The index's sorted ``(key, value)`` pairs, header first."""
-        entries = dict(self._entries)
-        for key, full in self._sliced.items():
-            entries[key] = encode_entry(full.dtype, full.shape, slices=full.slices)
-        items = sorted(entries.items())
-        return [(b"", encode_header(1))] + items
+    @property
+    def data_path(self) -> str:
+        """The data file (its final name, once :meth:`finish` has renamed it)."""
+        return self._data_path
 
-    def finish(self) -> None:
-        """Writes everything out: data file (fsynced, renamed), then the index, last."""
+    def index_items(self, shard_id: int = 0, header: bool = True) -> list[tuple[bytes, bytes]]:
+        """The index's sorted ``(key, value)`` pairs, header first.
+
+        Args:
+            shard_id: the data file id the entries name (non-zero when this
+                bundle becomes shard ``shard_id`` of a merged checkpoint).
+            header: include the header entry.
+        """
+        entries = {
+            key: encode_entry(dt, shape, shard_id, offset, size, checksum)
+            for key, (dt, shape, offset, size, checksum) in self._entries.items()
+        }
+        for key, full in self._sliced.items():
+            entries[key] = encode_entry(full.dtype, full.shape, shard_id, slices=full.slices)
+        items = sorted(entries.items())
+        return ([(b"", encode_header(1))] if header else []) + items
+
+    def finish(self, write_index: bool = True) -> None:
+        """Writes everything out: data file (fsynced, renamed), then the index, last.
+
+        Args:
+            write_index: False when the caller merges this bundle from memory
+                (see :func:`gpusaver.format.merge.commit_merged`) and needs no index file.
+        """
         if self._finished:
             raise ValueError(f"BundleWriter for {self.prefix!r} is already finished")
         ops = self._fileops
@@ -312,7 +332,8 @@ class BundleWriter:
                 ops.close(fd)
             ops.rename(self._tmp_data, self._data_path)
             self._tmp_data = ""
-            self._write_index(self.index_items())
+            if write_index:
+                self._write_index(self.index_items())
             if self._durable:
                 ops.fsync_dir(os.path.dirname(self.prefix) or ".")
         except OSError as e:
