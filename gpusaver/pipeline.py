@@ -41,6 +41,7 @@ from gpusaver.fileops import POSIX, FileOps
 from gpusaver.format import BundleReader, BundleWriter, dtypes
 from gpusaver.format.entry import encode_header
 from gpusaver.format.merge import commit_merged
+from gpusaver.format.slices import encode_slice_key
 from gpusaver.format.writer import os_error
 from gpusaver.variables import ResolvedVariable
 
@@ -294,8 +295,13 @@ def check_restore(reader: BundleReader, variables: Sequence[ResolvedVariable], r
                 )
         if not getattr(getattr(v.array, "flags", None), "writeable", True):
             raise ValueError(f"variable {v.name!r} is read-only and cannot be restored in place")
-        if mine.kind != "O":
-            reader.data_location(v.name, entry)  # a truncated data file is found now
+        # A missing or truncated data file is found now, before any array changes.
+        if entry.slices:
+            for extents in entry.slices:
+                part = reader.entry(encode_slice_key(v.name, extents))
+                reader.data_location(v.name, part)
+        else:
+            reader.data_location(v.name, entry)
 
 
 def restore_checkpoint(

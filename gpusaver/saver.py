@@ -318,7 +318,8 @@ class Saver:
         """The SaverDef describing this saver (tensor names as TensorFlow's Saver names them)."""
         return SaverDef(
             filename_tensor_name=f"{self._name}/Const:0",
-            save_tensor_name=f"{self._name}/control_dependency:0",
+            # TensorFlow's sharded Saver returns its save path through an Identity op.
+            save_tensor_name=f"{self._name}/{'Identity' if self._sharded else 'control_dependency'}:0",
             restore_op_name=f"{self._name}/restore_all",
             max_to_keep=self._max_to_keep,
             sharded=self._sharded,
