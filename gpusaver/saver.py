@@ -9,6 +9,7 @@ are accepted where TensorFlow has them and documented as such in the README.
 
 from __future__ import annotations
 
+import logging
 import numbers
 import os
 import time
@@ -31,6 +32,8 @@ from gpusaver.pipeline import (
 from gpusaver.variables import ResolvedVariable, resolve_var_list
 
 __all__ = ["Saver"]
+
+logger = logging.getLogger(__name__)
 
 
 def _step_value(global_step: Any) -> int:
@@ -276,7 +279,11 @@ class Saver:
                 continue
             if path in self.last_checkpoints:
                 continue  # saved again under the same name since
-            cm.remove_checkpoint(path, fileops=self._fileops)
+            try:
+                cm.remove_checkpoint(path, fileops=self._fileops)
+            except OSError as e:  # the new checkpoint is committed; like TensorFlow, carry on
+                logger.warning("could not delete old checkpoint %s: %s", path, e)
+                continue
             self._fileops.phase(f"retention:removed:{path}")
 
     # -------------------------------------------------------------- restore

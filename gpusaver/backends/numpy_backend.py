@@ -49,12 +49,20 @@ class NumpyBackend:
         return array.dtype
 
     def save_group(self, tensors: Sequence[tuple[str, Any]], writer: BundleWriter) -> None:
+        run_names: list[str] = []
+        run_arrays: list[np.ndarray] = []
         for name, arr in tensors:
             if arr.dtype.kind == "O" or (arr.flags.c_contiguous and arr.dtype.byteorder != ">"):
-                writer.add(name, arr)
-            else:
-                arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
-                writer.add_raw(name, arr.dtype, arr.shape, _row_chunks(arr))
+                run_names.append(name)
+                run_arrays.append(arr)
+                continue
+            if run_names:
+                writer.add_many(run_names, run_arrays)
+                run_names, run_arrays = [], []
+            arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
+            writer.add_raw(name, arr.dtype, arr.shape, _row_chunks(arr))
+        if run_names:
+            writer.add_many(run_names, run_arrays)
 
     def restore_group(self, reader: BundleReader, tensors: Sequence[tuple[str, Any]], *, sequential: bool) -> None:
         for name, arr in tensors:

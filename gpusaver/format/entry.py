@@ -11,7 +11,7 @@ validates as TensorFlow's reader does and raises :class:`Malformed` (a
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Iterable, Sequence
 
 from gpusaver.format import slices as _slices
 from gpusaver.format.wire import FIXED32, Malformed, decode_varint, encode_varint
@@ -127,6 +127,33 @@ def encode_entry(
         body = _slices.encode_slice_proto(extents)
         parts.append(b"\x3a" + encode_varint(len(body)) + body)
     return b"".join(parts)
+
+
+def encode_entries(
+    entries: Iterable[tuple[int, tuple[int, ...], int, int, int]], shard_id: int = 0
+) -> list[bytes]:
+    """Encodes many unsliced entries ``(dtype, shape, offset, size, masked crc)`` at once.
+
+    The same bytes as :func:`encode_entry`, with the dtype-and-shape head of
+    each distinct (dtype, shape) encoded once.
+    """
+    heads: dict[tuple[int, tuple[int, ...]], bytes] = {}
+    shard = b"\x18" + encode_varint(shard_id) if shard_id else b""
+    pack = FIXED32.pack
+    varint = encode_varint
+    out = []
+    append = out.append
+    for dtype, shape, offset, size, checksum in entries:
+        head = heads.get((dtype, shape))
+        if head is None:
+            head = heads[(dtype, shape)] = (b"\x08" + varint(dtype) if dtype else b"") + encode_shape(shape) + shard
+        append(
+            head
+            + (b"\x20" + varint(offset) if offset else b"")
+            + (b"\x28" + varint(size) if size else b"")
+            + (b"\x35" + pack(checksum) if checksum else b"")
+        )
+    return out
 
 
 def _skip(data: bytes, tag: int, pos: int, end: int) -> int:

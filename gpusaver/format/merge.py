@@ -191,8 +191,7 @@ def _commit(
     parts: list[bytes] = []
     table = TableWriter(parts.append)
     table.add(b"", header)
-    for key, value in items:
-        table.add(key, value)
+    table.add_all(items)
     table.finish()
     tmp = f"{index}.tempstate{uuid.uuid4().hex}"
     fd = ops.create(tmp)

@@ -20,7 +20,7 @@ import numpy as np
 from gpusaver.errors import CheckpointWriteError
 from gpusaver.fileops import POSIX, FileOps
 from gpusaver.format import crc, dtypes, slices as _slices
-from gpusaver.format.entry import BundleEntry, encode_entry, encode_header
+from gpusaver.format.entry import BundleEntry, encode_entries, encode_entry, encode_header
 from gpusaver.format.naming import data_filename, index_filename
 from gpusaver.format.table import TableWriter
 from gpusaver.format.tensors import as_host_array, byte_view, encode_strings
@@ -202,6 +202,50 @@ class BundleWriter:
         dtype_enum, shape, offset, size, checksum = self._add_array(key, arr, name)
         self._entries[key] = (dtype_enum, shape, offset, size, crc.mask(checksum))
 
+    def add_many(self, names: Sequence[str], arrays: Sequence[np.ndarray]) -> None:
+        """Appends many tensors; the same result as :meth:`add` for each, with less overhead.
+
+        Arrays that are numeric, C-contiguous and little-endian take a fast path
+        (one buffer view and one crc32c call each); the others go through :meth:`add`.
+        """
+        if self._finished:
+            raise ValueError(f"BundleWriter for {self.prefix!r} is already finished")
+        entries, sliced = self._entries, self._sliced
+        keys = [n.encode("utf-8") if isinstance(n, str) else bytes(n) for n in names]
+        if len(set(keys)) != len(keys) or any(k in entries or k in sliced or not k for k in keys):
+            for name, arr in zip(names, arrays):  # the slow path names the offending tensor
+                self.add(name, arr)
+            return
+        enums: dict[np.dtype, int] = {}
+        checksum_of = crc.value
+        masked = crc.mask
+        batch, batch_bytes = self._batch, self._batch_bytes
+        offset = self._offset
+        for name, key, arr in zip(names, keys, arrays):
+            dt = arr.dtype
+            enum = enums.get(dt)
+            if enum is None:
+                enum = enums[dt] = -1 if dt.kind == "O" or dt.byteorder == ">" else dtypes.from_numpy(dt, tensor=name)
+            if enum < 0 or not arr.flags.c_contiguous:
+                self._batch, self._batch_bytes, self._offset = batch, batch_bytes, offset
+                self.add(name, arr)
+                batch, batch_bytes, offset = self._batch, self._batch_bytes, self._offset
+                continue
+            try:
+                view = memoryview(arr).cast("B")
+            except (TypeError, ValueError):  # ml_dtypes, zero-size shapes
+                view = byte_view(arr)
+            n = len(view)
+            entries[key] = (enum, arr.shape, offset, n, masked(checksum_of(view)))
+            offset += n
+            if n:
+                batch.append(view)
+                batch_bytes += n
+                if batch_bytes >= _BATCH_BYTES or len(batch) >= _BATCH_COUNT:
+                    self._writer.submit(batch)
+                    batch, batch_bytes = [], 0
+        self._batch, self._batch_bytes, self._offset = batch, batch_bytes, offset
+
     def add_raw(
         self,
         name: str,
@@ -301,10 +345,7 @@ class BundleWriter:
                 bundle becomes shard ``shard_id`` of a merged checkpoint).
             header: include the header entry.
         """
-        entries = {
-            key: encode_entry(dt, shape, shard_id, offset, size, checksum)
-            for key, (dt, shape, offset, size, checksum) in self._entries.items()
-        }
+        entries = dict(zip(self._entries, encode_entries(self._entries.values(), shard_id)))
         for key, full in self._sliced.items():
             entries[key] = encode_entry(full.dtype, full.shape, shard_id, slices=full.slices)
         items = sorted(entries.items())
@@ -350,8 +391,7 @@ class BundleWriter:
         self._tmp_index = f"{path}.tempstate{uuid.uuid4().int & ((1 << 63) - 1)}"
         parts: list[bytes] = []
         writer = TableWriter(parts.append)
-        for key, value in items:
-            writer.add(key, value)
+        writer.add_all(items)
         writer.finish()
         fd = ops.create(self._tmp_index)
         try:
