@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from gpusaver import checkpoint_management as cm
+from gpusaver import _gc, checkpoint_management as cm
 from gpusaver._proto.saver_pb2 import SaverDef
 from gpusaver.errors import InvalidCheckpointPathError, StatePathConflictError
 from gpusaver.fileops import POSIX, FileOps
@@ -240,14 +240,15 @@ class Saver:
                 "use a different save path or latest_filename"
             )
         clean_stale_temp_dirs(parent, self._fileops)
-        save_checkpoint(
-            prefix,
-            self._groups,
-            sharded=self._sharded,
-            durable=self._durable,
-            fileops=self._fileops,
-            on_phase=self._on_phase,
-        )
+        with _gc.paused():
+            save_checkpoint(
+                prefix,
+                self._groups,
+                sharded=self._sharded,
+                durable=self._durable,
+                fileops=self._fileops,
+                on_phase=self._on_phase,
+            )
         if write_state:
             self._record_last_checkpoint(prefix)
             cm.update_checkpoint_state(
@@ -311,6 +312,10 @@ class Saver:
         prefix = os.fspath(save_path)
         if not cm.checkpoint_exists(prefix) or not os.path.isfile(prefix + ".index"):
             raise InvalidCheckpointPathError(f"The passed save_path is not a valid checkpoint: {prefix}", prefix)
+        with _gc.paused():
+            self._restore(prefix)
+
+    def _restore(self, prefix: str) -> None:
         reader = BundleReader(prefix)
         try:
             check_restore(reader, self._variables, self._reshape)

@@ -9,6 +9,7 @@ import numpy as np
 
 from gpusaver import backends
 from gpusaver.devices import DeviceSpec, parse_device
+from gpusaver.errors import UnsupportedDTypeError
 from gpusaver.format import dtypes
 
 __all__ = ["Variable", "ResolvedVariable", "resolve_var_list"]
@@ -122,6 +123,13 @@ def resolve_var_list(var_list: Mapping[str, Any] | Iterable[Any]) -> list[Resolv
         seen_names[v.name] = v
         seen_arrays[id(v.value)] = v.name
         backend = backends.backend_for(v.value, v.name)
+        kind = np.dtype(backend.dtype(v.value)).kind
+        if kind in "SU":
+            raise UnsupportedDTypeError(
+                f"variable {v.name!r} is a fixed-width NumPy string array ({v.value.dtype}), which cannot "
+                "hold every string a restore may bring back; use an object array of bytes "
+                "(np.array([...], dtype=object))"
+            )
         dtypes.from_numpy(backend.dtype(v.value), tensor=v.name)  # a clear error for unsupported dtypes
         if np.dtype(backend.dtype(v.value)).kind == "O":
             for item in v.value.reshape(-1).tolist():

@@ -65,16 +65,26 @@ class NumpyBackend:
             writer.add_many(run_names, run_arrays)
 
     def restore_group(self, reader: BundleReader, tensors: Sequence[tuple[str, Any]], *, sequential: bool) -> None:
+        direct: list[tuple[str, Any]] = []  # read straight into the arrays' memory, batched
         for name, arr in tensors:
             entry = reader.entry(name)
             if entry.slices or arr.dtype.kind == "O":
                 arr[...] = reader.get_tensor(name).reshape(arr.shape)
             elif arr.flags.c_contiguous and arr.flags.writeable and arr.dtype.byteorder != ">":
-                reader.read_into(name, byte_view(arr))
+                try:
+                    view = memoryview(arr).cast("B")
+                except (TypeError, ValueError):  # ml_dtypes, zero-size shapes
+                    view = byte_view(arr)
+                if sequential:
+                    reader.read_into(name, view)
+                else:
+                    direct.append((name, view))
             else:
                 staged = np.empty(arr.shape, dtype=arr.dtype.newbyteorder("="))
                 reader.read_into(name, byte_view(staged))
                 arr[...] = staged
+        if direct:
+            reader.read_many_into(direct)
 
     def check_restore_memory(self, device: DeviceSpec, tensors: Sequence[tuple[str, Any]], reader: BundleReader) -> None:
         return None

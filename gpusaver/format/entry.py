@@ -192,12 +192,90 @@ def _decode_shape(data: bytes, pos: int, end: int) -> tuple[int, ...]:
     return tuple(dims)
 
 
+def _varint_at(data: bytes, pos: int) -> tuple[int, int]:
+    value = shift = 0
+    while True:
+        b = data[pos]
+        pos += 1
+        value |= (b & 0x7F) << shift
+        if b < 0x80:
+            return value, pos
+        shift += 7
+        if shift > 56:
+            raise IndexError  # too long for the fast path
+
+
+def _decode_common(data: bytes) -> BundleEntry | None:
+    """The layout every writer emits (fields 1..6 in order, no slices), decoded fast.
+
+    Returns None for anything else, which then takes the general decoder.
+    """
+    try:
+        pos, end = 0, len(data)
+        dtype = 0
+        if data[0] == 0x08:
+            dtype = data[1]
+            if dtype & 0x80:
+                return None
+            pos = 2
+        if data[pos] != 0x12:
+            return None
+        shape_len = data[pos + 1]
+        if shape_len & 0x80:
+            return None
+        pos += 2
+        stop = pos + shape_len
+        dims = []
+        total = 1
+        while pos < stop:
+            dim_len = data[pos + 1]
+            if data[pos] != 0x12 or dim_len & 0x80:
+                return None
+            if dim_len == 0:
+                dims.append(0)
+                total = 0
+                pos += 2
+                continue
+            if data[pos + 2] != 0x08:
+                return None
+            size, after = _varint_at(data, pos + 3)
+            if after != pos + 2 + dim_len or size >> 62:
+                return None
+            dims.append(size)
+            total *= size
+            if total > _INT64_MAX:
+                return None
+            pos = after
+        if pos != stop or len(dims) > MAX_RANK or total > _INT64_MAX:
+            return None
+        shard = offset = size = checksum = 0
+        if pos < end and data[pos] == 0x18:
+            shard, pos = _varint_at(data, pos + 1)
+        if pos < end and data[pos] == 0x20:
+            offset, pos = _varint_at(data, pos + 1)
+        if pos < end and data[pos] == 0x28:
+            size, pos = _varint_at(data, pos + 1)
+        if pos < end and data[pos] == 0x35:
+            if pos + 5 > end:
+                return None
+            checksum = FIXED32.unpack_from(data, pos + 1)[0]
+            pos += 5
+        if pos != end or shard >> 31 or offset > _INT64_MAX or size > _INT64_MAX:
+            return None
+        return BundleEntry(dtype, tuple(dims), shard, offset, size, checksum)
+    except IndexError:
+        return None
+
+
 def decode_entry(data: bytes) -> BundleEntry:
     """Parses a BundleEntryProto.
 
     Raises:
         Malformed: the bytes are not a valid entry.
     """
+    common = _decode_common(data) if data else None
+    if common is not None:
+        return common
     entry = BundleEntry(0, ())
     pos, end = 0, len(data)
     while pos < end:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 
@@ -29,6 +29,8 @@ from gpusaver.format.tensors import decode_strings
 from gpusaver.format.wire import Malformed
 
 __all__ = ["BundleReader", "read_exact"]
+
+_IOV_MAX = 1024
 
 
 def read_exact(fd: int, out: memoryview, offset: int, path: str) -> None:
@@ -226,6 +228,47 @@ class BundleReader:
             expected = crc.unmask(entry.crc32c)
             if actual != expected:
                 raise ChecksumError(path, name, expected, actual)
+
+    def read_many_into(self, items: Sequence[tuple[str, Any]]) -> None:
+        """Reads many numeric tensors into their buffers, verifying every crc32c.
+
+        Tensors that lie back to back in one data file are read with one
+        scatter read (``preadv``) into all their buffers at once.
+
+        Args:
+            items: ``(name, out)`` pairs; ``out`` as for :meth:`read_into`.
+        """
+        runs: list[tuple[int, int, str, list[Any]]] = []  # fd, start, path, views
+        checks: list[tuple[str, Any, int, str]] = []
+        run_fd = run_end = -1
+        for name, out in items:
+            entry = self.entry(name)
+            dtype = dtypes.to_numpy(entry.dtype, path=self.index_path, tensor=name)
+            if entry.slices or dtype == dtypes.OBJECT:
+                raise ValueError(f"tensor {name!r} is {'partitioned' if entry.slices else 'a string tensor'}; use get_tensor")
+            self._check_size(name, entry, dtype)
+            view = out if isinstance(out, memoryview) and out.format == "B" else memoryview(out).cast("B")
+            if len(view) != entry.size:
+                raise ShapeMismatchError(f"tensor {name!r} has {entry.size} bytes; the destination has {len(view)}")
+            fd, offset, size, path = self.data_location(name, entry)
+            checks.append((name, view, entry.crc32c, path))
+            if fd == run_fd and offset == run_end and len(runs[-1][3]) < _IOV_MAX:
+                runs[-1][3].append(view)
+            else:
+                runs.append((fd, offset, path, [view]))
+            run_fd, run_end = fd, offset + size
+        for fd, start, path, views in runs:
+            total = sum(len(v) for v in views)
+            got = os.preadv(fd, views, start) if total else 0
+            if got != total:  # a short read: finish piece by piece (errors name the file)
+                pos = start
+                for v in views:
+                    read_exact(fd, v, pos, path)
+                    pos += len(v)
+        for name, view, stored, path in checks:
+            actual = crc.value(view)
+            if actual != crc.unmask(stored):
+                raise ChecksumError(path, name, crc.unmask(stored), actual)
 
     def get_tensor(self, name: str) -> np.ndarray:
         """Reads a whole tensor as a NumPy array, checksums verified.

@@ -225,7 +225,7 @@ class BundleWriter:
             dt = arr.dtype
             enum = enums.get(dt)
             if enum is None:
-                enum = enums[dt] = -1 if dt.kind == "O" or dt.byteorder == ">" else dtypes.from_numpy(dt, tensor=name)
+                enum = enums[dt] = -1 if dt.kind in "OSU" or dt.byteorder == ">" else dtypes.from_numpy(dt, tensor=name)
             if enum < 0 or not arr.flags.c_contiguous:
                 self._batch, self._batch_bytes, self._offset = batch, batch_bytes, offset
                 self.add(name, arr)
