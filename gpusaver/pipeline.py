@@ -268,13 +268,11 @@ def check_restore(reader: BundleReader, variables: Sequence[ResolvedVariable], r
         TensorNotFoundError: a variable is missing (a KeyError).
         DTypeMismatchError / ShapeMismatchError: it does not fit (ValueErrors).
     """
-    for v in variables:
-        try:
-            entry = reader.entry(v.name)
-        except TensorNotFoundError:
-            raise TensorNotFoundError(
-                f"variable {v.name!r} not found in checkpoint {reader.prefix!r}", v.name
-            ) from None
+    try:
+        entries = reader.entries([v.name for v in variables])
+    except TensorNotFoundError as e:
+        raise TensorNotFoundError(f"variable {e.name!r} not found in checkpoint {reader.prefix!r}", e.name) from None
+    for v, entry in zip(variables, entries):
         stored = dtypes.to_numpy(entry.dtype, path=reader.index_path, tensor=v.name)
         mine = np.dtype(v.backend.dtype(v.array))
         if mine.kind != "O" and mine.byteorder not in "=|":
@@ -300,8 +298,8 @@ def check_restore(reader: BundleReader, variables: Sequence[ResolvedVariable], r
             for extents in entry.slices:
                 part = reader.entry(encode_slice_key(v.name, extents))
                 reader.data_location(v.name, part)
-        else:
-            reader.data_location(v.name, entry)
+        elif entry.offset + entry.size > reader.data_file_size(entry.shard_id):
+            reader.data_location(v.name, entry)  # raises, naming the file
 
 
 def restore_checkpoint(

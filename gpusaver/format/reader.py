@@ -121,6 +121,37 @@ class BundleReader:
         self._entries[key] = entry
         return entry
 
+    def entries(self, names: Sequence[str]) -> list[BundleEntry]:
+        """The entries of many tensors at once (faster than :meth:`entry` for each).
+
+        Raises:
+            TensorNotFoundError: the first name that is not in the checkpoint.
+        """
+        keys = [n.encode("utf-8") for n in names]
+        cache = self._entries
+        missing = [k for k in keys if k not in cache]
+        if missing:
+            num_shards = self.header.num_shards
+            try:
+                for key, value in zip(missing, self._table.get_many(missing)):
+                    if value is None or not key:
+                        continue
+                    entry = decode_entry(value)
+                    if entry.shard_id >= num_shards and not entry.slices:
+                        raise self._corrupt(
+                            ValueError(f"tensor {key!r} names shard {entry.shard_id} of {num_shards}")
+                        )
+                    cache[key] = entry
+            except Malformed as e:
+                raise self._corrupt(e) from None
+        out = []
+        for name, key in zip(names, keys):
+            entry = cache.get(key)
+            if entry is None:
+                raise TensorNotFoundError(f"tensor {name!r} not found in checkpoint {self.prefix!r}", name)
+            out.append(entry)
+        return out
+
     def _all_entries(self) -> Iterator[tuple[bytes, BundleEntry]]:
         try:
             for key, value in self._table:
@@ -177,6 +208,11 @@ class BundleReader:
                     ) from None
                 cached = self._files[shard_id] = (fd, os.fstat(fd).st_size, path)
             return cached
+
+    def data_file_size(self, shard_id: int) -> int:
+        """The size of data file ``shard_id`` (opening it; a missing file raises)."""
+        cached = self._files.get(shard_id)
+        return (cached or self._data_file(shard_id))[1]
 
     def data_location(self, name: str, entry: BundleEntry | None = None) -> tuple[int, int, int, str]:
         """``(fd, offset, size, path)`` of a tensor's bytes, checked against the file's size."""
@@ -241,16 +277,22 @@ class BundleReader:
         runs: list[tuple[int, int, str, list[Any]]] = []  # fd, start, path, views
         checks: list[tuple[str, Any, int, str]] = []
         run_fd = run_end = -1
-        for name, out in items:
-            entry = self.entry(name)
+        files = self._files
+        entries = self.entries([name for name, _ in items])
+        for (name, out), entry in zip(items, entries):
             dtype = dtypes.to_numpy(entry.dtype, path=self.index_path, tensor=name)
             if entry.slices or dtype == dtypes.OBJECT:
                 raise ValueError(f"tensor {name!r} is {'partitioned' if entry.slices else 'a string tensor'}; use get_tensor")
-            self._check_size(name, entry, dtype)
             view = out if isinstance(out, memoryview) and out.format == "B" else memoryview(out).cast("B")
-            if len(view) != entry.size:
-                raise ShapeMismatchError(f"tensor {name!r} has {entry.size} bytes; the destination has {len(view)}")
-            fd, offset, size, path = self.data_location(name, entry)
+            size = entry.size
+            if size != entry.num_elements * dtype.itemsize:
+                self._check_size(name, entry, dtype)
+            if len(view) != size:
+                raise ShapeMismatchError(f"tensor {name!r} has {size} bytes; the destination has {len(view)}")
+            fd, file_size, path = files.get(entry.shard_id) or self._data_file(entry.shard_id)
+            offset = entry.offset
+            if offset + size > file_size:
+                self.data_location(name, entry)  # raises, naming the file
             checks.append((name, view, entry.crc32c, path))
             if fd == run_fd and offset == run_end and len(runs[-1][3]) < _IOV_MAX:
                 runs[-1][3].append(view)

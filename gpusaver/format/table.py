@@ -248,6 +248,7 @@ class TableReader:
         except Malformed as e:
             raise Malformed(f"{path!r} is not a valid checkpoint index: {e}", path) from None
         self._blocks: dict[int, tuple[list[bytes], list[bytes]]] = {}
+        self._dict: dict[bytes, bytes] | None = None
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview, path: str | None = None) -> "TableReader":
@@ -347,6 +348,19 @@ class TableReader:
         if j < len(keys) and keys[j] == key:
             return values[j]
         return None
+
+    def get_many(self, keys: list[bytes]) -> list[bytes | None]:
+        """The values of many keys (None where missing); decodes the whole table once when that is cheaper."""
+        if len(keys) < 8 * len(self._handles):
+            return [self.get(k) for k in keys]
+        table = self._dict
+        if table is None:
+            table = self._dict = {}
+            for i in range(len(self._handles)):
+                block_keys, block_values = self._block(i)
+                table.update(zip(block_keys, block_values))
+        get = table.get
+        return [get(k) for k in keys]
 
     def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
         for i in range(len(self._handles)):
