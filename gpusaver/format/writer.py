@@ -31,6 +31,7 @@ _BATCH_BYTES = 4 << 20  # flush a batch of small tensors at this many bytes ...
 _BATCH_COUNT = 1024  # ... or this many buffers
 _SMALL = 1 << 20  # tensors below this size are batched
 _QUEUE_DEPTH = 16
+_SEGMENT = 1 << 20  # large buffers are checksummed and written a segment at a time
 
 
 def os_error(e: OSError, what: str, path: str | None) -> CheckpointWriteError:
@@ -40,15 +41,26 @@ def os_error(e: OSError, what: str, path: str | None) -> CheckpointWriteError:
     return CheckpointWriteError(e.errno, f"{what} {path!r} failed: {e.strerror or e}", path)
 
 
-class _WriterThread:
-    """Appends buffers to a file descriptor on a thread of its own, in order."""
+#: ``(crc slot, bytes)``: the bytes extend the running crc32c in that slot (-1: none).
+Piece = tuple[int, Any]
 
-    def __init__(self, fileops: FileOps, fd: int, path: str, thread_init: Callable[[], None] | None) -> None:
+
+class _WriterThread:
+    """Checksums and appends buffers to a file descriptor on a thread of its own, in order.
+
+    Each piece's crc32c is computed just before its bytes are written, a
+    segment at a time, so the write reads them from the CPU cache.
+    """
+
+    def __init__(
+        self, fileops: FileOps, fd: int, path: str, thread_init: Callable[[], None] | None, crcs: list[int]
+    ) -> None:
         self._fileops = fileops
         self._thread_init = thread_init
         self._fd = fd
         self._path = path
-        self._queue: "queue.Queue[tuple[list[Any], Callable[[], None] | None] | None]" = queue.Queue(_QUEUE_DEPTH)
+        self._crcs = crcs
+        self._queue: "queue.Queue[tuple[list[Piece], Callable[[], None] | None] | None]" = queue.Queue(_QUEUE_DEPTH)
         self.error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="gpusaver-writer", daemon=True)
         self._thread.start()
@@ -63,10 +75,10 @@ class _WriterThread:
             job = self._queue.get()
             if job is None:
                 return
-            buffers, done = job
+            pieces, done = job
             if self.error is None:
                 try:
-                    self._fileops.write(self._fd, buffers)
+                    self._write(pieces)
                 except BaseException as e:  # noqa: BLE001 - reported to the caller
                     self.error = e
             if done is not None:
@@ -76,9 +88,24 @@ class _WriterThread:
                     if self.error is None:
                         self.error = e
 
-    def submit(self, buffers: list[Any], done: Callable[[], None] | None = None) -> None:
+    def _write(self, pieces: list[Piece]) -> None:
+        crcs, extend, write, fd = self._crcs, crc.extend, self._fileops.write, self._fd
+        if len(pieces) == 1 and len(pieces[0][1]) > _SEGMENT:
+            slot, view = pieces[0]
+            for lo in range(0, len(view), _SEGMENT):
+                segment = view[lo : lo + _SEGMENT]
+                if slot >= 0:
+                    crcs[slot] = extend(crcs[slot], segment)
+                write(fd, [segment])
+            return
+        for slot, view in pieces:
+            if slot >= 0:
+                crcs[slot] = extend(crcs[slot], view)
+        write(fd, [view for _, view in pieces])
+
+    def submit(self, pieces: list[Piece], done: Callable[[], None] | None = None) -> None:
         self.check()
-        self._queue.put((buffers, done))
+        self._queue.put((pieces, done))
 
     def check(self) -> None:
         if self.error is not None:
@@ -126,7 +153,7 @@ class BundleWriter:
         self.prefix = os.fspath(prefix)
         self._fileops = fileops or POSIX
         self._durable = durable
-        # key -> (dtype, shape, offset, size, masked crc32c); encoded when the index is written
+        # key -> (dtype, shape, offset, size, crc slot); encoded when the index is written
         self._entries: dict[bytes, tuple[int, tuple[int, ...], int, int, int]] = {}
         self._sliced: dict[bytes, BundleEntry] = {}
         self._offset = 0
@@ -148,7 +175,9 @@ class BundleWriter:
             self._fd: int | None = self._fileops.create(self._tmp_data)
         except OSError as e:
             raise os_error(e, "creating", self._tmp_data) from e
-        self._writer = _WriterThread(self._fileops, self._fd, self._tmp_data, thread_init)
+        self._drained = False
+        self._crcs: list[int] = []  # running crc32c of each tensor, filled in by the writer thread
+        self._writer = _WriterThread(self._fileops, self._fd, self._tmp_data, thread_init, self._crcs)
 
     # ------------------------------------------------------------------ adding
     def _key(self, name: str | bytes) -> bytes:
@@ -166,21 +195,26 @@ class BundleWriter:
             self._writer.submit(self._batch)
             self._batch, self._batch_bytes = [], 0
 
-    def _write(self, view: memoryview) -> int:
-        """Queues ``view`` for writing at the current offset; returns that offset."""
+    def _slot(self, value: int = 0) -> int:
+        """A new crc slot holding ``value``."""
+        self._crcs.append(value)
+        return len(self._crcs) - 1
+
+    def _write(self, view: memoryview, slot: int) -> int:
+        """Queues ``view`` (checksummed into ``slot`` unless -1) at the current offset; returns that offset."""
         offset = self._offset
         n = len(view)
         self._offset += n
         if n == 0:
             return offset
         if n < _SMALL:
-            self._batch.append(view)
+            self._batch.append((slot, view))
             self._batch_bytes += n
             if self._batch_bytes >= _BATCH_BYTES or len(self._batch) >= _BATCH_COUNT:
                 self._flush_batch()
         else:
             self._flush_batch()
-            self._writer.submit([view], None)
+            self._writer.submit([(slot, view)], None)
         return offset
 
     def _add_array(self, key: bytes, arr: np.ndarray, name: str) -> tuple[int, tuple[int, ...], int, int, int]:
@@ -188,19 +222,19 @@ class BundleWriter:
         if dtype_enum == dtypes.DT_STRING:
             data, checksum = encode_strings(arr, name)
             view = memoryview(data)
-            offset = self._write(view)
+            slot = self._slot(checksum)
+            offset = self._write(view, -1)
         else:
             view = byte_view(arr)  # the views keep their arrays alive until written
-            offset = self._write(view)
-            checksum = crc.value(view)  # runs while the writer thread writes
-        return dtype_enum, tuple(arr.shape), offset, len(view), checksum
+            slot = self._slot()
+            offset = self._write(view, slot)  # the writer thread checksums it
+        return dtype_enum, tuple(arr.shape), offset, len(view), slot
 
     def add(self, name: str, array: Any) -> None:
         """Appends a tensor (a NumPy array, or an object array of bytes for strings)."""
         key = self._key(name)
         arr = as_host_array(array, name)
-        dtype_enum, shape, offset, size, checksum = self._add_array(key, arr, name)
-        self._entries[key] = (dtype_enum, shape, offset, size, crc.mask(checksum))
+        self._entries[key] = self._add_array(key, arr, name)
 
     def add_many(self, names: Sequence[str], arrays: Sequence[np.ndarray]) -> None:
         """Appends many tensors; the same result as :meth:`add` for each, with less overhead.
@@ -217,8 +251,7 @@ class BundleWriter:
                 self.add(name, arr)
             return
         enums: dict[np.dtype, int] = {}
-        checksum_of = crc.value
-        masked = crc.mask
+        crcs = self._crcs
         batch, batch_bytes = self._batch, self._batch_bytes
         offset = self._offset
         for name, key, arr in zip(names, keys, arrays):
@@ -236,10 +269,12 @@ class BundleWriter:
             except (TypeError, ValueError):  # ml_dtypes, zero-size shapes
                 view = byte_view(arr)
             n = len(view)
-            entries[key] = (enum, arr.shape, offset, n, masked(checksum_of(view)))
+            slot = len(crcs)
+            crcs.append(0)
+            entries[key] = (enum, arr.shape, offset, n, slot)
             offset += n
             if n:
-                batch.append(view)
+                batch.append((slot, view))
                 batch_bytes += n
                 if batch_bytes >= _BATCH_BYTES or len(batch) >= _BATCH_COUNT:
                     self._writer.submit(batch)
@@ -271,19 +306,17 @@ class BundleWriter:
             raise ValueError("add_raw takes numeric tensors; use add() for strings")
         self._flush_batch()
         offset = self._offset
-        running = 0
+        slot = self._slot(crc32c or 0)
+        piece_slot = slot if crc32c is None else -1
         for buf, done in chunks:
             view = memoryview(buf).cast("B") if not isinstance(buf, memoryview) else buf
             self._offset += len(view)
-            self._writer.submit([view], done)
-            if crc32c is None:
-                running = crc.extend(running, view)
+            self._writer.submit([(piece_slot, view)], done)
         size = self._offset - offset
         expect = int(np.dtype(dtype).itemsize) * int(np.prod(shape, dtype=np.int64))
         if size != expect:
             raise ValueError(f"tensor {name!r}: got {size} bytes for shape {tuple(shape)} of {np.dtype(dtype)}")
-        checksum = running if crc32c is None else crc32c
-        self._entries[key] = (dtype_enum, tuple(shape), offset, size, crc.mask(checksum))
+        self._entries[key] = (dtype_enum, tuple(shape), offset, size, slot)
 
     def add_slice(self, name: str, full_shape: Sequence[int], slice_spec: str, array: Any) -> None:
         """Appends one slice of a partitioned tensor.
@@ -323,9 +356,9 @@ class BundleWriter:
         if list(extents) in full.slices:
             raise ValueError(f"slice {slice_spec!r} of {name!r} was already added")
         slice_key = _slices.encode_slice_key(key, extents)
-        _, shape, offset, size, checksum = self._add_array(slice_key, arr, name)
+        record = self._add_array(slice_key, arr, name)
         full.slices.append(list(extents))
-        self._entries[slice_key] = (dtype_enum, shape, offset, size, crc.mask(checksum))
+        self._entries[slice_key] = record
 
     # --------------------------------------------------------------- finishing
     @property
@@ -345,7 +378,11 @@ class BundleWriter:
                 bundle becomes shard ``shard_id`` of a merged checkpoint).
             header: include the header entry.
         """
-        entries = dict(zip(self._entries, encode_entries(self._entries.values(), shard_id)))
+        if not self._drained:
+            raise ValueError("index_items() is available once finish() has written the data")
+        crcs, mask = self._crcs, crc.mask
+        records = [(dt, shape, offset, size, mask(crcs[slot])) for dt, shape, offset, size, slot in self._entries.values()]
+        entries = dict(zip(self._entries, encode_entries(records, shard_id)))
         for key, full in self._sliced.items():
             entries[key] = encode_entry(full.dtype, full.shape, shard_id, slices=full.slices)
         items = sorted(entries.items())
@@ -364,6 +401,7 @@ class BundleWriter:
         try:
             self._flush_batch()
             self._writer.close()
+            self._drained = True
             fd, self._fd = self._fd, None
             assert fd is not None
             try:
