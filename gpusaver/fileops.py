@@ -49,6 +49,9 @@ class FileOps(Protocol):
     def mkdir(self, path: str) -> None:
         """Creates one directory; an existing one raises FileExistsError."""
 
+    def rmdir(self, path: str) -> None:
+        """Removes an empty directory."""
+
     def rmtree(self, path: str) -> None:
         """Removes a directory and everything in it."""
 
@@ -96,6 +99,9 @@ class PosixFileOps:
 
     def mkdir(self, path: str) -> None:
         os.mkdir(path)
+
+    def rmdir(self, path: str) -> None:
+        os.rmdir(path)
 
     def rmtree(self, path: str) -> None:
         shutil.rmtree(path)

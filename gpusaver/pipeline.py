@@ -21,11 +21,8 @@ and ``save:committed``. The Saver adds ``state:written`` and
 from __future__ import annotations
 
 import os
-import re
-import socket
 import threading
 import time
-import uuid
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -42,15 +39,12 @@ from gpusaver.format import BundleReader, BundleWriter, dtypes
 from gpusaver.format.entry import encode_header
 from gpusaver.format.merge import commit_merged
 from gpusaver.format.slices import encode_slice_key
+from gpusaver.tempdirs import clean_stale_temp_dirs, make_temp_dir
 from gpusaver.format.writer import os_error
 from gpusaver.variables import ResolvedVariable
 
 __all__ = ["Group", "group_by_device", "save_checkpoint", "restore_checkpoint", "clean_stale_temp_dirs"]
 
-_TEMP_RE = re.compile(r"^(?P<base>.+)_temp_(?P<id>[0-9a-f]{32})$")
-_OWNER = "OWNER"
-#: A temp directory without an owner file is stale once older than this.
-_ORPHAN_AGE = 600.0
 
 
 class Group:
@@ -76,85 +70,7 @@ def group_by_device(variables: Sequence[ResolvedVariable]) -> list[Group]:
     return [Group(by_device[k][0].device, by_device[k]) for k in sorted(by_device)]
 
 
-# ----------------------------------------------------------------------- owner
-def _process_start_time(pid: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-        return stat[stat.rindex(b")") + 2 :].split()[19].decode()
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _owner_record() -> str:
-    pid = os.getpid()
-    return f"{socket.gethostname()} {pid} {_process_start_time(pid) or '-'}\n"
-
-
-def _owner_alive(record: str) -> bool:
-    parts = record.split()
-    if len(parts) != 3 or parts[0] != socket.gethostname():
-        return True  # another host's save, or unknown: never touch it
-    try:
-        pid = int(parts[1])
-    except ValueError:
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass
-    return parts[2] == "-" or _process_start_time(pid) == parts[2]
-
-
-def clean_stale_temp_dirs(directory: str, fileops: FileOps | None = None) -> list[str]:
-    """Removes temp directories of saves whose process is gone; returns what was removed.
-
-    A temp directory belongs to a live save when its owner process (same host,
-    same pid, same start time) is still running; those are never touched.
-    """
-    ops = fileops or POSIX
-    removed = []
-    try:
-        names = os.listdir(directory or ".")
-    except OSError:
-        return removed
-    for name in names:
-        if not _TEMP_RE.match(name):
-            continue
-        path = os.path.join(directory, name)
-        try:
-            with open(os.path.join(path, _OWNER)) as f:
-                alive = _owner_alive(f.read())
-        except FileNotFoundError:
-            try:
-                alive = time.time() - os.stat(path).st_mtime < _ORPHAN_AGE
-            except OSError:
-                continue
-        except OSError:
-            continue
-        if not alive:
-            try:
-                ops.rmtree(path)
-                removed.append(path)
-            except OSError:
-                pass
-    return removed
-
-
 # ------------------------------------------------------------------------ save
-def _make_temp_dir(prefix: str, ops: FileOps) -> str:
-    temp_dir = f"{prefix}_temp_{uuid.uuid4().hex}"
-    ops.mkdir(temp_dir)
-    fd = ops.create(os.path.join(temp_dir, _OWNER))
-    try:
-        ops.write(fd, [memoryview(_owner_record().encode())])
-    finally:
-        ops.close(fd)
-    return temp_dir
-
-
 def save_checkpoint(
     prefix: str,
     groups: Sequence[Group],
@@ -163,6 +79,8 @@ def save_checkpoint(
     durable: bool = True,
     fileops: FileOps | None = None,
     on_phase: Callable[[str, float], None] | None = None,
+    after_commit: Callable[[], None] | None = None,
+    state_file: str | None = None,
 ) -> str:
     """Writes ``groups`` as the checkpoint ``prefix``, atomically. Returns ``prefix``.
 
@@ -173,6 +91,10 @@ def save_checkpoint(
         durable: fsync files and directories.
         fileops: file operations (tests inject faults here).
         on_phase: called with ``(phase, seconds)`` as each stage of the save ends.
+        after_commit: run once the checkpoint is committed, before the temp
+            directory goes (the Saver records the checkpoint in its state file here).
+        state_file: the state file ``after_commit`` writes, noted in the temp
+            directory so that a crash in between can be cleaned up.
 
     Raises:
         CheckpointWriteError: an OSError, keeping its errno; nothing is committed.
@@ -181,7 +103,7 @@ def save_checkpoint(
     ops.phase("save:start")
     started = time.perf_counter()
     try:
-        temp_dir = _make_temp_dir(prefix, ops)
+        temp_dir = make_temp_dir(prefix, ops, state_file=state_file)
     except OSError as e:
         raise os_error(e, "creating the temporary directory for", prefix) from e
     shard_lists = [[g] for g in groups] if sharded else [list(groups)]
@@ -241,16 +163,20 @@ def save_checkpoint(
     for t in threads:
         t.join()
     try:
-        ops.rmtree(temp_dir)
-    except OSError:
-        pass
-    if errors:
-        real = [e for e in errors if not isinstance(e, _Aborted)] or errors
-        err = real[0]
-        if isinstance(err, OSError) and not isinstance(err, CheckpointWriteError):
-            raise os_error(err, "saving", prefix) from err
-        raise err
-    ops.phase("save:committed")
+        if errors:
+            real = [e for e in errors if not isinstance(e, _Aborted)] or errors
+            err = real[0]
+            if isinstance(err, OSError) and not isinstance(err, CheckpointWriteError):
+                raise os_error(err, "saving", prefix) from err
+            raise err
+        ops.phase("save:committed")
+        if after_commit is not None:
+            after_commit()  # e.g. the state file: the temp dir marks the save unfinished until then
+    finally:
+        try:
+            ops.rmtree(temp_dir)
+        except OSError:
+            pass
     if on_phase:
         on_phase("total", time.perf_counter() - started)
     return prefix

@@ -19,7 +19,7 @@ import numpy as np
 
 from gpusaver import _gc, checkpoint_management as cm
 from gpusaver._proto.saver_pb2 import SaverDef
-from gpusaver.errors import InvalidCheckpointPathError, StatePathConflictError
+from gpusaver.errors import CheckpointWriteError, InvalidCheckpointPathError, StatePathConflictError
 from gpusaver.fileops import POSIX, FileOps
 from gpusaver.format import BundleReader
 from gpusaver.pipeline import (
@@ -29,6 +29,7 @@ from gpusaver.pipeline import (
     restore_checkpoint,
     save_checkpoint,
 )
+from gpusaver.tempdirs import make_temp_dir
 from gpusaver.variables import ResolvedVariable, resolve_var_list
 
 __all__ = ["Saver"]
@@ -240,28 +241,51 @@ class Saver:
                 "use a different save path or latest_filename"
             )
         clean_stale_temp_dirs(parent, self._fileops)
-        with _gc.paused():
-            save_checkpoint(
-                prefix,
-                self._groups,
-                sharded=self._sharded,
-                durable=self._durable,
-                fileops=self._fileops,
-                on_phase=self._on_phase,
-            )
-        if write_state:
+
+        doomed: list[tuple[str, str]] = []
+
+        def record() -> None:
             self._record_last_checkpoint(prefix)
-            cm.update_checkpoint_state(
-                parent,
-                prefix,
-                all_model_checkpoint_paths=self.last_checkpoints,
-                latest_filename=latest_filename,
-                save_relative_paths=self._save_relative_paths,
-                durable=self._durable,
-                fileops=self._fileops,
-            )
+            # Checkpoints retention will drop get a tombstone first: a crash after the
+            # state file no longer lists them, but before they are gone, is finished later.
+            try:
+                for path in self._select_for_deletion():
+                    tombstone = make_temp_dir(path, self._fileops, deleting=True, state_file=latest_filename)
+                    doomed.append((path, tombstone))
+                cm.update_checkpoint_state(
+                    parent,
+                    prefix,
+                    all_model_checkpoint_paths=self.last_checkpoints,
+                    latest_filename=latest_filename,
+                    save_relative_paths=self._save_relative_paths,
+                    durable=self._durable,
+                    fileops=self._fileops,
+                )
+            except BaseException as e:
+                for _, tombstone in doomed:  # nothing was dropped: no deletion to finish
+                    self._remove_tree(tombstone)
+                doomed.clear()
+                if isinstance(e, OSError) and not isinstance(e, CheckpointWriteError):
+                    raise CheckpointWriteError(e.errno, f"recording checkpoint {prefix!r} failed: {e}", prefix) from e
+                raise
             self._fileops.phase("state:written")
-            self._maybe_delete_old_checkpoints()
+
+        try:
+            with _gc.paused():
+                save_checkpoint(
+                    prefix,
+                    self._groups,
+                    sharded=self._sharded,
+                    durable=self._durable,
+                    fileops=self._fileops,
+                    on_phase=self._on_phase,
+                    after_commit=record if write_state else None,
+                    state_file=latest_filename if write_state else None,
+                )
+        finally:
+            # Once the state file no longer lists them, dropped checkpoints go, whatever happens.
+            while doomed:
+                self._delete_old_checkpoint(*doomed.pop(0))
         return prefix
 
     def _record_last_checkpoint(self, prefix: str) -> None:
@@ -272,7 +296,9 @@ class Saver:
         if len(self._last_checkpoints) > self._max_to_keep:
             self._checkpoints_to_be_deleted.append(self._last_checkpoints.pop(0))
 
-    def _maybe_delete_old_checkpoints(self) -> None:
+    def _select_for_deletion(self) -> list[str]:
+        """The checkpoints retention drops now (TensorFlow's rule: keep one per n hours)."""
+        doomed = []
         while self._checkpoints_to_be_deleted:
             path, stamp = self._checkpoints_to_be_deleted.pop(0)
             if stamp > self._next_checkpoint_time:
@@ -280,12 +306,25 @@ class Saver:
                 continue
             if path in self.last_checkpoints:
                 continue  # saved again under the same name since
+            doomed.append(path)
+        return doomed
+
+    def _delete_old_checkpoint(self, path: str, tombstone: str) -> None:
+        try:
             try:
                 cm.remove_checkpoint(path, fileops=self._fileops)
             except OSError as e:  # the new checkpoint is committed; like TensorFlow, carry on
                 logger.warning("could not delete old checkpoint %s: %s", path, e)
-                continue
+                return
             self._fileops.phase(f"retention:removed:{path}")
+        finally:
+            self._remove_tree(tombstone)
+
+    def _remove_tree(self, path: str) -> None:
+        try:
+            self._fileops.rmtree(path)
+        except OSError:
+            pass
 
     # -------------------------------------------------------------- restore
     def restore(self, save_path: str | os.PathLike[str] | None = None) -> None:

@@ -29,7 +29,7 @@ import numpy as np
 
 from gpusaver import nvml
 from gpusaver.devices import DeviceSpec
-from gpusaver.errors import ChecksumError, InsufficientDeviceMemoryError
+from gpusaver.errors import ChecksumError, CorruptCheckpointError, InsufficientDeviceMemoryError
 from gpusaver.format import BundleReader, BundleWriter, crc
 from gpusaver.format.reader import read_exact
 
@@ -303,7 +303,10 @@ class CupyBackend:
         entry = reader.entry(name)
         fd, offset, size, path = reader.data_location(name, entry)
         if size != arr.nbytes:
-            raise ValueError(f"tensor {name!r} has {size} bytes; the destination has {arr.nbytes}")
+            raise CorruptCheckpointError(
+                f"tensor {name!r} in {path!r} has {size} bytes stored; its shape and dtype need {arr.nbytes}",
+                path,
+            )
         base = int(arr.data.ptr)
         running = 0
         in_flight: collections.deque = collections.deque()
@@ -348,6 +351,13 @@ class CupyBackend:
         with cp.cuda.Device(device_id):
             if entry.slices:
                 return cp.asarray(reader.get_tensor(name))
+            reader.data_location(name, entry)  # a truncated or corrupt entry is found before allocating
+            if entry.size != entry.num_elements * dtype.itemsize:
+                raise CorruptCheckpointError(
+                    f"invalid size in the entry of tensor {name!r} in {reader.index_path!r}: {entry.size} bytes "
+                    f"for shape {list(entry.shape)} of {dtype}",
+                    reader.index_path,
+                )
             out = cp.empty(entry.shape, dtype=dtype)
             if out.nbytes:
                 state = self._state(device_id)

@@ -185,17 +185,21 @@ def _commit(
     for stale in glob.glob(data_file_glob(merged_prefix)):
         if stale not in new_names and stale not in file_ids:
             ops.remove(stale)
-    for old, new_id in file_ids.items():
-        ops.rename(old, data_filename(merged_prefix, new_id, num_files))
-        ops.phase(f"merge:data_renamed:{new_id}")
-    parts: list[bytes] = []
-    table = TableWriter(parts.append)
-    table.add(b"", header)
-    table.add_all(items)
-    table.finish()
+    renamed: list[str] = []
     tmp = f"{index}.tempstate{uuid.uuid4().hex}"
-    fd = ops.create(tmp)
+    committed = False
     try:
+        for old, new_id in file_ids.items():
+            new = data_filename(merged_prefix, new_id, num_files)
+            ops.rename(old, new)
+            renamed.append(new)
+            ops.phase(f"merge:data_renamed:{new_id}")
+        parts: list[bytes] = []
+        table = TableWriter(parts.append)
+        table.add(b"", header)
+        table.add_all(items)
+        table.finish()
+        fd = ops.create(tmp)
         try:
             ops.write(fd, [memoryview(b"".join(parts))])
             ops.phase("merge:index_written")
@@ -206,16 +210,22 @@ def _commit(
             ops.close(fd)
         ops.phase("merge:before_index_rename")
         ops.rename(tmp, index)
-    except BaseException:
-        try:
-            ops.remove(tmp)
-        except OSError:
-            pass
+        committed = True
+        ops.phase("merge:index_renamed")
+        if durable:
+            ops.fsync_dir(directory)
+            ops.phase("merge:dir_fsynced")
+    except OSError:
+        # Before the commit point a failed save leaves nothing behind. After it (the
+        # directory fsync failed) the checkpoint is complete and stays; the error says
+        # its durability is not assured, and the caller does not record it.
+        if not committed:
+            for path in [tmp] + renamed:
+                try:
+                    ops.remove(path)
+                except OSError:
+                    pass
         raise
-    ops.phase("merge:index_renamed")
-    if durable:
-        ops.fsync_dir(directory)
-        ops.phase("merge:dir_fsynced")
 
 
 def _cleanup_inputs(ops: FileOps, prefixes: list[str], merged_prefix: str, empty: list[str]) -> None:
@@ -233,6 +243,6 @@ def _cleanup_inputs(ops: FileOps, prefixes: list[str], merged_prefix: str, empty
         in_dir = os.path.dirname(os.path.abspath(prefix))
         if in_dir != merged_dir:
             try:
-                os.rmdir(in_dir)
+                ops.rmdir(in_dir)
             except OSError:
                 pass

@@ -393,15 +393,22 @@ class BundleReader:
         return self._assemble(name, entry, extents)
 
     def _assemble(self, name: str, entry: BundleEntry, want: list[tuple[int, int]]) -> np.ndarray:
+        """Cuts the region ``want`` out of the stored slices.
+
+        Every slice needed is looked up and checked against its data file, and
+        the slices must hold at least as many elements as the region, before
+        anything is allocated: a corrupt entry cannot claim a huge tensor.
+        """
         dtype = dtypes.to_numpy(entry.dtype, path=self.index_path, tensor=name)
         region = _slices.normalize(entry.shape, want)
-        out = np.empty([b - a for a, b in region], dtype=dtype)
-        covered = np.zeros(out.shape, dtype=bool)
+        region_shape = [b - a for a, b in region]
         key = name.encode("utf-8")
+        plan = []
+        available = 0
         for extents in entry.slices:
             stored = _slices.normalize(entry.shape, extents)
             inter = [(max(a, c), min(b, d)) for (a, b), (c, d) in zip(region, stored)]
-            if any(lo >= hi for lo, hi in inter) and out.size:
+            if any(lo >= hi for lo, hi in inter):
                 continue
             slice_key = _slices.encode_slice_key(key, extents)
             try:
@@ -420,6 +427,26 @@ class BundleReader:
                     f"{dtypes.dtype_name(entry.dtype)} {list(want_shape)}",
                     self.index_path,
                 )
+            if dtype != dtypes.OBJECT:
+                self._check_size(name, part_entry, dtype)
+            self.data_location(name, part_entry)  # its bytes are really in the file
+            overlap = 1
+            for lo, hi in inter:
+                overlap *= hi - lo
+            available += overlap
+            plan.append((inter, stored, part_entry))
+        needed = 1
+        for d in region_shape:
+            needed *= d
+        if available < needed:
+            raise CorruptCheckpointError(
+                f"tensor {name!r} in {self.index_path!r} does not have sufficient slices to cover "
+                f"{_slices.format_slice_spec(want)}",
+                self.index_path,
+            )
+        out = np.empty(region_shape, dtype=dtype)
+        covered = np.zeros(out.shape, dtype=bool)
+        for inter, stored, part_entry in plan:
             part = self._read_entry(name, part_entry)
             src = tuple(slice(lo - c, hi - c) for (lo, hi), (c, _) in zip(inter, stored))
             dst = tuple(slice(lo - a, hi - a) for (lo, hi), (a, _) in zip(inter, region))

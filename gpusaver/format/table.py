@@ -267,14 +267,14 @@ class TableReader:
         if offset + size + TRAILER_SIZE > body_end:
             raise Malformed(f"{what} block handle ({offset}, {size}) lies outside the file")
         block_type = data[offset + size]
-        if block_type not in (0, 1):
-            raise Malformed(f"bad {what} block type {block_type}")
         stored = FIXED32.unpack_from(data, offset + size + 1)[0]
         actual = crc.extend(crc.value(data[offset : offset + size]), data[offset + size : offset + size + 1])
-        if crc.mask(actual) != stored:
+        if crc.mask(actual) != stored:  # the crc first: it covers the type byte too
             from gpusaver.errors import ChecksumError
 
             raise ChecksumError(self.path, None, crc.unmask(stored), actual, what=f"{what} block at offset {offset}")
+        if block_type not in (0, 1):
+            raise Malformed(f"bad {what} block type {block_type}")
         if block_type == 1:
             raise Malformed(f"{what} block is Snappy-compressed, which checkpoints never use")
 
