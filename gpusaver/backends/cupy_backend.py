@@ -22,6 +22,7 @@ Every CUDA call is checked (CuPy raises ``CUDARuntimeError``).
 from __future__ import annotations
 
 import collections
+import contextlib
 import threading
 from typing import Any, Iterator, Sequence
 
@@ -61,7 +62,11 @@ def probe() -> str | None:
 class PinnedRing:
     """A fixed set of pinned host buffers, handed out and given back in any order."""
 
-    def __init__(self, cupy: Any, slots: int = SLOTS, slot_bytes: int = SLOT_BYTES) -> None:
+    def __init__(self, cupy: Any, slots: int | None = None, slot_bytes: int | None = None) -> None:
+        slots = SLOTS if slots is None else slots
+        slot_bytes = SLOT_BYTES if slot_bytes is None else slot_bytes
+        if slots < 2:
+            raise ValueError("the pinned ring needs at least 2 buffers (one copying while one is written)")
         self.slot_bytes = slot_bytes
         self._mems = [cupy.cuda.alloc_pinned_memory(slot_bytes) for _ in range(slots)]
         self._views = [np.frombuffer(m, dtype=np.uint8, count=slot_bytes) for m in self._mems]
@@ -96,6 +101,12 @@ class _DeviceState:
             self.ring = PinnedRing(cupy)
             self.slab = cupy.empty(SLOT_BYTES, dtype=cupy.uint8)
         self.lock = threading.Lock()  # one save or restore per device at a time
+
+
+def _overlapping(arrays: list[Any]) -> bool:
+    """Whether any two of these C-contiguous device arrays share bytes."""
+    spans = sorted((int(a.device.id), int(a.data.ptr), int(a.data.ptr) + int(a.nbytes)) for a in arrays if a.nbytes)
+    return any(a[0] == b[0] and b[1] < a[2] for a, b in zip(spans, spans[1:]))
 
 
 class CupyBackend:
@@ -134,6 +145,18 @@ class CupyBackend:
                 state = self._states[device_id] = _DeviceState(self._cp, device_id)
             return state
 
+    @contextlib.contextmanager
+    def _ordered(self, state: _DeviceState) -> Iterator[None]:
+        """Runs the block on the backend's stream, after all work queued on the caller's.
+
+        Temporaries, ``arr[...] = tmp`` and allocations inside the block then go
+        on the backend's stream too, ordered with its copies and kernels.
+        """
+        cp = self._cp
+        state.stream.wait_event(cp.cuda.get_current_stream().record())
+        with state.stream:
+            yield
+
     def thread_init(self, device: DeviceSpec) -> None:
         """Keeps the calling (writer) thread on CPUs near the GPU, where NVML says which.
 
@@ -151,7 +174,7 @@ class CupyBackend:
         cp = self._cp
         device_id = int(tensors[0][1].device.id)
         state = self._state(device_id)
-        with state.lock, cp.cuda.Device(device_id):
+        with state.lock, cp.cuda.Device(device_id), self._ordered(state):
             arrays = [a if a.flags.c_contiguous else None for _, a in tensors]
             crcs = self._device_crcs([a for a in arrays if a is not None and a.nbytes], state)
             crc_iter = iter(crcs)
@@ -205,10 +228,16 @@ class CupyBackend:
             raise
         host = state.ring.view(slot)
         last = len(batch) - 1
-        for i, ((name, arr, checksum), off) in enumerate(zip(batch, offsets)):
-            view = memoryview(host[off : off + arr.nbytes])
-            done = (lambda s=slot: state.ring.release(s)) if i == last else None
-            writer.add_raw(name, arr.dtype, arr.shape, [(view, done)], crc32c=checksum)
+        handed_over = False
+        try:
+            for i, ((name, arr, checksum), off) in enumerate(zip(batch, offsets)):
+                view = memoryview(host[off : off + arr.nbytes])
+                done = (lambda s=slot: state.ring.release(s)) if i == last else None
+                handed_over = done is not None  # add_raw calls done() even when it fails
+                writer.add_raw(name, arr.dtype, arr.shape, [(view, done)], crc32c=checksum)
+        finally:
+            if not handed_over:
+                state.ring.release(slot)
 
     def _chunks(self, arr: Any, state: _DeviceState) -> Iterator[tuple[memoryview, Any]]:
         """D2H copies of ``arr`` in slot-sized chunks, one ahead of the writer."""
@@ -223,19 +252,30 @@ class CupyBackend:
             return
         base, total = int(arr.data.ptr), int(arr.nbytes)
         pending: collections.deque = collections.deque()
-        for off in range(0, total, SLOT_BYTES):
-            n = min(SLOT_BYTES, total - off)
-            slot = state.ring.acquire()
-            cp.cuda.runtime.memcpyAsync(
-                state.ring.ptr(slot), base + off, n, cp.cuda.runtime.memcpyDeviceToHost, state.stream.ptr
-            )
-            event = cp.cuda.Event(block=False, disable_timing=True)
-            event.record(state.stream)
-            pending.append((slot, n, event))
-            if len(pending) > 1:
+        try:
+            for off in range(0, total, SLOT_BYTES):
+                n = min(SLOT_BYTES, total - off)
+                slot = state.ring.acquire()
+                try:
+                    cp.cuda.runtime.memcpyAsync(
+                        state.ring.ptr(slot), base + off, n, cp.cuda.runtime.memcpyDeviceToHost, state.stream.ptr
+                    )
+                    event = cp.cuda.Event(block=False, disable_timing=True)
+                    event.record(state.stream)
+                except BaseException:
+                    state.stream.synchronize()
+                    state.ring.release(slot)
+                    raise
+                pending.append((slot, n, event))
+                if len(pending) > 1:
+                    yield self._ready(pending.popleft(), state)
+            while pending:
                 yield self._ready(pending.popleft(), state)
-        while pending:
-            yield self._ready(pending.popleft(), state)
+        finally:  # the consumer stopped early (a failed write): give back what it never took
+            while pending:
+                slot, _, event = pending.popleft()
+                event.synchronize()
+                state.ring.release(slot)
 
     @staticmethod
     def _ready(item: tuple[int, int, Any], state: _DeviceState) -> tuple[memoryview, Any]:
@@ -250,7 +290,7 @@ class CupyBackend:
         cp = self._cp
         device_id = int(tensors[0][1].device.id)
         state = self._state(device_id)
-        with state.lock, cp.cuda.Device(device_id):
+        with state.lock, cp.cuda.Device(device_id), self._ordered(state):
             small: list[tuple[str, Any]] = []
             small_bytes = 0
             for name, arr in tensors:
@@ -278,6 +318,11 @@ class CupyBackend:
             return
         from gpusaver import _kernels
 
+        if _overlapping([arr for _, arr in items]):
+            # Views that share memory cannot be scattered by one launch: copy them in turn.
+            for name, arr in items:
+                self._restore_large(reader, name, arr, state)
+            return
         cp = self._cp
         slot = state.ring.acquire()
         try:
@@ -293,8 +338,8 @@ class CupyBackend:
                 )
                 nonempty = [(arr, off) for (_, arr), off in zip(items, offsets) if arr.nbytes]
                 _kernels.unpack(state.slab, [a for a, _ in nonempty], [o for _, o in nonempty], stream=state.stream)
-            state.stream.synchronize()
         finally:
+            state.stream.synchronize()  # no copy may still read the buffer we give back
             state.ring.release(slot)
 
     def _restore_large(self, reader: BundleReader, name: str, arr: Any, state: _DeviceState) -> None:
@@ -347,7 +392,10 @@ class CupyBackend:
         dtype = reader.dtype(name)
         if dtype == np.dtype(object):
             raise TypeError(f"tensor {name!r} holds strings, which CuPy cannot hold; read it without device=")
-        self.check_free_memory(DeviceSpec(device_type="GPU", index=device_id), entry.num_elements * dtype.itemsize)
+        first_use = 0 if device_id in self._states else SLOT_BYTES  # the staging slab
+        self.check_free_memory(
+            DeviceSpec(device_type="GPU", index=device_id), entry.num_elements * dtype.itemsize + first_use
+        )
         with cp.cuda.Device(device_id):
             if entry.slices:
                 return cp.asarray(reader.get_tensor(name))
@@ -358,12 +406,12 @@ class CupyBackend:
                     f"for shape {list(entry.shape)} of {dtype}",
                     reader.index_path,
                 )
-            out = cp.empty(entry.shape, dtype=dtype)
-            if out.nbytes:
-                state = self._state(device_id)
-                with state.lock:
+            state = self._state(device_id)
+            with state.lock, self._ordered(state):
+                out = cp.empty(entry.shape, dtype=dtype)  # allocated on the backend's stream
+                if out.nbytes:
                     self._restore_large(reader, name, out, state)
-                    state.stream.synchronize()
+                state.stream.synchronize()
             return out
 
     def check_restore_memory(self, device: DeviceSpec, tensors: Sequence[tuple[str, Any]], reader: BundleReader) -> None:

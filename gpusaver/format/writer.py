@@ -296,7 +296,8 @@ class BundleWriter:
             dtype: its NumPy dtype (numeric types only).
             shape: its shape.
             chunks: ``(buffer, done)`` pairs in order; ``done`` (or None) is
-                called once the buffer is written, so a staging buffer can be reused.
+                called once the buffer is written (or, on failure, dropped), so a
+                staging buffer can be reused. A generator is closed on the way out.
             crc32c: the unmasked crc32c of all the bytes, when already known
                 (computed on the device); otherwise it is computed here.
         """
@@ -308,10 +309,20 @@ class BundleWriter:
         offset = self._offset
         slot = self._slot(crc32c or 0)
         piece_slot = slot if crc32c is None else -1
-        for buf, done in chunks:
-            view = memoryview(buf).cast("B") if not isinstance(buf, memoryview) else buf
-            self._offset += len(view)
-            self._writer.submit([(piece_slot, view)], done)
+        try:
+            for buf, done in chunks:
+                view = memoryview(buf).cast("B") if not isinstance(buf, memoryview) else buf
+                try:
+                    self._writer.submit([(piece_slot, view)], done)
+                except BaseException:
+                    if done is not None:
+                        done()  # the buffer was never queued: hand it back
+                    raise
+                self._offset += len(view)
+        finally:
+            close = getattr(chunks, "close", None)
+            if close is not None:
+                close()  # a generator gives back the buffers it still holds
         size = self._offset - offset
         expect = int(np.dtype(dtype).itemsize) * int(np.prod(shape, dtype=np.int64))
         if size != expect:
