@@ -8,7 +8,7 @@ import numpy as np
 
 from gpusaver.devices import DeviceSpec
 from gpusaver.format import BundleReader, BundleWriter
-from gpusaver.format.tensors import as_host_array, byte_view
+from gpusaver.format.tensors import byte_view
 
 __all__ = ["NumpyBackend", "CHUNK_BYTES"]
 
@@ -88,8 +88,3 @@ class NumpyBackend:
 
     def check_restore_memory(self, device: DeviceSpec, tensors: Sequence[tuple[str, Any]], reader: BundleReader) -> None:
         return None
-
-
-def host_array(value: Any, name: str) -> np.ndarray:
-    """Validates a host value for saving (see :func:`gpusaver.format.tensors.as_host_array`)."""
-    return as_host_array(value, name)

@@ -20,7 +20,6 @@ __all__ = [
     "OBJECT",
     "to_numpy",
     "from_numpy",
-    "is_string",
     "dtype_name",
 ]
 
@@ -114,11 +113,6 @@ def from_numpy(dtype: Any, *, tensor: str | None = None) -> int:
             f"dtype {dt}{where} cannot be stored in a TensorFlow checkpoint; supported: "
             + ", ".join(sorted({str(d) for d in _FROM_NUMPY}))
         ) from None
-
-
-def is_string(dtype_enum: int) -> bool:
-    """True for ``DT_STRING``."""
-    return dtype_enum == DT_STRING
 
 
 def dtype_name(dtype_enum: int) -> str:
