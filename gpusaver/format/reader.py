@@ -33,6 +33,8 @@ __all__ = ["BundleReader", "read_exact"]
 _IOV_MAX = 1024
 #: Reads go in segments of this size, checksummed while still in the CPU cache.
 _SEGMENT_BYTES = 1 << 20
+#: Reads of at least this many bytes are split across threads.
+_PARALLEL_BYTES = 64 << 20
 
 
 def read_exact(fd: int, out: memoryview, offset: int, path: str) -> None:
@@ -58,17 +60,17 @@ def _scatter_read(fd: int, views: list[Any], start: int, path: str) -> None:
             pos += len(v)
 
 
-def _read_with_checksums(runs: list[tuple[int, int, str, list[Any]]], count: int) -> list[int]:
-    """Reads the runs in cache-sized segments and checksums each segment right after it arrives.
+Run = tuple[int, int, str, list[Any], int]  # fd, file offset, path, buffers, index of the first buffer
+
+
+def _read_runs(runs: list[Run], crcs: list[int]) -> None:
+    """Reads runs in cache-sized segments and checksums each segment right after it arrives.
 
     The crc32c then reads bytes that are still in the CPU cache instead of
     making a second pass over memory, so verifying costs little beyond the read.
-    Returns the crc32c of each buffer, in order.
     """
-    crcs = [0] * count
     extend = crc.extend
-    index = 0
-    for fd, start, path, views in runs:
+    for fd, start, path, views, index in runs:
         segment: list[tuple[int, Any]] = []
         seg_bytes, pos = 0, start
         for view in views:
@@ -88,6 +90,68 @@ def _read_with_checksums(runs: list[tuple[int, int, str, list[Any]]], count: int
             _scatter_read(fd, [p for _, p in segment], pos, path)
             for i, p in segment:
                 crcs[i] = extend(crcs[i], p)
+
+
+def _read_workers(total: int) -> int:
+    """Threads for a read of ``total`` bytes: one per CPU (at most 4) for big reads."""
+    if total < _PARALLEL_BYTES:
+        return 1
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(4, cpus))
+
+
+def _read_with_checksums(runs: list[tuple[int, int, str, list[Any]]], count: int) -> list[int]:
+    """Reads every run into its buffers and returns each buffer's crc32c, in order.
+
+    A big read is split, at buffer boundaries, into contiguous parts of about
+    equal size, read and checksummed by one thread each: preadv and crc32c
+    release the GIL, so the parts proceed on all CPUs at once.
+    """
+    crcs = [0] * count
+    total = sum(len(v) for run in runs for v in run[3])
+    workers = _read_workers(total)
+    parts: list[list[Run]] = [[] for _ in range(workers)]
+    quota = total / workers
+    done_bytes, index = 0, 0
+    for fd, start, path, views in runs:
+        current: list[Any] = []
+        part = first = 0
+        pos = begin = start
+        for view in views:
+            want = min(int(done_bytes // quota), workers - 1) if quota else 0
+            if current and want != part:
+                parts[part].append((fd, begin, path, current, first))
+                current = []
+            if not current:
+                part, begin, first = want, pos, index
+            current.append(view)
+            pos += len(view)
+            done_bytes += len(view)
+            index += 1
+        if current:
+            parts[part].append((fd, begin, path, current, first))
+    if workers == 1:
+        _read_runs(parts[0], crcs)
+        return crcs
+    failures: list[BaseException] = []
+
+    def work(runs_of_part: list[Run]) -> None:
+        try:
+            _read_runs(runs_of_part, crcs)
+        except BaseException as e:  # noqa: BLE001 - re-raised below
+            failures.append(e)
+
+    threads = [threading.Thread(target=work, args=(p,), name="gpusaver-read") for p in parts[1:]]
+    for t in threads:
+        t.start()
+    work(parts[0])
+    for t in threads:
+        t.join()
+    if failures:
+        raise failures[0]
     return crcs
 
 
