@@ -34,6 +34,9 @@ class FileOps(Protocol):
     def write(self, fd: int, buffers: Sequence[Any]) -> None:
         """Appends every byte of ``buffers`` (byte-format memoryviews) to ``fd``."""
 
+    def pwrite(self, fd: int, buffers: Sequence[Any], offset: int) -> None:
+        """Writes every byte of ``buffers`` to ``fd`` starting at file ``offset``."""
+
     def fsync(self, fd: int) -> None:
         """Flushes ``fd``'s data and metadata to stable storage."""
 
@@ -85,6 +88,24 @@ class PosixFileOps:
             _write_all(fd, views[i:j], total)
             i = j
 
+    def pwrite(self, fd: int, buffers: Sequence[Any], offset: int) -> None:
+        views = [v for v in buffers if len(v)]
+        i, n = 0, len(views)
+        while i < n:
+            j, total = i, 0
+            while j < n and j - i < IOV_MAX and (total == 0 or total + len(views[j]) <= _MAX_WRITE):
+                total += len(views[j])
+                j += 1
+            if total > _MAX_WRITE:  # one huge buffer: write it in pieces
+                view = views[i]
+                views[i] = view[_MAX_WRITE:]
+                _pwrite_all(fd, [view[:_MAX_WRITE]], _MAX_WRITE, offset)
+                offset += _MAX_WRITE
+                continue
+            _pwrite_all(fd, views[i:j], total, offset)
+            offset += total
+            i = j
+
     def fsync(self, fd: int) -> None:
         os.fsync(fd)
 
@@ -133,6 +154,23 @@ def _write_all(fd: int, views: list[Any], total: int) -> None:
             skip = 0
         views, total = rest, total - written
         written = os.writev(fd, views) if len(views) > 1 else os.write(fd, views[0])
+
+
+def _pwrite_all(fd: int, views: list[Any], total: int, offset: int) -> None:
+    written = os.pwritev(fd, views, offset)
+    while written < total:  # a short write: resume where it stopped
+        if written <= 0:
+            raise OSError(errno.EIO, "pwritev wrote nothing")
+        rest = []
+        skip = written
+        for v in views:
+            if skip >= len(v):
+                skip -= len(v)
+                continue
+            rest.append(v[skip:])
+            skip = 0
+        views, total, offset = rest, total - written, offset + written
+        written = os.pwritev(fd, views, offset)
 
 
 #: The default file operations.

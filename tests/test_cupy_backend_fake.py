@@ -672,6 +672,12 @@ class FailingWrites(PosixFileOps):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         super().write(fd, buffers)
 
+    def pwrite(self, fd, buffers, offset):
+        if fd in self.data_fds:
+            self.failed += 1
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        super().pwrite(fd, buffers, offset)
+
 
 @pytest.mark.parametrize("layout", ["chunked", "packed"])
 def test_write_failure_gives_every_pinned_buffer_back(fake, tmp_path, layout):

@@ -415,7 +415,7 @@ def test_save_writes_straight_from_the_arrays(tmp_path: Path) -> None:
             self.hits: set[str] = set()
             self.lock = threading.Lock()
 
-        def write(self, fd: int, buffers: Any) -> None:
+        def _see(self, buffers: Any) -> list[Any]:
             buffers = list(buffers)
             for buf in buffers:
                 view = np.frombuffer(buf, np.uint8)
@@ -423,7 +423,13 @@ def test_save_writes_straight_from_the_arrays(tmp_path: Path) -> None:
                     if np.may_share_memory(view, arr):
                         with self.lock:
                             self.hits.add(name)
-            super().write(fd, buffers)
+            return buffers
+
+        def write(self, fd: int, buffers: Any) -> None:
+            super().write(fd, self._see(buffers))
+
+        def pwrite(self, fd: int, buffers: Any, offset: int) -> None:
+            super().pwrite(fd, self._see(buffers), offset)
 
     arrays = {f"big{i}": np.full(1 << 19, i, np.float32) for i in range(4)}  # 2 MiB each
     arrays.update({f"small{i}": np.full(8, i, np.float32) for i in range(4)})

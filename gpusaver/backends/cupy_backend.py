@@ -227,17 +227,12 @@ class CupyBackend:
             state.ring.release(slot)
             raise
         host = state.ring.view(slot)
-        last = len(batch) - 1
-        handed_over = False
-        try:
-            for i, ((name, arr, checksum), off) in enumerate(zip(batch, offsets)):
-                view = memoryview(host[off : off + arr.nbytes])
-                done = (lambda s=slot: state.ring.release(s)) if i == last else None
-                handed_over = done is not None  # add_raw calls done() even when it fails
-                writer.add_raw(name, arr.dtype, arr.shape, [(view, done)], crc32c=checksum)
-        finally:
-            if not handed_over:
-                state.ring.release(slot)
+        tensors = [
+            (name, arr.dtype, arr.shape, memoryview(host[off : off + arr.nbytes]), checksum)
+            for (name, arr, checksum), off in zip(batch, offsets)
+        ]
+        # One run, one write; the slot comes back once it is on disk (or on failure).
+        writer.add_packed(tensors, done=lambda: state.ring.release(slot))
 
     def _chunks(self, arr: Any, state: _DeviceState) -> Iterator[tuple[memoryview, Any]]:
         """D2H copies of ``arr`` in slot-sized chunks, one ahead of the writer."""

@@ -45,11 +45,22 @@ def os_error(e: OSError, what: str, path: str | None) -> CheckpointWriteError:
 Piece = tuple[int, Any]
 
 
-class _WriterThread:
-    """Checksums and appends buffers to a file descriptor on a thread of its own, in order.
+def _writer_count() -> int:
+    """Writer threads of a bundle: one per CPU, at most 4 (writes and crc32c release the GIL)."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(4, cpus))
 
-    Each piece's crc32c is computed just before its bytes are written, a
-    segment at a time, so the write reads them from the CPU cache.
+
+class _WriterPool:
+    """Checksums buffers and writes them at their file offsets, on threads of their own.
+
+    Each job is a run of buffers with the file offset where it starts; jobs
+    run concurrently, each on one thread, so one tensor's bytes are always
+    checksummed in order. A large buffer is checksummed and written a segment
+    at a time, so the write reads it from the CPU cache.
     """
 
     def __init__(
@@ -60,10 +71,15 @@ class _WriterThread:
         self._fd = fd
         self._path = path
         self._crcs = crcs
-        self._queue: "queue.Queue[tuple[list[Piece], Callable[[], None] | None] | None]" = queue.Queue(_QUEUE_DEPTH)
+        self._queue: "queue.Queue[tuple[int, list[Piece], Callable[[], None] | None] | None]" = queue.Queue(
+            _QUEUE_DEPTH
+        )
         self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="gpusaver-writer", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._run, name="gpusaver-writer", daemon=True) for _ in range(_writer_count())
+        ]
+        for t in self._threads:
+            t.start()
 
     def _run(self) -> None:
         if self._thread_init is not None:
@@ -75,10 +91,10 @@ class _WriterThread:
             job = self._queue.get()
             if job is None:
                 return
-            pieces, done = job
+            offset, pieces, done = job
             if self.error is None:
                 try:
-                    self._write(pieces)
+                    self._write(offset, pieces)
                 except BaseException as e:  # noqa: BLE001 - reported to the caller
                     self.error = e
             if done is not None:
@@ -88,24 +104,24 @@ class _WriterThread:
                     if self.error is None:
                         self.error = e
 
-    def _write(self, pieces: list[Piece]) -> None:
-        crcs, extend, write, fd = self._crcs, crc.extend, self._fileops.write, self._fd
+    def _write(self, offset: int, pieces: list[Piece]) -> None:
+        crcs, extend, pwrite, fd = self._crcs, crc.extend, self._fileops.pwrite, self._fd
         if len(pieces) == 1 and len(pieces[0][1]) > _SEGMENT:
             slot, view = pieces[0]
             for lo in range(0, len(view), _SEGMENT):
                 segment = view[lo : lo + _SEGMENT]
                 if slot >= 0:
                     crcs[slot] = extend(crcs[slot], segment)
-                write(fd, [segment])
+                pwrite(fd, [segment], offset + lo)
             return
         for slot, view in pieces:
             if slot >= 0:
                 crcs[slot] = extend(crcs[slot], view)
-        write(fd, [view for _, view in pieces])
+        pwrite(fd, [view for _, view in pieces], offset)
 
-    def submit(self, pieces: list[Piece], done: Callable[[], None] | None = None) -> None:
+    def submit(self, offset: int, pieces: list[Piece], done: Callable[[], None] | None = None) -> None:
         self.check()
-        self._queue.put((pieces, done))
+        self._queue.put((offset, pieces, done))
 
     def check(self) -> None:
         if self.error is not None:
@@ -116,9 +132,11 @@ class _WriterThread:
 
     def close(self) -> None:
         """Waits for every queued write; raises the first error."""
-        if self._thread.is_alive():
+        alive = [t for t in self._threads if t.is_alive()]
+        for _ in alive:
             self._queue.put(None)
-            self._thread.join()
+        for t in alive:
+            t.join()
         self.check()
 
 
@@ -177,7 +195,7 @@ class BundleWriter:
             raise os_error(e, "creating", self._tmp_data) from e
         self._drained = False
         self._crcs: list[int] = []  # running crc32c of each tensor, filled in by the writer thread
-        self._writer = _WriterThread(self._fileops, self._fd, self._tmp_data, thread_init, self._crcs)
+        self._writer = _WriterPool(self._fileops, self._fd, self._tmp_data, thread_init, self._crcs)
 
     # ------------------------------------------------------------------ adding
     def _key(self, name: str | bytes) -> bytes:
@@ -192,7 +210,7 @@ class BundleWriter:
 
     def _flush_batch(self) -> None:
         if self._batch:
-            self._writer.submit(self._batch)
+            self._writer.submit(self._offset - self._batch_bytes, self._batch)
             self._batch, self._batch_bytes = [], 0
 
     def _slot(self, value: int = 0) -> int:
@@ -214,7 +232,7 @@ class BundleWriter:
                 self._flush_batch()
         else:
             self._flush_batch()
-            self._writer.submit([(slot, view)], None)
+            self._writer.submit(offset, [(slot, view)], None)
         return offset
 
     def _add_array(self, key: bytes, arr: np.ndarray, name: str) -> tuple[int, tuple[int, ...], int, int, int]:
@@ -277,7 +295,7 @@ class BundleWriter:
                 batch.append((slot, view))
                 batch_bytes += n
                 if batch_bytes >= _BATCH_BYTES or len(batch) >= _BATCH_COUNT:
-                    self._writer.submit(batch)
+                    self._writer.submit(offset - batch_bytes, batch)
                     batch, batch_bytes = [], 0
         self._batch, self._batch_bytes, self._offset = batch, batch_bytes, offset
 
@@ -308,12 +326,13 @@ class BundleWriter:
         self._flush_batch()
         offset = self._offset
         slot = self._slot(crc32c or 0)
-        piece_slot = slot if crc32c is None else -1
         try:
             for buf, done in chunks:
                 view = memoryview(buf).cast("B") if not isinstance(buf, memoryview) else buf
                 try:
-                    self._writer.submit([(piece_slot, view)], done)
+                    if crc32c is None:  # chunks may be written concurrently: checksum them in order here
+                        self._crcs[slot] = crc.extend(self._crcs[slot], view)
+                    self._writer.submit(self._offset, [(-1, view)], done)
                 except BaseException:
                     if done is not None:
                         done()  # the buffer was never queued: hand it back
@@ -328,6 +347,43 @@ class BundleWriter:
         if size != expect:
             raise ValueError(f"tensor {name!r}: got {size} bytes for shape {tuple(shape)} of {np.dtype(dtype)}")
         self._entries[key] = (dtype_enum, tuple(shape), offset, size, slot)
+
+    def add_packed(
+        self,
+        tensors: Sequence[tuple[str, Any, Sequence[int], Any, int | None]],
+        done: Callable[[], None] | None = None,
+    ) -> None:
+        """Appends tensors whose bytes lie back to back in one staging buffer, written as one run.
+
+        Args:
+            tensors: ``(name, dtype, shape, bytes, crc32c or None)`` each, numeric
+                only; the buffers are written in order, contiguously.
+            done: called once all of them are written (or dropped on failure),
+                so the staging buffer can be reused.
+        """
+        try:
+            keys = [self._key(name) for name, *_ in tensors]
+            if len(set(keys)) != len(keys):
+                raise ValueError("duplicate tensor names in one packed run")
+            self._flush_batch()
+            start = offset = self._offset
+            pieces: list[Piece] = []
+            for key, (name, dtype, shape, buf, checksum) in zip(keys, tensors):
+                dtype_enum = dtypes.from_numpy(dtype, tensor=name)
+                view = memoryview(buf).cast("B") if not isinstance(buf, memoryview) else buf
+                expect = int(np.dtype(dtype).itemsize) * int(np.prod(shape, dtype=np.int64))
+                if len(view) != expect:
+                    raise ValueError(f"tensor {name!r}: got {len(view)} bytes for shape {tuple(shape)} of {np.dtype(dtype)}")
+                slot = self._slot(checksum or 0)
+                pieces.append((slot if checksum is None else -1, view))
+                self._entries[key] = (dtype_enum, tuple(shape), offset, len(view), slot)
+                offset += len(view)
+            self._offset = offset
+            self._writer.submit(start, pieces, done)
+        except BaseException:
+            if done is not None:
+                done()  # never queued: hand the buffer back
+            raise
 
     def add_slice(self, name: str, full_shape: Sequence[int], slice_spec: str, array: Any) -> None:
         """Appends one slice of a partitioned tensor.

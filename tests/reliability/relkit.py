@@ -272,6 +272,9 @@ class EventOps(PosixFileOps):
     def write(self, fd: int, buffers: Any) -> None:
         self._around(self._fd_event("write", fd), super().write, fd, buffers)
 
+    def pwrite(self, fd: int, buffers: Any, offset: int) -> None:
+        self._around(self._fd_event("write", fd), super().pwrite, fd, buffers, offset)
+
     def fsync(self, fd: int) -> None:
         self._around(self._fd_event("fsync", fd), super().fsync, fd)
 

@@ -60,6 +60,10 @@ class Journal(PosixFileOps):
         data = b"".join(bytes(b) for b in buffers)
         self._run(("write", fd, data), super().write, fd, buffers)
 
+    def pwrite(self, fd: int, buffers: Sequence[Any], offset: int) -> None:
+        data = b"".join(bytes(b) for b in buffers)
+        self._run(("pwrite", fd, data, offset), super().pwrite, fd, buffers, offset)
+
     def fsync(self, fd: int) -> None:
         self._run(("fsync", fd), super().fsync, fd)
 
@@ -109,6 +113,11 @@ class Disk:
             self.fds[entry[2]] = ino
         elif op == "write":
             self.fds[entry[1]].data += entry[2]
+        elif op == "pwrite":
+            data, offset = self.fds[entry[1]].data, entry[3]
+            if len(data) < offset:
+                data += bytes(offset - len(data))
+            data[offset : offset + len(entry[2])] = entry[2]
         elif op == "fsync":
             ino = self.fds[entry[1]]
             ino.synced = bytes(ino.data)

@@ -55,7 +55,7 @@ def _marked(fn: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
-for _name in ("phase", "create", "write", "fsync", "close", "rename", "remove", "mkdir", "rmdir", "rmtree", "fsync_dir"):
+for _name in ("phase", "create", "write", "pwrite", "fsync", "close", "rename", "remove", "mkdir", "rmdir", "rmtree", "fsync_dir"):
     setattr(SeamOps, _name, _marked(getattr(PosixFileOps, _name)))
 
 
