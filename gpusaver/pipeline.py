@@ -20,6 +20,7 @@ and ``save:committed``. The Saver adds ``state:written`` and
 
 from __future__ import annotations
 
+import heapq
 import os
 import threading
 import time
@@ -146,9 +147,9 @@ def save_checkpoint(
                 return
             try:
                 t0 = time.perf_counter()
-                items = sorted(
-                    item for j, w in enumerate(writers) for item in w.index_items(shard_id=j, header=False)
-                )
+                # Each writer's items are sorted already: merge them, don't sort again.
+                runs = [w.index_items(shard_id=j, header=False) for j, w in enumerate(writers)]
+                items = runs[0] if n == 1 else list(heapq.merge(*runs))
                 file_ids = {w.data_path: j for j, w in enumerate(writers)}
                 commit_merged(ops, prefix, encode_header(n), items, file_ids, durable=durable)
                 if on_phase:

@@ -448,11 +448,11 @@ class BundleWriter:
         if not self._drained:
             raise ValueError("index_items() is available once finish() has written the data")
         crcs, mask = self._crcs, crc.mask
-        records = [(dt, shape, offset, size, mask(crcs[slot])) for dt, shape, offset, size, slot in self._entries.values()]
-        entries = dict(zip(self._entries, encode_entries(records, shard_id)))
+        records = ((dt, shape, offset, size, mask(crcs[slot])) for dt, shape, offset, size, slot in self._entries.values())
+        items = list(zip(self._entries, encode_entries(records, shard_id)))  # keys are unique
         for key, full in self._sliced.items():
-            entries[key] = encode_entry(full.dtype, full.shape, shard_id, slices=full.slices)
-        items = sorted(entries.items())
+            items.append((key, encode_entry(full.dtype, full.shape, shard_id, slices=full.slices)))
+        items.sort()
         return ([(b"", encode_header(1))] if header else []) + items
 
     def finish(self, write_index: bool = True) -> None:
