@@ -727,12 +727,15 @@ def test_get_tensor_counts_the_staging_slab_on_first_use(fake, tmp_path):
 
 
 def test_restore_checks_free_memory_for_temporaries(fake, tmp_path):
-    """A non-contiguous destination needs a temporary: too little free memory fails before any copy."""
-    stored = {"c": values((64,), np.float32), "v": values((50, 8), np.float32)}
+    """Strided destinations go through the staging slab; only one whose row exceeds the slab needs a
+    temporary, and too little free memory for it (or for the slab) fails before any copy."""
+    stored = {"c": values((64,), np.float32), "v": values((50, 8), np.float32), "w": values((2, 1536), np.float32)}
     path = gs.Saver(dict(stored), durable=False).save(str(tmp_path / "model"))  # a NumPy save
     contiguous = put(fake, np.zeros(64, np.float32), 0)
     base = put(fake, np.zeros((50, 16), np.float32), 0)
-    view = base[:, ::2]
+    view = base[:, ::2]  # rows of 32 bytes: through the slab, no temporary
+    wide_base = put(fake, np.zeros((2, 3072), np.float32), 0)
+    wide = wide_base[:, ::2]  # rows of 6 KiB > SLOT: needs a temporary
     saver = gs.Saver({"c": contiguous, "v": view}, durable=False)
 
     fake.set_free(0, SLOT - 1)  # not even the staging slab of a first restore
@@ -743,17 +746,22 @@ def test_restore_checks_free_memory_for_temporaries(fake, tmp_path):
     fake.set_free(0, 1 << 20)
     gs.Saver({"c": contiguous}, durable=False).restore(path)  # the device's state now exists
     fill(fake, contiguous, 0)
-    copies = fake.stats["memcpy.HostToDevice"]
-    fake.set_free(0, view.nbytes - 1)
-    with pytest.raises(gs.InsufficientDeviceMemoryError, match=str(view.nbytes)):
-        saver.restore(path)
-    assert fake.stats["memcpy.HostToDevice"] == copies
-    assert not contiguous.get().any() and not base.get().any()
-
-    gs.Saver({"c": contiguous}, durable=False).restore(path)  # no temporary: fits
-    fake.set_free(0, view.nbytes)
+    fake.set_free(0, 0)  # strided rows that fit the slab need no new memory at all
     saver.restore(path)
     assert same(contiguous.get(), stored["c"]) and same(view.get(), stored["v"])
+    assert not base.get()[:, 1::2].any()  # the other columns are untouched
+
+    wide_saver = gs.Saver({"c": contiguous, "w": wide}, durable=False)
+    fill(fake, contiguous, 0)
+    copies = fake.stats["memcpy.HostToDevice"]
+    fake.set_free(0, wide.nbytes - 1)
+    with pytest.raises(gs.InsufficientDeviceMemoryError, match=str(wide.nbytes)):
+        wide_saver.restore(path)
+    assert fake.stats["memcpy.HostToDevice"] == copies
+    assert not contiguous.get().any() and not wide_base.get().any()
+    fake.set_free(0, wide.nbytes)
+    wide_saver.restore(path)
+    assert same(contiguous.get(), stored["c"]) and same(wide.get(), stored["w"])
     assert_ring_idle(fake)
 
 

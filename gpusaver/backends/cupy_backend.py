@@ -293,9 +293,7 @@ class CupyBackend:
                 if entry.slices:
                     arr[...] = cp.asarray(reader.get_tensor(name).reshape(arr.shape))
                 elif not arr.flags.c_contiguous:
-                    tmp = cp.empty(arr.shape, dtype=arr.dtype)
-                    self._restore_large(reader, name, tmp, state)
-                    arr[...] = tmp
+                    self._restore_strided(reader, name, arr, state)
                 elif arr.nbytes < SMALL_BYTES and not sequential:
                     if small_bytes + arr.nbytes > SLOT_BYTES:
                         self._restore_small(reader, small, state)
@@ -336,6 +334,48 @@ class CupyBackend:
         finally:
             state.stream.synchronize()  # no copy may still read the buffer we give back
             state.ring.release(slot)
+
+    def _restore_strided(self, reader: BundleReader, name: str, arr: Any, state: _DeviceState) -> None:
+        """A non-contiguous destination, a block of leading rows at a time through the staging slab.
+
+        Each block's bytes are contiguous in the file (C order): read into a
+        pinned buffer, copied into the slab, then scattered by ``arr[rows] = block``
+        on the device. No device memory is allocated unless one row exceeds the slab.
+        """
+        cp = self._cp
+        rows = arr.shape[0] if arr.ndim else 1
+        row_bytes = arr.nbytes // rows if rows else 0
+        if arr.ndim == 0 or row_bytes > SLOT_BYTES:
+            tmp = cp.empty(arr.shape, dtype=arr.dtype)
+            self._restore_large(reader, name, tmp, state)
+            arr[...] = tmp
+            return
+        entry = reader.entry(name)
+        fd, offset, size, path = reader.data_location(name, entry)
+        if size != arr.nbytes:
+            raise CorruptCheckpointError(
+                f"tensor {name!r} in {path!r} has {size} bytes stored; its shape and dtype need {arr.nbytes}", path
+            )
+        step = max(1, SLOT_BYTES // row_bytes)
+        running = 0
+        for start in range(0, rows, step):
+            stop = min(rows, start + step)
+            n = (stop - start) * row_bytes
+            slot = state.ring.acquire()
+            try:
+                view = state.ring.view(slot)[:n]
+                read_exact(fd, memoryview(view), offset + start * row_bytes, path)
+                running = crc.extend(running, view)
+                cp.cuda.runtime.memcpyAsync(
+                    state.slab.data.ptr, state.ring.ptr(slot), n, cp.cuda.runtime.memcpyHostToDevice, state.stream.ptr
+                )
+                arr[start:stop] = state.slab[:n].view(arr.dtype).reshape((stop - start,) + arr.shape[1:])
+            finally:
+                state.stream.synchronize()  # the slab and the pinned buffer are free again
+                state.ring.release(slot)
+        expected = crc.unmask(entry.crc32c)
+        if running != expected:
+            raise ChecksumError(path, name, expected, running)
 
     def _restore_large(self, reader: BundleReader, name: str, arr: Any, state: _DeviceState) -> None:
         """File -> pinned chunk -> H2D copy into ``arr``'s memory; the next read overlaps the copy."""
@@ -410,10 +450,13 @@ class CupyBackend:
             return out
 
     def check_restore_memory(self, device: DeviceSpec, tensors: Sequence[tuple[str, Any]], reader: BundleReader) -> None:
-        """The slab (first use only) plus temporaries for non-contiguous or partitioned arrays."""
+        """The slab (first use only) plus temporaries: partitioned arrays, and strided ones
+        whose single row does not fit the slab."""
         need = 0 if device.index in self._states else SLOT_BYTES
         for name, arr in tensors:
-            if not arr.flags.c_contiguous or reader.entry(name).slices:
+            rows = arr.shape[0] if arr.ndim else 1
+            wide = not arr.flags.c_contiguous and (arr.ndim == 0 or (rows and arr.nbytes // rows > SLOT_BYTES))
+            if wide or reader.entry(name).slices:
                 need += int(arr.nbytes)
         self.check_free_memory(device, need)
 
