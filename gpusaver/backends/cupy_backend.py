@@ -8,7 +8,7 @@ Save, per GPU, on a stream of its own:
   copied to a pinned host buffer in one copy, and written as one run;
 * large tensors are copied in chunks into a ring of pinned host buffers
   (allocated once per device, reused across saves); the copy of chunk i+1
-  overlaps the write of chunk i by the writer thread, which hands each buffer
+  overlaps the write of chunk i by the writer threads, which hand each buffer
   back to the ring once it is on disk.
 
 Restore, per GPU: file ranges are read into pinned buffers and copied to the

@@ -1,8 +1,10 @@
 """BundleWriter: one data file and one index, written the way TensorFlow writes them.
 
-Bytes go to disk straight from the arrays' memory: the calling thread hands
-buffers to a writer thread and computes their crc32c while the writer thread
-writes them. Small tensors are batched into one ``writev``. The data file is
+Bytes go to disk straight from the arrays' memory. The calling thread lays
+the tensors out (each one's file offset is known when it is added) and hands
+them to a pool of writer threads, one per CPU, which checksum each tensor a
+cache-sized segment at a time and write it at its offset (``pwrite``); small
+tensors travel in batches written with one ``pwritev``. The data file is
 written under a temporary name and renamed, then the index likewise, so the
 index appears last.
 """
@@ -157,7 +159,7 @@ class BundleWriter:
             (not recursively).
         durable: fsync the files and the directory (on by default).
         fileops: the file operations to use (tests inject faults here).
-        thread_init: run first on the writer thread (e.g. to pin it near a GPU).
+        thread_init: run first on each writer thread (e.g. to pin it near a GPU).
     """
 
     def __init__(
@@ -194,7 +196,7 @@ class BundleWriter:
         except OSError as e:
             raise os_error(e, "creating", self._tmp_data) from e
         self._drained = False
-        self._crcs: list[int] = []  # running crc32c of each tensor, filled in by the writer thread
+        self._crcs: list[int] = []  # running crc32c of each tensor, filled in by the writer threads
         self._writer = _WriterPool(self._fileops, self._fd, self._tmp_data, thread_init, self._crcs)
 
     # ------------------------------------------------------------------ adding
@@ -245,7 +247,7 @@ class BundleWriter:
         else:
             view = byte_view(arr)  # the views keep their arrays alive until written
             slot = self._slot()
-            offset = self._write(view, slot)  # the writer thread checksums it
+            offset = self._write(view, slot)  # a writer thread checksums it
         return dtype_enum, tuple(arr.shape), offset, len(view), slot
 
     def add(self, name: str, array: Any) -> None:
