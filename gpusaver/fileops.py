@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
-from typing import Any, Protocol, Sequence, runtime_checkable
+from typing import Any, Iterator, Protocol, Sequence, runtime_checkable
 
 __all__ = ["FileOps", "PosixFileOps", "POSIX", "IOV_MAX"]
 
@@ -72,39 +72,13 @@ class PosixFileOps:
         return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
 
     def write(self, fd: int, buffers: Sequence[Any]) -> None:
-        views = list(buffers)
-        i, n = 0, len(views)
-        while i < n:
-            # One writev of at most IOV_MAX buffers and about _MAX_WRITE bytes.
-            j, total = i, 0
-            while j < n and j - i < IOV_MAX and (total == 0 or total + len(views[j]) <= _MAX_WRITE):
-                total += len(views[j])
-                j += 1
-            if total > _MAX_WRITE:  # one huge buffer: write it in pieces
-                view = views[i]
-                views[i] = view[_MAX_WRITE:]
-                _write_all(fd, [view[:_MAX_WRITE]], _MAX_WRITE)
-                continue
-            _write_all(fd, views[i:j], total)
-            i = j
+        for batch, total in _batches(buffers):
+            _write_all(fd, batch, total, None)
 
     def pwrite(self, fd: int, buffers: Sequence[Any], offset: int) -> None:
-        views = [v for v in buffers if len(v)]
-        i, n = 0, len(views)
-        while i < n:
-            j, total = i, 0
-            while j < n and j - i < IOV_MAX and (total == 0 or total + len(views[j]) <= _MAX_WRITE):
-                total += len(views[j])
-                j += 1
-            if total > _MAX_WRITE:  # one huge buffer: write it in pieces
-                view = views[i]
-                views[i] = view[_MAX_WRITE:]
-                _pwrite_all(fd, [view[:_MAX_WRITE]], _MAX_WRITE, offset)
-                offset += _MAX_WRITE
-                continue
-            _pwrite_all(fd, views[i:j], total, offset)
+        for batch, total in _batches(buffers):
+            _write_all(fd, batch, total, offset)
             offset += total
-            i = j
 
     def fsync(self, fd: int) -> None:
         os.fsync(fd)
@@ -141,11 +115,33 @@ class PosixFileOps:
             os.close(fd)
 
 
-def _write_all(fd: int, views: list[Any], total: int) -> None:
-    written = os.writev(fd, views) if len(views) > 1 else os.write(fd, views[0])
-    while written < total:  # a short write: resume where it stopped
-        rest = []
-        skip = written
+def _batches(buffers: Sequence[Any]) -> Iterator[tuple[list[Any], int]]:
+    """Groups buffers into system calls of at most IOV_MAX buffers and about _MAX_WRITE bytes."""
+    views = [v for v in buffers if len(v)]
+    i, n = 0, len(views)
+    while i < n:
+        j, total = i, 0
+        while j < n and j - i < IOV_MAX and (total == 0 or total + len(views[j]) <= _MAX_WRITE):
+            total += len(views[j])
+            j += 1
+        if total > _MAX_WRITE:  # one huge buffer: in pieces
+            view = views[i]
+            views[i] = view[_MAX_WRITE:]
+            yield [view[:_MAX_WRITE]], _MAX_WRITE
+            continue
+        yield views[i:j], total
+        i = j
+
+
+def _write_all(fd: int, views: list[Any], total: int, offset: int | None) -> None:
+    """One writev (or pwritev at ``offset``), resumed after short writes."""
+    while True:
+        written = os.writev(fd, views) if offset is None else os.pwritev(fd, views, offset)
+        if written >= total:
+            return
+        if written <= 0:
+            raise OSError(errno.EIO, "write made no progress")
+        rest, skip = [], written
         for v in views:
             if skip >= len(v):
                 skip -= len(v)
@@ -153,24 +149,8 @@ def _write_all(fd: int, views: list[Any], total: int) -> None:
             rest.append(v[skip:])
             skip = 0
         views, total = rest, total - written
-        written = os.writev(fd, views) if len(views) > 1 else os.write(fd, views[0])
-
-
-def _pwrite_all(fd: int, views: list[Any], total: int, offset: int) -> None:
-    written = os.pwritev(fd, views, offset)
-    while written < total:  # a short write: resume where it stopped
-        if written <= 0:
-            raise OSError(errno.EIO, "pwritev wrote nothing")
-        rest = []
-        skip = written
-        for v in views:
-            if skip >= len(v):
-                skip -= len(v)
-                continue
-            rest.append(v[skip:])
-            skip = 0
-        views, total, offset = rest, total - written, offset + written
-        written = os.pwritev(fd, views, offset)
+        if offset is not None:
+            offset += written
 
 
 #: The default file operations.
