@@ -6,11 +6,8 @@ the same definitions ``tests/golden/generate.py`` handed to TensorFlow.
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -25,18 +22,7 @@ GOLDEN = Path(__file__).resolve().parent / "golden"
 DATA = GOLDEN / "data"
 
 
-def _load_cases() -> ModuleType:
-    name = "gpusaver_golden_cases"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, GOLDEN / "cases.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-golden = _load_cases()
+from golden import cases as golden  # noqa: E402  (tests/golden, on the path beside this file)
 CASES = list(golden.CASES.values())
 SAVEV2_CASES = [c for c in CASES if c.kind == "savev2"]
 SLICE_READS = [(c, name, spec) for c in CASES for name, spec in c.slice_reads]

@@ -14,11 +14,8 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import dataclasses
-import importlib.util
 import re
-import sys
 from pathlib import Path
-from types import ModuleType
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -38,18 +35,7 @@ pytestmark = pytest.mark.tf
 GOLDEN = Path(__file__).resolve().parent / "golden"
 
 
-def _load_cases() -> ModuleType:
-    name = "gpusaver_golden_cases"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, GOLDEN / "cases.py")
-        assert spec is not None and spec.loader is not None
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-golden = _load_cases()
+from golden import cases as golden  # noqa: E402  (tests/golden, on the path beside this file)
 
 
 def _two_logical_cpus() -> None:
