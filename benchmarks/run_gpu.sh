@@ -13,6 +13,9 @@ gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -n1 |
 tag="$(date +%F)-${gpu:-gpu}"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 GPUSAVER_BACKEND=cupy
 nvidia-smi | tee "$out/$tag-gpu-tests.txt"
+# The C extension of the host path (gpusaver/_native.c), built in place; without it the pure-Python path runs.
+python3 setup.py -q build_ext --inplace 2>&1 | tail -n 3 | tee -a "$out/$tag-gpu-tests.txt"
+python3 -c "from gpusaver import native; print('host path:', native.reason)" | tee -a "$out/$tag-gpu-tests.txt"
 python3 -m pytest -p no:cacheprovider -m gpu -q -rs \
     tests/test_kernels_gpu.py tests/test_saver.py tests/reliability/test_rel_corruption.py \
     2>&1 | tee -a "$out/$tag-gpu-tests.txt"

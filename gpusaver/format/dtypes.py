@@ -115,6 +115,11 @@ def from_numpy(dtype: Any, *, tensor: str | None = None) -> int:
         ) from None
 
 
+def supported_numpy_dtypes() -> list[np.dtype]:
+    """Every NumPy dtype a tensor may be written as (numeric, bool, and object for strings)."""
+    return list(_FROM_NUMPY)
+
+
 def dtype_name(dtype_enum: int) -> str:
     """TensorFlow's name for an enum value (``DT_FLOAT`` ...)."""
     if dtype_enum in _TYPES:
