@@ -28,6 +28,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from gpusaver import native
+from gpusaver.backends.base import TensorList
 from gpusaver.devices import DeviceSpec
 from gpusaver.errors import (
     CheckpointWriteError,
@@ -54,13 +56,17 @@ class Group:
     def __init__(self, device: DeviceSpec, variables: list[ResolvedVariable]) -> None:
         self.device = device
         self.variables = variables
+        self._tensors: TensorList | None = None
 
     @property
     def backend(self) -> Any:
         return self.variables[0].backend
 
-    def tensors(self) -> list[tuple[str, Any]]:
-        return [(v.name, v.array) for v in self.variables]
+    def tensors(self) -> TensorList:
+        """The ``(name, array)`` pairs, made once (a Saver's variables never change)."""
+        if self._tensors is None:
+            self._tensors = TensorList((v.name, v.array) for v in self.variables)
+        return self._tensors
 
 
 def group_by_device(variables: Sequence[ResolvedVariable]) -> list[Group]:
@@ -188,13 +194,33 @@ class _Aborted(Exception):
 
 
 # --------------------------------------------------------------------- restore
-def check_restore(reader: BundleReader, variables: Sequence[ResolvedVariable], reshape: bool) -> None:
+def check_restore(
+    reader: BundleReader, variables: Sequence[ResolvedVariable], reshape: bool, tensors: TensorList | None = None
+) -> None:
     """Checks every variable against the checkpoint before any array is touched.
+
+    With the C extension, the variables that fit their entries exactly are
+    checked as one batch; the rest (and any error) go through the checks below.
+
+    Args:
+        tensors: the variables' ``(name, array)`` pairs, when the caller has them cached.
 
     Raises:
         TensorNotFoundError: a variable is missing (a KeyError).
         DTypeMismatchError / ShapeMismatchError: it does not fit (ValueErrors).
     """
+    if native.lib is not None:
+        tensors = tensors if tensors is not None else TensorList((v.name, v.array) for v in variables)
+        cols = reader.columns(tensors.keys)
+        assert cols is not None
+        good = reader.fits(cols, tensors.arrays)
+        if good.all():
+            return
+        variables = [variables[i] for i in np.flatnonzero(~good)]
+    _check_restore_each(reader, variables, reshape)
+
+
+def _check_restore_each(reader: BundleReader, variables: Sequence[ResolvedVariable], reshape: bool) -> None:
     try:
         entries = reader.entries([v.name for v in variables])
     except TensorNotFoundError as e:

@@ -19,6 +19,7 @@ import numpy as np
 
 from gpusaver import _gc, checkpoint_management as cm
 from gpusaver._proto.saver_pb2 import SaverDef
+from gpusaver.backends.base import TensorList
 from gpusaver.errors import CheckpointWriteError, InvalidCheckpointPathError, StatePathConflictError
 from gpusaver.fileops import POSIX, FileOps
 from gpusaver.format import BundleReader
@@ -125,6 +126,7 @@ class Saver:
             raise ValueError("No variables to save (pass allow_empty=True to allow an empty Saver)")
         self._is_empty = not self._variables
         self._groups = group_by_device(self._variables)
+        self._tensors: TensorList | None = None
         self._reshape = reshape
         self._sharded = sharded
         self._max_to_keep = max_to_keep or 0
@@ -354,10 +356,18 @@ class Saver:
         with _gc.paused():
             self._restore(prefix)
 
+    def _all_tensors(self) -> TensorList:
+        """Every variable's ``(name, array)``; the group's own list when there is one group."""
+        if len(self._groups) == 1:
+            return self._groups[0].tensors()
+        if self._tensors is None:
+            self._tensors = TensorList((v.name, v.array) for v in self._variables)
+        return self._tensors
+
     def _restore(self, prefix: str) -> None:
         reader = BundleReader(prefix)
         try:
-            check_restore(reader, self._variables, self._reshape)
+            check_restore(reader, self._variables, self._reshape, self._all_tensors())
             for g in self._groups:
                 g.backend.check_restore_memory(g.device, g.tensors(), reader)
             restore_checkpoint(reader, self._groups, sequential=self._restore_sequentially)

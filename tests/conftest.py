@@ -8,6 +8,9 @@
   ``/cpu:k`` for NumPy, ``/gpu:k % device_count`` for CuPy), so sharding runs
   without a GPU.
 * ``tf``: TensorFlow, imported once per module (``TF_CPP_MIN_LOG_LEVEL=2``).
+* ``host_path``: runs a test twice, with gpusaver's C extension (``"native"``)
+  and with its pure-Python twin (``"python"``); modules that must hold on both
+  paths use it for every test (``pytestmark = pytest.mark.usefixtures("host_path")``).
 
 Test modules take these as fixtures; they do not import this file (another
 ``conftest.py`` below ``tests/`` may own the module name).
@@ -43,6 +46,21 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
         reason = _gpu_unavailable()
         if reason is not None:
             pytest.skip(f"needs a usable CUDA GPU: {reason}")
+
+
+@pytest.fixture(params=["native", "python"])
+def host_path(request: pytest.FixtureRequest) -> Any:
+    """``"native"`` (the C extension; test_native.py fails if it is not built), then ``"python"``."""
+    from gpusaver import native
+
+    if request.param == "native" and not native.available():
+        pytest.skip(f"the C extension is not in use: {native.reason}")
+    before = native.lib
+    native.use(request.param == "native")
+    try:
+        yield request.param
+    finally:
+        native.lib = before
 
 
 @pytest.fixture(params=["numpy", pytest.param("cupy", marks=pytest.mark.gpu)])

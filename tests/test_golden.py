@@ -18,6 +18,9 @@ from gpusaver.errors import CheckpointNotFoundError, GpuSaverError, TensorNotFou
 from gpusaver.format import BundleReader, BundleWriter, merge_bundles
 from gpusaver.format.table import TableReader, encode_table
 
+# Every test runs on both host paths: the C extension and its pure-Python twin.
+pytestmark = pytest.mark.usefixtures("host_path")
+
 GOLDEN = Path(__file__).resolve().parent / "golden"
 DATA = GOLDEN / "data"
 

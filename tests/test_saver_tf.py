@@ -32,7 +32,8 @@ import tensorflow as tf
 import gpusaver as gs
 from gpusaver.format import BundleWriter
 
-pytestmark = pytest.mark.tf
+# Every test runs on both host paths: the C extension and its pure-Python twin.
+pytestmark = [pytest.mark.tf, pytest.mark.usefixtures("host_path")]
 
 
 def _saver_test_helpers() -> ModuleType:

@@ -30,7 +30,8 @@ from gpusaver.errors import ChecksumError, CorruptCheckpointError
 from gpusaver.format import BundleReader, BundleWriter, merge_bundles
 from gpusaver.format.table import TableReader
 
-pytestmark = pytest.mark.tf
+# Every test runs on both host paths: the C extension and its pure-Python twin.
+pytestmark = [pytest.mark.tf, pytest.mark.usefixtures("host_path")]
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 

@@ -9,17 +9,41 @@ buffers with asynchronous copies), on restore it reads tensors from a
 
 from __future__ import annotations
 
-from typing import Any, Protocol, Sequence, runtime_checkable
+from functools import cached_property
+from typing import Any, Iterable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
 from gpusaver.devices import DeviceSpec
 from gpusaver.format import BundleReader, BundleWriter
 
-__all__ = ["Backend", "Tensor"]
+__all__ = ["Backend", "Tensor", "TensorList"]
 
 #: ``(checkpoint key, array)``
 Tensor = tuple[str, Any]
+
+
+class TensorList(list):  # type: ignore[type-arg]
+    """A group's ``(name, array)`` pairs, with their columns cached for batch paths.
+
+    A Saver's variables are fixed when it is built, so each group makes this
+    list once and every save and restore reuses its names, encoded keys and arrays.
+    """
+
+    def __init__(self, pairs: Iterable[Tensor]) -> None:
+        super().__init__(pairs)
+
+    @cached_property
+    def names(self) -> list[str]:
+        return [name for name, _ in self]
+
+    @cached_property
+    def keys(self) -> list[bytes]:  # type: ignore[override]
+        return [name.encode("utf-8") for name, _ in self]
+
+    @cached_property
+    def arrays(self) -> list[Any]:
+        return [array for _, array in self]
 
 
 @runtime_checkable

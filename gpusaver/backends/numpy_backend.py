@@ -6,6 +6,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from gpusaver import native
+from gpusaver.backends.base import TensorList
 from gpusaver.devices import DeviceSpec
 from gpusaver.format import BundleReader, BundleWriter
 from gpusaver.format.tensors import byte_view
@@ -49,22 +51,30 @@ class NumpyBackend:
         return array.dtype
 
     def save_group(self, tensors: Sequence[tuple[str, Any]], writer: BundleWriter) -> None:
-        run_names: list[str] = []
-        run_arrays: list[np.ndarray] = []
-        for name, arr in tensors:
-            if arr.dtype.kind == "O" or (arr.flags.c_contiguous and arr.dtype.byteorder != ">"):
-                run_names.append(name)
-                run_arrays.append(arr)
-                continue
-            if run_names:
-                writer.add_many(run_names, run_arrays)
-                run_names, run_arrays = [], []
-            arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
-            writer.add_raw(name, arr.dtype, arr.shape, _row_chunks(arr))
-        if run_names:
-            writer.add_many(run_names, run_arrays)
+        names = getattr(tensors, "keys", None) or [name for name, _ in tensors]
+        arrays = getattr(tensors, "arrays", None) or [arr for _, arr in tensors]
+        writer.add_many(names, arrays, fallback=lambda name, arr: self._save_one(name, arr, writer))
+
+    @staticmethod
+    def _save_one(name: str | bytes, arr: np.ndarray, writer: BundleWriter) -> None:
+        """A tensor the batch path does not take: strings, non-contiguous or byte-swapped arrays."""
+        name = name.decode("utf-8") if isinstance(name, bytes) else name
+        if arr.dtype.kind == "O" or (arr.flags.c_contiguous and arr.dtype.byteorder != ">"):
+            writer.add(name, arr)
+            return
+        arr = arr.astype(arr.dtype.newbyteorder("<"), copy=False)
+        writer.add_raw(name, arr.dtype, arr.shape, _row_chunks(arr))
 
     def restore_group(self, reader: BundleReader, tensors: Sequence[tuple[str, Any]], *, sequential: bool) -> None:
+        if native.lib is not None and not sequential:
+            listed = tensors if isinstance(tensors, TensorList) else TensorList(tensors)
+            cols = reader.columns(listed.keys)
+            assert cols is not None
+            good = reader.fits(cols, listed.arrays)
+            reader.read_columns_into(listed.keys, listed.arrays, cols, np.flatnonzero(good))
+            if good.all():
+                return
+            tensors = [listed[i] for i in np.flatnonzero(~good)]
         direct: list[tuple[str, Any]] = []  # read straight into the arrays' memory, batched
         for name, arr in tensors:
             entry = reader.entry(name)

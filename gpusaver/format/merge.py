@@ -26,7 +26,7 @@ from gpusaver.errors import CorruptCheckpointError
 from gpusaver.fileops import POSIX, FileOps
 from gpusaver.format.entry import decode_entry, decode_header, encode_entry, encode_header
 from gpusaver.format.naming import data_file_glob, data_filename, index_filename
-from gpusaver.format.table import TableReader, TableWriter
+from gpusaver.format.table import TableReader, encode_table
 from gpusaver.format.wire import Malformed, encode_varint
 from gpusaver.format.writer import os_error
 
@@ -194,14 +194,10 @@ def _commit(
             ops.rename(old, new)
             renamed.append(new)
             ops.phase(f"merge:data_renamed:{new_id}")
-        parts: list[bytes] = []
-        table = TableWriter(parts.append)
-        table.add(b"", header)
-        table.add_all(items)
-        table.finish()
+        table = encode_table([(b"", header)] + list(items))
         fd = ops.create(tmp)
         try:
-            ops.write(fd, [memoryview(b"".join(parts))])
+            ops.write(fd, [memoryview(table)])
             ops.phase("merge:index_written")
             if durable:
                 ops.fsync(fd)

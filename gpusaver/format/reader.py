@@ -14,6 +14,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
+from gpusaver import native
 from gpusaver.errors import (
     ChecksumError,
     CheckpointNotFoundError,
@@ -35,6 +36,30 @@ _IOV_MAX = 1024
 _SEGMENT_BYTES = 1 << 20
 #: Reads of at least this many bytes are split across threads.
 _PARALLEL_BYTES = 64 << 20
+#: With the C extension, tensors below this size are read in chunks of about
+#: _CHUNK_BYTES (gaps under _GAP_BYTES included) and unpacked into their arrays.
+_UNPACK_LIMIT = 64 << 10
+_CHUNK_BYTES = 4 << 20
+_GAP_BYTES = 64 << 10
+#: Chunked reads of at least this many bytes are split across threads.
+_PARALLEL_CHUNKED = 8 << 20
+
+
+class EntryColumns:
+    """Many tensors' decoded entries, as arrays (see ``_native.decode_entries``).
+
+    ``ok[i]`` is 1 where entry ``i`` exists, is in the common layout and names
+    a data file of this checkpoint; the rest need :meth:`BundleReader.entry`.
+    ``crcs`` are unmasked.
+    """
+
+    __slots__ = ("ok", "enums", "shards", "offsets", "sizes", "crcs", "ndims", "dim_starts", "dims")
+
+    def __init__(self, decoded: tuple[np.ndarray, ...], num_shards: int) -> None:
+        ok, self.enums, self.shards, self.offsets, self.sizes, crcs, self.ndims, self.dim_starts, self.dims = decoded
+        self.ok = ok & (self.shards < num_shards)
+        rot = crcs - np.uint32(crc.MASK_DELTA)
+        self.crcs = (rot >> np.uint32(17)) | (rot << np.uint32(15))
 
 
 def read_exact(fd: int, out: memoryview, offset: int, path: str) -> None:
@@ -92,9 +117,9 @@ def _read_runs(runs: list[Run], crcs: list[int]) -> None:
                 crcs[i] = extend(crcs[i], p)
 
 
-def _read_workers(total: int) -> int:
-    """Threads for a read of ``total`` bytes: one per CPU (at most 4) for big reads."""
-    if total < _PARALLEL_BYTES:
+def _read_workers(total: int, threshold: int = _PARALLEL_BYTES) -> int:
+    """Threads for a read of ``total`` bytes: one per CPU (at most 4) from ``threshold`` bytes up."""
+    if total < threshold:
         return 1
     try:
         cpus = len(os.sched_getaffinity(0))
@@ -189,6 +214,7 @@ class BundleReader:
             raise CorruptCheckpointError(f"{self.index_path!r} is not a valid checkpoint index: {e}", self.index_path) from None
         self._entries: dict[bytes, BundleEntry] = {}
         self._files: dict[int, tuple[int, int, str]] = {}
+        self._columns: tuple[list[bytes], EntryColumns] | None = None
         self._lock = threading.Lock()
 
     # ---------------------------------------------------------------- metadata
@@ -261,6 +287,26 @@ class BundleReader:
                 raise TensorNotFoundError(f"tensor {name!r} not found in checkpoint {self.prefix!r}", name)
             out.append(entry)
         return out
+
+    def columns(self, keys: list[bytes]) -> EntryColumns | None:
+        """The entries of many tensors decoded as arrays by the C extension (None without it).
+
+        The result for the same ``keys`` list object is cached: a restore's check
+        and its reads share it.
+        """
+        lib = native.lib
+        if lib is None:
+            return None
+        cached = self._columns
+        if cached is not None and cached[0] is keys:
+            return cached[1]
+        try:
+            values = self._table.get_many(keys)
+        except Malformed as e:
+            raise self._corrupt(e) from None
+        cols = EntryColumns(lib.decode_entries(values), self.header.num_shards)
+        self._columns = (keys, cols)
+        return cols
 
     def _all_entries(self) -> Iterator[tuple[bytes, BundleEntry]]:
         try:
@@ -413,6 +459,98 @@ class BundleReader:
         for (name, view, stored, path), got in zip(checks, actual):
             if got != crc.unmask(stored):
                 raise ChecksumError(path, name, crc.unmask(stored), got)
+
+    def fits(self, cols: EntryColumns, arrays: Sequence[Any]) -> np.ndarray:
+        """Where each array can be restored by :meth:`read_columns_into`: a bool mask.
+
+        True where the entry decoded (``cols.ok``), the array is a writable
+        C-contiguous native-order ndarray of the stored dtype and shape, and its
+        bytes lie inside the data file. Everything else is for the general path
+        (which also raises the precise error, if there is one).
+        """
+        lib = native.lib
+        assert lib is not None
+        good = lib.check_arrays(
+            arrays, native.type_codes(), cols.ok, cols.enums, cols.ndims, cols.dim_starts, cols.dims, cols.sizes
+        ).astype(bool)
+        if good.any():
+            ends = cols.offsets + cols.sizes
+            for shard in np.unique(cols.shards[good]):
+                in_shard = good & (cols.shards == shard)
+                if ends[in_shard].max() > self.data_file_size(int(shard)):
+                    good &= ~(in_shard & (ends > self.data_file_size(int(shard))))
+        return good
+
+    def read_columns_into(self, keys: list[bytes], arrays: Sequence[Any], cols: EntryColumns, which: np.ndarray) -> None:
+        """Restores ``arrays[i]`` for every ``i`` in ``which`` (all passed :meth:`fits`), crc32c verified.
+
+        Large tensors are read straight into their arrays' memory; small ones in
+        chunks of a few MiB that the C extension checks and copies into place,
+        on several threads for big restores.
+
+        Raises:
+            ChecksumError: bytes that do not match their checksum (earlier
+                tensors hold checkpoint values; that one is untouched or unverified).
+        """
+        lib = native.lib
+        assert lib is not None
+        sizes = cols.sizes
+        big = which[sizes[which] >= _UNPACK_LIMIT]
+        small = which[sizes[which] < _UNPACK_LIMIT]
+        if len(big):
+            from gpusaver.format.tensors import byte_view
+
+            self.read_many_into([(keys[i].decode("utf-8"), byte_view(arrays[i])) for i in big])
+        if not len(small):
+            return
+        order = small[np.lexsort((cols.offsets[small], cols.shards[small]))].astype(np.int64)
+        starts = cols.offsets[order]
+        ends = starts + sizes[order]
+        shards = cols.shards[order]
+        brk = np.ones(len(order), bool)
+        brk[1:] = (shards[1:] != shards[:-1]) | (starts[1:] > ends[:-1] + _GAP_BYTES) | (starts[1:] < ends[:-1])
+        seg_start = starts[brk][np.cumsum(brk) - 1]
+        chunk = (ends - seg_start - 1) // _CHUNK_BYTES
+        brk[1:] |= chunk[1:] != chunk[:-1]
+        cuts = np.append(np.flatnonzero(brk), len(order))
+        jobs = [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:])]
+        total = int(ends[-1] - starts[0]) if len(order) else 0
+        workers = min(_read_workers(total, _PARALLEL_CHUNKED), len(jobs))
+
+        def run(part: list[tuple[int, int]]) -> None:
+            staging = bytearray(_CHUNK_BYTES + _UNPACK_LIMIT)
+            view = memoryview(staging)
+            for a, b in part:
+                fd, _, path = self._data_file(int(shards[a]))
+                lo, hi = int(starts[a]), int(ends[b - 1])
+                read_exact(fd, view[: hi - lo], lo, path)
+                bad = lib.unpack(view[: hi - lo], lo, arrays, order, a, b, cols.offsets, cols.crcs)
+                if bad >= 0:
+                    stored = int(cols.crcs[bad])
+                    actual = crc.value(view[int(cols.offsets[bad]) - lo : int(cols.offsets[bad] + sizes[bad]) - lo])
+                    raise ChecksumError(path, keys[bad].decode("utf-8", "replace"), stored, actual)
+
+        if workers <= 1:
+            run(jobs)
+            return
+        per = -(-len(jobs) // workers)
+        parts = [jobs[k : k + per] for k in range(0, len(jobs), per)]
+        failures: list[tuple[int, BaseException]] = []
+
+        def work(k: int) -> None:
+            try:
+                run(parts[k])
+            except BaseException as e:  # noqa: BLE001 - re-raised below
+                failures.append((k, e))
+
+        threads = [threading.Thread(target=work, args=(k,), name="gpusaver-read") for k in range(1, len(parts))]
+        for t in threads:
+            t.start()
+        work(0)
+        for t in threads:
+            t.join()
+        if failures:
+            raise min(failures, key=lambda f: f[0])[1]
 
     def get_tensor(self, name: str) -> np.ndarray:
         """Reads a whole tensor as a NumPy array, checksums verified.

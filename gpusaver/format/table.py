@@ -13,6 +13,7 @@ from __future__ import annotations
 import bisect
 from typing import Callable, Iterable, Iterator
 
+from gpusaver import native
 from gpusaver.format import crc
 from gpusaver.format.wire import FIXED32, Malformed, decode_varint, encode_varint
 
@@ -197,7 +198,18 @@ class TableWriter:
 
 
 def encode_table(items: Iterable[tuple[bytes, bytes]], block_size: int = BLOCK_SIZE) -> bytes:
-    """Encodes sorted ``(key, value)`` pairs as a whole table."""
+    """Encodes sorted ``(key, value)`` pairs as a whole table (in C when the extension is built).
+
+    Raises:
+        ValueError: the keys do not strictly increase.
+    """
+    lib = native.lib
+    if lib is not None:
+        items = items if isinstance(items, list) else list(items)
+        try:
+            return lib.build_table(items, block_size)
+        except TypeError:
+            pass  # not all (bytes, bytes): the Python writer takes any bytes-like pair
     parts: list[bytes] = []
     writer = TableWriter(parts.append, block_size)
     writer.add_all(items)
@@ -206,7 +218,18 @@ def encode_table(items: Iterable[tuple[bytes, bytes]], block_size: int = BLOCK_S
 
 
 def _parse_block(data: memoryview, offset: int, size: int) -> tuple[list[bytes], list[bytes]]:
-    """Decodes all entries of one block (crc already checked)."""
+    """Decodes all entries of one block (crc already checked), in C when the extension is built."""
+    lib = native.lib
+    if lib is not None:
+        try:
+            return lib.parse_block(data, offset, size)  # type: ignore[no-any-return]
+        except ValueError as e:
+            raise Malformed(str(e)) from None
+    return _parse_block_py(data, offset, size)
+
+
+def _parse_block_py(data: memoryview, offset: int, size: int) -> tuple[list[bytes], list[bytes]]:
+    """:func:`_parse_block` in Python: the reference the C version is tested against."""
     if size < 4:
         raise Malformed("block too short")
     end = offset + size

@@ -19,12 +19,13 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
+from gpusaver import native
 from gpusaver.errors import CheckpointWriteError
 from gpusaver.fileops import POSIX, FileOps
 from gpusaver.format import crc, dtypes, slices as _slices
 from gpusaver.format.entry import BundleEntry, encode_entries, encode_entry, encode_header
 from gpusaver.format.naming import data_filename, index_filename
-from gpusaver.format.table import TableWriter
+from gpusaver.format.table import encode_table
 from gpusaver.format.tensors import as_host_array, byte_view, encode_strings
 
 __all__ = ["BundleWriter", "os_error"]
@@ -34,6 +35,8 @@ _BATCH_COUNT = 1024  # ... or this many buffers
 _SMALL = 1 << 20  # tensors below this size are batched
 _QUEUE_DEPTH = 16
 _SEGMENT = 1 << 20  # large buffers are checksummed and written a segment at a time
+_PACK_LIMIT = 64 << 10  # with the C extension, tensors below this size are packed ...
+_PACK_BYTES = 4 << 20  # ... into staging buffers of about this size, one per writer thread
 
 
 def os_error(e: OSError, what: str, path: str | None) -> CheckpointWriteError:
@@ -45,6 +48,44 @@ def os_error(e: OSError, what: str, path: str | None) -> CheckpointWriteError:
 
 #: ``(crc slot, bytes)``: the bytes extend the running crc32c in that slot (-1: none).
 Piece = tuple[int, Any]
+
+
+class _Pack:
+    """A job for the C extension: copy ``arrays[start:stop]`` back to back into the
+    writer thread's staging buffer, checksumming each into ``crcs``, and write it."""
+
+    __slots__ = ("lib", "arrays", "start", "stop", "crcs")
+
+    def __init__(self, lib: Any, arrays: Sequence[np.ndarray], start: int, stop: int, crcs: np.ndarray) -> None:
+        self.lib, self.arrays, self.start, self.stop, self.crcs = lib, arrays, start, stop, crcs
+
+
+class _Run:
+    """Tensors added in one batch through the C extension: their layout as arrays.
+
+    ``big`` lists ``(index, crc slot)`` of the tensors written from their own
+    memory (too large to pack), whose crc32c the writer pool computes into a slot.
+    """
+
+    __slots__ = ("keys", "enums", "sizes", "ndims", "dims", "offsets", "crcs", "big")
+
+    def __init__(
+        self, keys: list[bytes], enums: np.ndarray, sizes: np.ndarray, ndims: np.ndarray, dims: np.ndarray, base: int
+    ) -> None:
+        self.keys, self.enums, self.sizes, self.ndims, self.dims = keys, enums, sizes, ndims, dims
+        self.offsets = np.empty(len(keys), np.int64)
+        if len(keys):
+            self.offsets[0] = base
+            np.cumsum(sizes[:-1], out=self.offsets[1:])
+            self.offsets[1:] += base
+        self.crcs = np.zeros(len(keys), np.uint32)
+        self.big: list[tuple[int, int]] = []
+
+
+def mask_array(crcs: np.ndarray) -> np.ndarray:
+    """:func:`crc.mask` of every crc32c in a uint32 array."""
+    c = crcs.astype(np.uint32, copy=False)
+    return ((c >> np.uint32(15)) | (c << np.uint32(17))) + np.uint32(crc.MASK_DELTA)
 
 
 def _writer_count() -> int:
@@ -77,6 +118,7 @@ class _WriterPool:
             _QUEUE_DEPTH
         )
         self.error: BaseException | None = None
+        self._local = threading.local()
         self._threads = [
             threading.Thread(target=self._run, name="gpusaver-writer", daemon=True) for _ in range(_writer_count())
         ]
@@ -106,8 +148,15 @@ class _WriterPool:
                     if self.error is None:
                         self.error = e
 
-    def _write(self, offset: int, pieces: list[Piece]) -> None:
+    def _write(self, offset: int, pieces: "list[Piece] | _Pack") -> None:
         crcs, extend, pwrite, fd = self._crcs, crc.extend, self._fileops.pwrite, self._fd
+        if isinstance(pieces, _Pack):
+            staging = getattr(self._local, "staging", None)
+            if staging is None:
+                staging = self._local.staging = bytearray(_PACK_BYTES + _PACK_LIMIT)
+            n = pieces.lib.pack(pieces.arrays, pieces.start, pieces.stop, staging, pieces.crcs)
+            pwrite(fd, [memoryview(staging)[:n]], offset)
+            return
         if len(pieces) == 1 and len(pieces[0][1]) > _SEGMENT:
             slot, view = pieces[0]
             for lo in range(0, len(view), _SEGMENT):
@@ -121,7 +170,7 @@ class _WriterPool:
                 crcs[slot] = extend(crcs[slot], view)
         pwrite(fd, [view for _, view in pieces], offset)
 
-    def submit(self, offset: int, pieces: list[Piece], done: Callable[[], None] | None = None) -> None:
+    def submit(self, offset: int, pieces: "list[Piece] | _Pack", done: Callable[[], None] | None = None) -> None:
         self.check()
         self._queue.put((offset, pieces, done))
 
@@ -176,6 +225,9 @@ class BundleWriter:
         # key -> (dtype, shape, offset, size, crc slot); encoded when the index is written
         self._entries: dict[bytes, tuple[int, tuple[int, ...], int, int, int]] = {}
         self._sliced: dict[bytes, BundleEntry] = {}
+        self._lib = native.lib  # the C extension, or None: fixed for this writer's life
+        self._runs: list[_Run] = []  # batches laid out by the C extension
+        self._run_keys: set[bytes] = set()
         self._offset = 0
         self._batch: list[Any] = []
         self._batch_bytes = 0
@@ -206,7 +258,7 @@ class BundleWriter:
         key = name.encode("utf-8") if isinstance(name, str) else bytes(name)
         if not key:
             raise ValueError("a tensor name must not be empty (the empty key holds the header)")
-        if key in self._entries or key in self._sliced:
+        if key in self._entries or key in self._sliced or key in self._run_keys:
             raise ValueError(f"duplicate tensor name {key.decode('utf-8', 'replace')!r}")
         return key
 
@@ -256,32 +308,109 @@ class BundleWriter:
         arr = as_host_array(array, name)
         self._entries[key] = self._add_array(key, arr, name)
 
-    def add_many(self, names: Sequence[str], arrays: Sequence[np.ndarray]) -> None:
+    def add_many(
+        self,
+        names: Sequence[str | bytes],
+        arrays: Sequence[Any],
+        fallback: Callable[[str, Any], None] | None = None,
+    ) -> None:
         """Appends many tensors; the same result as :meth:`add` for each, with less overhead.
 
-        Arrays that are numeric, C-contiguous and little-endian take a fast path
-        (one buffer view and one crc32c call each); the others go through :meth:`add`.
+        Arrays that are numeric, C-contiguous and native-order take a fast path
+        (with the C extension: laid out as one batch, small ones packed and
+        checksummed by the writer threads); the others go to ``fallback(name,
+        array)`` (default :meth:`add`), in order.
         """
         if self._finished:
             raise ValueError(f"BundleWriter for {self.prefix!r} is already finished")
-        entries, sliced = self._entries, self._sliced
         keys = [n.encode("utf-8") if isinstance(n, str) else bytes(n) for n in names]
-        if len(set(keys)) != len(keys) or any(k in entries or k in sliced or not k for k in keys):
+        fresh = set(keys)
+        clash = (
+            len(fresh) != len(keys)
+            or b"" in fresh
+            or not fresh.isdisjoint(self._run_keys)
+            or not fresh.isdisjoint(self._entries)
+            or not fresh.isdisjoint(self._sliced)
+        )
+        add = fallback or self._add_named
+        if clash:
             for name, arr in zip(names, arrays):  # the slow path names the offending tensor
                 self.add(name, arr)
             return
+        if self._lib is None:
+            self._add_many_py(names, keys, arrays, add)
+            return
+        enums, sizes, ndims, dims = self._lib.describe(arrays, native.type_codes())
+        refused = np.flatnonzero(enums < 0)
+        if not len(refused):
+            self._add_run(keys, arrays, enums, sizes, ndims, dims)
+            return
+        dim_at = np.zeros(len(keys) + 1, np.int64)
+        np.cumsum(ndims, out=dim_at[1:])
+        start = 0
+        for stop in list(refused) + [len(keys)]:
+            if stop > start:
+                self._add_run(
+                    keys[start:stop], arrays[start:stop], enums[start:stop], sizes[start:stop],
+                    ndims[start:stop], dims[dim_at[start] : dim_at[stop]],
+                )
+            if stop < len(keys):
+                add(names[stop], arrays[stop])
+            start = stop + 1
+
+    def _add_named(self, name: str | bytes, arr: Any) -> None:
+        self.add(name.decode("utf-8") if isinstance(name, bytes) else name, arr)
+
+    def _add_run(
+        self,
+        keys: list[bytes],
+        arrays: Sequence[np.ndarray],
+        enums: np.ndarray,
+        sizes: np.ndarray,
+        ndims: np.ndarray,
+        dims: np.ndarray,
+    ) -> None:
+        """Lays out a batch the C extension described, and queues its writes."""
+        self._flush_batch()
+        arrays = list(arrays)
+        run = _Run(keys, enums, sizes, ndims, dims, self._offset)
+        self._runs.append(run)
+        self._run_keys.update(keys)
+        n = len(keys)
+        big = np.flatnonzero(sizes >= _PACK_LIMIT)
+        start = 0
+        for stop in list(big) + [n]:
+            if stop > start:  # small tensors: packed jobs of about _PACK_BYTES each
+                ends = np.cumsum(sizes[start:stop])
+                group = (ends - 1) // _PACK_BYTES
+                cuts = [start] + list(np.flatnonzero(group[1:] != group[:-1]) + 1 + start) + [stop]
+                for a, b in zip(cuts, cuts[1:]):
+                    self._writer.submit(int(run.offsets[a]), _Pack(self._lib, arrays, a, b, run.crcs))
+            if stop < n:  # a large tensor: written from its own memory, in segments
+                slot = self._slot()
+                run.big.append((stop, slot))
+                self._writer.submit(int(run.offsets[stop]), [(slot, byte_view(arrays[stop]))])
+            start = stop + 1
+        if n:
+            self._offset = int(run.offsets[-1] + sizes[-1])
+
+    def _add_many_py(
+        self, names: Sequence[Any], keys: list[bytes], arrays: Sequence[Any], add: Callable[[Any, Any], None]
+    ) -> None:
+        """add_many without the C extension: one buffer view and one queued piece per tensor."""
+        entries = self._entries
         enums: dict[np.dtype, int] = {}
         crcs = self._crcs
         batch, batch_bytes = self._batch, self._batch_bytes
         offset = self._offset
         for name, key, arr in zip(names, keys, arrays):
-            dt = arr.dtype
-            enum = enums.get(dt)
+            dt = getattr(arr, "dtype", None)
+            enum = enums.get(dt) if isinstance(dt, np.dtype) else -1
             if enum is None:
                 enum = enums[dt] = -1 if dt.kind in "OSU" or dt.byteorder == ">" else dtypes.from_numpy(dt, tensor=name)
-            if enum < 0 or not arr.flags.c_contiguous:
+            if enum < 0 or not isinstance(arr, np.ndarray) or not arr.flags.c_contiguous:
                 self._batch, self._batch_bytes, self._offset = batch, batch_bytes, offset
-                self.add(name, arr)
+                add(name, arr)
                 batch, batch_bytes, offset = self._batch, self._batch_bytes, self._offset
                 continue
             try:
@@ -432,7 +561,7 @@ class BundleWriter:
     # --------------------------------------------------------------- finishing
     @property
     def num_tensors(self) -> int:
-        return len(self._entries) + len(self._sliced)
+        return len(self._entries) + len(self._sliced) + len(self._run_keys)
 
     @property
     def data_path(self) -> str:
@@ -452,6 +581,13 @@ class BundleWriter:
         crcs, mask = self._crcs, crc.mask
         records = ((dt, shape, offset, size, mask(crcs[slot])) for dt, shape, offset, size, slot in self._entries.values())
         items = list(zip(self._entries, encode_entries(records, shard_id)))  # keys are unique
+        for run in self._runs:
+            for i, slot in run.big:
+                run.crcs[i] = crcs[slot]
+            values = self._lib.encode_entries(
+                run.enums, run.ndims, run.dims, run.offsets, run.sizes, mask_array(run.crcs), shard_id
+            )
+            items.extend(zip(run.keys, values))
         for key, full in self._sliced.items():
             items.append((key, encode_entry(full.dtype, full.shape, shard_id, slices=full.slices)))
         items.sort()
@@ -496,13 +632,10 @@ class BundleWriter:
         ops = self._fileops
         path = index_filename(self.prefix)
         self._tmp_index = f"{path}.tempstate{uuid.uuid4().int & ((1 << 63) - 1)}"
-        parts: list[bytes] = []
-        writer = TableWriter(parts.append)
-        writer.add_all(items)
-        writer.finish()
+        table = encode_table(items)
         fd = ops.create(self._tmp_index)
         try:
-            ops.write(fd, [memoryview(b"".join(parts))])
+            ops.write(fd, [memoryview(table)])
             if self._durable:
                 ops.fsync(fd)
         finally:
