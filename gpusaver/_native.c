@@ -135,6 +135,8 @@ static int out_reserve(Out *o, size_t more)
 
 static int out_put(Out *o, const void *data, size_t n)
 {
+    if (n == 0)
+        return 0;
     if (out_reserve(o, n) < 0)
         return -1;
     memcpy(o->p + o->len, data, n);
@@ -370,7 +372,8 @@ static PyObject *pack(PyObject *self, PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t k = 0; k < stop - start; k++) {
         size_t n = spans[k].n;
-        memcpy(dst, spans[k].src, n);
+        if (n)
+            memcpy(dst, spans[k].src, n);
         c[start + k] = crc32c_extend(0, dst, n); /* from the copy: it is in cache */
         dst += n;
     }
@@ -439,7 +442,8 @@ static PyObject *unpack(PyObject *self, PyObject *args)
             bad = (Py_ssize_t)idx[k];
             break;
         }
-        memcpy(sp->dst, sp->src, sp->n);
+        if (sp->n)
+            memcpy(sp->dst, sp->src, sp->n);
     }
     Py_END_ALLOW_THREADS
     result = PyLong_FromSsize_t(bad);
@@ -923,7 +927,7 @@ static uint32_t mask_crc(uint32_t c) { return ((c >> 15) | (c << 17)) + CRC_MASK
 static int write_block(Out *table, Block *b, uint64_t *h_off, uint64_t *h_size)
 {
     size_t start = table->len;
-    if (out_put(table, b->buf.p ? b->buf.p : (const unsigned char *)"", b->buf.len) < 0)
+    if (out_put(table, b->buf.p, b->buf.len) < 0)
         return -1;
     for (size_t i = 0; i < b->nrestarts; i++)
         if (out_fixed32(table, b->restarts[i]) < 0)
@@ -965,7 +969,7 @@ static int seps_push(Seps *s, const unsigned char *key, size_t len, int bump, ui
         s->cap = ncap;
     }
     s->starts[s->n] = s->keys.len;
-    if (out_put(&s->keys, len ? key : (const unsigned char *)"", len) < 0)
+    if (out_put(&s->keys, key, len) < 0)
         return -1;
     if (bump)
         s->keys.p[s->keys.len - 1]++;
@@ -1184,7 +1188,8 @@ static PyObject *parse_block(PyObject *self, PyObject *args)
             size_t klen = (size_t)shared + unshared;
             if (out_reserve(&key, klen) < 0)
                 goto done;
-            memcpy(key.p + shared, p + pos, unshared);
+            if (unshared)
+                memcpy(key.p + shared, p + pos, unshared);
             key.len = klen;
             pos += unshared;
             PyObject *k = PyBytes_FromStringAndSize((const char *)key.p, (Py_ssize_t)klen);

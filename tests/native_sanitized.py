@@ -1,0 +1,117 @@
+"""Drives every function of gpusaver._native, on good and malformed input, for a sanitizer build.
+
+``test_native_build.py`` runs this file in a child process whose
+``gpusaver._native`` was compiled with AddressSanitizer and UBSan: any
+out-of-bounds access, use after free or undefined behaviour aborts the child.
+It checks results too, against the pure-Python twins, but its job is to give
+the C code hostile input; ``test_native.py`` is the behavioural suite.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+
+import crc32c
+import numpy as np
+
+from gpusaver import native
+from gpusaver.format import entry as entry_mod
+from gpusaver.format import table as table_mod
+
+lib = native.lib
+assert lib is not None, native.reason
+rng = np.random.default_rng(7)
+codes = native.type_codes()
+
+# crc32c at every length and alignment
+data = rng.integers(0, 256, 300, dtype=np.uint8).tobytes()
+for lo in range(8):
+    for n in range(0, 80):
+        assert lib.crc32c(data[lo : lo + n]) == crc32c.crc32c(data[lo : lo + n])
+
+# describe / pack / unpack, including zero-size, 0-d and refused arrays
+arrays = [rng.standard_normal(int(k)).astype(np.float32) for k in rng.integers(0, 50, 200)]
+arrays += [np.zeros((3, 0, 2), np.int8), np.array(2.5), np.arange(6)[::2], np.zeros(2, ">f4"), "x"]
+enums, sizes, ndims, dims = lib.describe(arrays, codes)
+ok = [i for i in range(len(arrays)) if enums[i] >= 0]
+take = [arrays[i] for i in ok]
+out = bytearray(int(sizes.sum()))
+crcs = np.zeros(len(take), np.uint32)
+assert lib.pack(take, 0, len(take), out, crcs) == len(out)
+for bad in ((take, 0, len(take), bytearray(1), crcs), (arrays, 0, len(arrays), out, np.zeros(len(arrays), np.uint32))):
+    try:
+        lib.pack(*bad)
+    except (TypeError, ValueError, IndexError):
+        pass
+offsets = np.zeros(len(take), np.int64)
+np.cumsum(sizes[ok][:-1], out=offsets[1:])
+order = np.arange(len(take), dtype=np.int64)
+dest = [np.zeros_like(a) for a in take]
+assert lib.unpack(out, 0, dest, order, 0, len(take), offsets, crcs) == -1
+assert all(np.array_equal(a, b) for a, b in zip(take, dest))
+try:
+    lib.unpack(out[:10], 0, dest, order, 0, len(take), offsets, crcs)
+except ValueError:
+    pass
+
+# entries: encode, decode, and decode of mutated bytes against the Python fast decoder
+masked = rng.integers(0, 2**32, len(take), dtype=np.uint64).astype(np.uint32)
+values = lib.encode_entries(enums[ok], ndims[ok], dims, offsets, sizes[ok], masked, 3)
+mutants: list[object] = [None, b"", b"\x08", b"\x12", 42]
+for v in values[:60]:
+    for _ in range(20):
+        b = bytearray(v)
+        b[int(rng.integers(0, len(b)))] = int(rng.integers(0, 256))
+        mutants.append(bytes(b[: int(rng.integers(0, len(b) + 1))]))
+mutants += [rng.integers(0, 256, int(rng.integers(0, 40)), dtype=np.uint8).tobytes() for _ in range(2000)]
+mutants.append(b"\x08\x01\x12" + bytes([0x7F]) + b"\x12\x00" * 63 + b"\x12\x01")
+decoded = lib.decode_entries(values + mutants)
+for i, v in enumerate(values + mutants):
+    py = entry_mod._decode_common(v) if isinstance(v, bytes) and v else None
+    assert bool(decoded[0][i]) == (py is not None), (i, v)
+lib.check_arrays(take, codes, *[decoded[k][: len(take)] for k in (0, 1, 6)], decoded[7][: len(take) + 1], decoded[8], decoded[4][: len(take)])
+
+# tables: build at several block sizes; parse every block, then damaged blocks
+items = sorted({bytes(rng.integers(0, 256, int(rng.integers(0, 12)), dtype=np.uint8)): b"v" * int(rng.integers(0, 90)) for _ in range(3000)}.items())
+items += [(b"\xff" * 20, b"z" * 700)]
+for block_size in (16, 64, 1000, table_mod.BLOCK_SIZE):
+    raw = lib.build_table(items, block_size)
+    parts: list[bytes] = []
+    writer = table_mod.TableWriter(parts.append, block_size)
+    writer.add_all(items)
+    writer.finish()
+    assert raw == b"".join(parts)
+    reader = table_mod.TableReader(raw)
+    view = memoryview(raw)
+    for off, size in reader._handles:
+        assert lib.parse_block(view, off, size) == table_mod._parse_block_py(view, off, size)
+    for off, size in reader._handles[:40]:
+        for _ in range(30):
+            damaged = bytearray(raw[off : off + size])  # exactly the block: a read past it is caught
+            damaged[int(rng.integers(0, size))] ^= 1 << int(rng.integers(0, 8))
+            for cut in (size, int(rng.integers(0, size + 1))):
+                try:
+                    lib.parse_block(bytes(damaged[:cut]), 0, cut)
+                except ValueError:
+                    pass
+for bad in ([(b"b", b""), (b"a", b"")], [(b"a", 1)], [("a", b"")]):
+    try:
+        lib.build_table(bad, 64)
+    except (TypeError, ValueError):
+        pass
+
+# a whole save and restore through the Saver
+import gpusaver  # noqa: E402
+
+with tempfile.TemporaryDirectory() as d:
+    variables = {f"v{i:04d}": rng.standard_normal(int(rng.integers(0, 40_000))).astype(np.float32) for i in range(300)}
+    saver = gpusaver.Saver(variables, durable=False)
+    prefix = saver.save(os.path.join(d, "m"))
+    expect = {k: v.copy() for k, v in variables.items()}
+    for v in variables.values():
+        v[...] = 0
+    saver.restore(prefix)
+    assert all(np.array_equal(variables[k], expect[k]) for k in variables)
+print("sanitized run ok", file=sys.stderr)
