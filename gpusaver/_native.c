@@ -292,14 +292,26 @@ typedef struct {
     const unsigned char *src;
     unsigned char *dst;
     size_t n;
+    PyObject *owner; /* a reference held while the GIL is released */
 } Span;
 
+static void release_spans(Span *spans, Py_ssize_t count)
+{
+    if (spans == NULL)
+        return;
+    for (Py_ssize_t k = 0; k < count; k++)
+        Py_XDECREF(spans[k].owner);
+    PyMem_Free(spans);
+}
+
 /* The data pointers and sizes of arrays[idx[k]] for k in [start, stop): every
- * one a C-contiguous ndarray (and writable, when writing into them). */
+ * one a C-contiguous ndarray (and writable, when writing into them). Each span
+ * holds a reference to its array, so the arrays outlive the copy even if the
+ * caller's list changes while the GIL is released; free with release_spans. */
 static Span *gather(PyObject **items, Py_ssize_t count, const int64_t *idx, Py_ssize_t start, Py_ssize_t stop,
                     int writable, const char *what)
 {
-    Span *spans = PyMem_Malloc(sizeof(Span) * (size_t)(stop > start ? stop - start : 1));
+    Span *spans = PyMem_Calloc((size_t)(stop > start ? stop - start : 1), sizeof(Span));
     if (spans == NULL) {
         PyErr_NoMemory();
         return NULL;
@@ -323,10 +335,12 @@ static Span *gather(PyObject **items, Py_ssize_t count, const int64_t *idx, Py_s
         spans[k - start].src = PyArray_DATA(a);
         spans[k - start].dst = PyArray_DATA(a);
         spans[k - start].n = (size_t)PyArray_NBYTES(a);
+        Py_INCREF(obj);
+        spans[k - start].owner = obj;
     }
     return spans;
 fail:
-    PyMem_Free(spans);
+    release_spans(spans, stop - start);
     return NULL;
 }
 
@@ -380,7 +394,7 @@ static PyObject *pack(PyObject *self, PyObject *args)
     Py_END_ALLOW_THREADS
     result = PyLong_FromSize_t(total);
 done:
-    PyMem_Free(spans);
+    release_spans(spans, stop - start);
     release_buf(&out);
     release_buf(&crcs);
     Py_DECREF(fast);
@@ -426,8 +440,9 @@ static PyObject *unpack(PyObject *self, PyObject *args)
         goto done;
     const int64_t *off = (const int64_t *)offs.view.buf;
     for (Py_ssize_t k = start; k < stop; k++) {
-        int64_t rel = off[idx[k]] - (int64_t)base;
-        if (rel < 0 || (uint64_t)rel > (uint64_t)src.view.len || spans[k - start].n > (uint64_t)src.view.len - (uint64_t)rel) {
+        int64_t at = off[idx[k]];
+        uint64_t rel = (uint64_t)at - (uint64_t)base; /* unsigned: no overflow, meaningful when at >= base */
+        if (at < (int64_t)base || rel > (uint64_t)src.view.len || spans[k - start].n > (uint64_t)src.view.len - rel) {
             PyErr_Format(PyExc_ValueError, "unpack: tensor %lld lies outside the source buffer", (long long)idx[k]);
             goto done;
         }
@@ -448,7 +463,7 @@ static PyObject *unpack(PyObject *self, PyObject *args)
     Py_END_ALLOW_THREADS
     result = PyLong_FromSsize_t(bad);
 done:
-    PyMem_Free(spans);
+    release_spans(spans, stop - start);
     release_buf(&src);
     release_buf(&order);
     release_buf(&offs);
@@ -909,9 +924,11 @@ static int block_add(Block *b, const unsigned char *key, size_t klen, const unsi
     o->len += put_varint(o->p + o->len, shared);
     o->len += put_varint(o->p + o->len, klen - shared);
     o->len += put_varint(o->p + o->len, vlen);
-    memcpy(o->p + o->len, key + shared, klen - shared);
+    if (klen > shared)
+        memcpy(o->p + o->len, key + shared, klen - shared);
     o->len += klen - shared;
-    memcpy(o->p + o->len, value, vlen);
+    if (vlen)
+        memcpy(o->p + o->len, value, vlen);
     o->len += vlen;
     b->last = key;
     b->last_len = klen;

@@ -51,10 +51,11 @@ order = np.arange(len(take), dtype=np.int64)
 dest = [np.zeros_like(a) for a in take]
 assert lib.unpack(out, 0, dest, order, 0, len(take), offsets, crcs) == -1
 assert all(np.array_equal(a, b) for a, b in zip(take, dest))
-try:
-    lib.unpack(out[:10], 0, dest, order, 0, len(take), offsets, crcs)
-except ValueError:
-    pass
+for src, base, offs in ((out[:10], 0, offsets), (out, 100, np.full(len(take), -(2**63), np.int64))):
+    try:  # a short source; an offset whose distance to base overflows int64
+        lib.unpack(src, base, dest, order, 0, len(take), offs, crcs)
+    except ValueError:
+        pass
 
 # entries: encode, decode, and decode of mutated bytes against the Python fast decoder
 masked = rng.integers(0, 2**32, len(take), dtype=np.uint64).astype(np.uint32)
@@ -96,6 +97,8 @@ for block_size in (16, 64, 1000, table_mod.BLOCK_SIZE):
                     lib.parse_block(bytes(damaged[:cut]), 0, cut)
                 except ValueError:
                     pass
+only_empty = lib.build_table([(b"", b"v")], 64)  # every separator key is empty
+assert table_mod.TableReader(only_empty).items() == [(b"", b"v")]
 for bad in ([(b"b", b""), (b"a", b"")], [(b"a", 1)], [("a", b"")]):
     try:
         lib.build_table(bad, 64)
