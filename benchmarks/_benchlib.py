@@ -15,6 +15,7 @@ import importlib.metadata
 import os
 import platform
 import resource
+import sys
 import subprocess
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
@@ -295,11 +296,18 @@ def gpusaver_source(root: str = REPO) -> dict[str, Any]:
     pkg = os.path.join(root, "gpusaver")
     h = hashlib.sha256()
     for path in files_under(pkg):
-        if path.endswith((".py", ".cu", ".cuh")):
+        if path.endswith((".py", ".c", ".cu", ".cuh")):
             h.update(os.path.relpath(path, root).encode())
             with open(path, "rb") as f:
                 h.update(f.read())
     info["tree_sha256"] = h.hexdigest()[:16]
+    try:  # which host path that tree runs: its C extension, or pure Python
+        info["host_path"] = subprocess.run(
+            [sys.executable, "-c", "from gpusaver import native; print(native.reason)"],
+            capture_output=True, text=True, timeout=60, env=dict(os.environ, PYTHONPATH=root), cwd=root,
+        ).stdout.strip() or "?"
+    except (OSError, subprocess.SubprocessError):
+        info["host_path"] = "?"
     if not os.path.exists(os.path.join(root, ".git")):
         return info
     try:
@@ -350,7 +358,8 @@ def header_lines(info: dict[str, Any]) -> list[str]:
         f"packages  {pk}" + (f"    (not installed: {missing})" if missing else ""),
         f"gpusaver  {gs.get('src', '?')}: commit {gs.get('commit', '-')}, gpusaver/ sources sha256 "
         f"{gs.get('tree_sha256', '?')}"
-        + (", with uncommitted changes" if gs.get("uncommitted_changes_in_gpusaver") else ""),
+        + (", with uncommitted changes" if gs.get("uncommitted_changes_in_gpusaver") else "")
+        + f"; C extension: {gs.get('host_path', '?')}",
     ]
     if info.get("loadavg_at_start"):
         la = info["loadavg_at_start"]

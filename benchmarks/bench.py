@@ -354,18 +354,25 @@ def scaling(args: argparse.Namespace, emit: Any) -> list[dict[str, Any]]:
     rows = []
     for p in out:
         ph = p["phases"]
-        shard = sum(v for k, v in ph.items() if k.startswith("shard:"))
+
+        def summed(name: str) -> float:
+            return sum(v for k, v in ph.items() if k.startswith(name + ":"))
+
         rows.append([p["axis"], f"{p['tensors']:,}", f"{p['bytes'] / bl.MiB:.1f}", bl.fmt(p["best_s"]),
                      f"{p['bytes'] / p['best_s'] / 1e9:.2f}", f"{p['best_s'] / p['bytes'] * 1e9:.3f}",
                      f"{p['best_s'] / p['tensors'] * 1e6:.2f}", bl.fmt(p["best_s"] / p["raw_s"]),
-                     bl.fmt(shard), bl.fmt(ph.get("merge")), bl.fmt(ph.get("total")), bl.fmt(p["outside_s"])])
+                     *(bl.fmt(summed(name)) for name in ("stage", "checksum", "write", "fsync", "shard")),
+                     bl.fmt(ph.get("merge")), bl.fmt(ph.get("total")), bl.fmt(p["outside_s"])])
     emit(f"== scaling: gpusaver save on {fs} ({bl.fs_type(root)}), durable={args.durable}, "
          f"best of {args.repeat}\n" + bl.table(
              ["axis", "tensors", "MiB", "save s", "GB/s", "ns/byte", "us/tensor", "x raw",
-              "shard s", "merge s", "total s", "outside s"], rows) +
-         "\n   phases reported through on_phase: shard = the shard workers (data files written), merge = the "
-         "merged index built and committed (renames, fsyncs), total = the whole of the pipeline's save; "
-         "outside = Saver.save() around it (stale temp-dir scan, checkpoint state file, retention)\n")
+              "stage s", "checksum s", "write s", "fsync s", "shard s", "merge s", "total s", "outside s"], rows) +
+         "\n   phases reported through on_phase, summed over shards: stage = the shard workers handing tensors to "
+         "the writer (layout, waits for free writer threads); checksum and write = thread-seconds of the writer "
+         "threads (checksum includes packing small tensors), which overlap staging and each other; fsync = the "
+         "data files; shard = the shards' wall time; merge = the merged index built and committed (renames, "
+         "fsyncs); total = the whole of the pipeline's save; outside = Saver.save() around it (stale temp-dir "
+         "scan, checkpoint state file, retention)\n")
     return out
 
 

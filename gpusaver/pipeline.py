@@ -97,7 +97,12 @@ def save_checkpoint(
         sharded: one shard per group, written concurrently; else one data file.
         durable: fsync files and directories.
         fileops: file operations (tests inject faults here).
-        on_phase: called with ``(phase, seconds)`` as each stage of the save ends.
+        on_phase: called with ``(phase, seconds)`` as each stage of the save ends: for
+            each shard k ``stage:k`` (its worker handing the tensors to the writer:
+            layout, device-to-host copies, waits for the writer threads),
+            ``checksum:k`` and ``write:k`` (thread-seconds of the writer threads,
+            which overlap the staging), ``fsync:k`` (the data file) and ``shard:k``
+            (the shard's wall time); then ``merge`` and ``total``.
         after_commit: run once the checkpoint is committed, before the temp
             directory goes (the Saver records the checkpoint in its state file here).
         state_file: the state file ``after_commit`` writes, noted in the temp
@@ -133,6 +138,7 @@ def save_checkpoint(
                     if abort.is_set():
                         raise _Aborted()
                     group.backend.save_group(group.tensors(), writer)
+                staged = time.perf_counter() - t0
                 writer.finish(write_index=False)  # the coordinator merges from memory
             except BaseException:
                 writer.abort()
@@ -140,6 +146,10 @@ def save_checkpoint(
             writers[k] = writer
             ops.phase(f"shard:written:{k}")
             if on_phase:
+                timings = writer.timings
+                on_phase(f"stage:{k}", staged)
+                for name in ("checksum", "write", "fsync"):
+                    on_phase(f"{name}:{k}", timings[name])
                 on_phase(f"shard:{k}", time.perf_counter() - t0)
         except BaseException as e:  # noqa: BLE001 - re-raised by the caller
             abort.set()

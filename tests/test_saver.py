@@ -1366,3 +1366,47 @@ def test_fixed_width_string_arrays_never_give_a_corrupt_checkpoint(values: np.nd
     values[...] = values.reshape(-1)[::-1].reshape(values.shape)
     saver.restore(prefix)
     assert (values == original).all()
+
+
+@pytest.mark.parametrize("slow", ["pwrite", "fsync", None])
+@pytest.mark.parametrize("durable", [True, False])
+def test_on_phase_reports_each_stage_of_a_save(tmp_path: Path, slow: str | None, durable: bool) -> None:
+    """``on_phase`` reports stage, checksum, write, fsync and shard for every shard, then merge
+    and total; an operation slowed down through the FileOps seam shows up in its own phase."""
+    delay = 0.05
+
+    class Slow(PosixFileOps):
+        def pwrite(self, fd: int, buffers: Any, offset: int) -> None:
+            if slow == "pwrite":
+                time.sleep(delay)
+            super().pwrite(fd, buffers, offset)
+
+        def fsync(self, fd: int) -> None:
+            if slow == "fsync":
+                time.sleep(delay)
+            super().fsync(fd)
+
+    arrays = {f"w{i}": np.full(1000 * (i + 1), i, np.float32) for i in range(12)}
+    arrays["big"] = np.ones(1 << 20, np.float32)  # written from its own memory, in segments
+    phases: list[tuple[str, float]] = []
+    saver = gs.Saver(
+        on_cpus(arrays, 2), sharded=True, durable=durable, fileops=Slow(), on_phase=lambda p, s: phases.append((p, s))
+    )
+    saver.save(str(tmp_path / "m"))
+    names = [p for p, _ in phases]
+    per_shard = ["stage", "checksum", "write", "fsync", "shard"]
+    for k in (0, 1):
+        mine = [n for n in names if n.endswith(f":{k}")]
+        assert mine == [f"{p}:{k}" for p in per_shard], names
+    assert names[-2:] == ["merge", "total"], names
+    got = dict(phases)
+    assert all(s >= 0 for s in got.values()), got
+    for k in (0, 1):
+        assert got[f"shard:{k}"] >= got[f"stage:{k}"]
+        assert got[f"checksum:{k}"] > 0 and got[f"write:{k}"] > 0, got
+        assert (got[f"fsync:{k}"] > 0) == durable, got
+        if slow == "pwrite":
+            assert got[f"write:{k}"] >= delay, got
+        if slow == "fsync" and durable:
+            assert got[f"fsync:{k}"] >= delay, got
+    assert got["total"] >= max(got["shard:0"], got["shard:1"]) and got["total"] >= got["merge"]

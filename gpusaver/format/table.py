@@ -378,10 +378,11 @@ class TableReader:
             return [self.get(k) for k in keys]
         table = self._dict
         if table is None:
-            table = self._dict = {}
+            table = {}
             for i in range(len(self._handles)):
                 block_keys, block_values = self._block(i)
                 table.update(zip(block_keys, block_values))
+            self._dict = table  # published whole: a reader on another thread never sees it half built
         get = table.get
         return [get(k) for k in keys]
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import time
 import uuid
 from typing import Any, Callable, Iterable, Sequence
 
@@ -119,6 +120,9 @@ class _WriterPool:
         )
         self.error: BaseException | None = None
         self._local = threading.local()
+        #: thread-seconds spent checksumming (and packing) and writing, summed over the threads
+        self.seconds = {"checksum": 0.0, "write": 0.0}
+        self._seconds_lock = threading.Lock()
         self._threads = [
             threading.Thread(target=self._run, name="gpusaver-writer", daemon=True) for _ in range(_writer_count())
         ]
@@ -149,26 +153,37 @@ class _WriterPool:
                         self.error = e
 
     def _write(self, offset: int, pieces: "list[Piece] | _Pack") -> None:
-        crcs, extend, pwrite, fd = self._crcs, crc.extend, self._fileops.pwrite, self._fd
+        crcs, extend, pwrite, fd, clock = self._crcs, crc.extend, self._fileops.pwrite, self._fd, time.perf_counter
+        checksum = write = 0.0
+        t0 = clock()
         if isinstance(pieces, _Pack):
             staging = getattr(self._local, "staging", None)
             if staging is None:
                 staging = self._local.staging = bytearray(_PACK_BYTES + _PACK_LIMIT)
             n = pieces.lib.pack(pieces.arrays, pieces.start, pieces.stop, staging, pieces.crcs)
+            t1 = clock()
             pwrite(fd, [memoryview(staging)[:n]], offset)
-            return
-        if len(pieces) == 1 and len(pieces[0][1]) > _SEGMENT:
+            checksum, write = t1 - t0, clock() - t1
+        elif len(pieces) == 1 and len(pieces[0][1]) > _SEGMENT:
             slot, view = pieces[0]
             for lo in range(0, len(view), _SEGMENT):
                 segment = view[lo : lo + _SEGMENT]
                 if slot >= 0:
                     crcs[slot] = extend(crcs[slot], segment)
+                t1 = clock()
                 pwrite(fd, [segment], offset + lo)
-            return
-        for slot, view in pieces:
-            if slot >= 0:
-                crcs[slot] = extend(crcs[slot], view)
-        pwrite(fd, [view for _, view in pieces], offset)
+                t2 = clock()
+                checksum, write, t0 = checksum + (t1 - t0), write + (t2 - t1), t2
+        else:
+            for slot, view in pieces:
+                if slot >= 0:
+                    crcs[slot] = extend(crcs[slot], view)
+            t1 = clock()
+            pwrite(fd, [view for _, view in pieces], offset)
+            checksum, write = t1 - t0, clock() - t1
+        with self._seconds_lock:
+            self.seconds["checksum"] += checksum
+            self.seconds["write"] += write
 
     def submit(self, offset: int, pieces: "list[Piece] | _Pack", done: Callable[[], None] | None = None) -> None:
         self.check()
@@ -248,6 +263,7 @@ class BundleWriter:
         except OSError as e:
             raise os_error(e, "creating", self._tmp_data) from e
         self._drained = False
+        self._fsync_seconds = 0.0
         self._crcs: list[int] = []  # running crc32c of each tensor, filled in by the writer threads
         self._writer = _WriterPool(self._fileops, self._fd, self._tmp_data, thread_init, self._crcs)
 
@@ -564,6 +580,13 @@ class BundleWriter:
         return len(self._entries) + len(self._sliced) + len(self._run_keys)
 
     @property
+    def timings(self) -> dict[str, float]:
+        """Seconds spent so far: ``checksum`` and ``write`` summed over the writer threads
+        (``checksum`` includes packing small tensors, done in the same pass), and ``fsync``
+        of the data file."""
+        return {**self._writer.seconds, "fsync": self._fsync_seconds}
+
+    @property
     def data_path(self) -> str:
         """The data file (its final name, once :meth:`finish` has renamed it)."""
         return self._data_path
@@ -611,7 +634,9 @@ class BundleWriter:
             assert fd is not None
             try:
                 if self._durable:
+                    t0 = time.perf_counter()
                     ops.fsync(fd)
+                    self._fsync_seconds = time.perf_counter() - t0
             finally:
                 ops.close(fd)
             ops.rename(self._tmp_data, self._data_path)
