@@ -295,9 +295,11 @@ def targets(rows: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
                 g = _find(blk, "gpusaver", op, durable)
                 ref = _find(blk, against, op, durable if against == "raw" else False)
                 value = g["best_s"] / ref["best_s"] if g and ref else None
+                # Time targets are set for tmpfs; on disk the ratio is shown, not judged.
+                verdict = None if value is None else (value <= limit if fs == "shm" else "info")
                 out.append(dict(fs=fs, workload=wname, op=op, what=f"{_label('gpusaver', durable)} / "
                                 f"{_label(against, durable and against == 'raw')}", limit=limit, value=value,
-                                ok=None if value is None else value <= limit))
+                                ok=verdict))
         for r in here:
             if r["peer"] == "gpusaver" and "peak_bytes" in r:
                 out.append(dict(fs=fs, workload=r["workload"], op=r["op"], what=f"{_label('gpusaver', r['durable'])}"
@@ -305,9 +307,13 @@ def targets(rows: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
                                 value=r["peak_bytes"] / bl.MiB, ok=r["peak_bytes"] <= PEAK_LIMIT))
     rows_txt = [[t["fs"], t["workload"], t["op"], t["what"], f"<= {t['limit']:g}",
                  "-" if t["value"] is None else f"{t['value']:.2f}",
-                 "n/a" if t["ok"] is None else ("met" if t["ok"] else "MISSED")] for t in out]
+                 "n/a" if t["ok"] is None else t["ok"] if isinstance(t["ok"], str) else ("met" if t["ok"] else "MISSED")]
+                for t in out]
     text = "== targets\n" + bl.table(["fs", "workload", "op", "ratio", "target", "measured", ""], rows_txt,
                                      "lllllrl") + "\n"
+    if any(t["ok"] == "info" for t in out):
+        text += ("   time targets are set for tmpfs; on disk the ratios are for information (page-cache writeback "
+                 "left by the peers before makes them vary from run to run); peak-memory limits hold on both\n")
     return text, out
 
 
