@@ -123,6 +123,10 @@ class _WriterPool:
         #: thread-seconds spent checksumming (and packing) and writing, summed over the threads
         self.seconds = {"checksum": 0.0, "write": 0.0}
         self._seconds_lock = threading.Lock()
+        # One pwrite at a time: the kernel serialises writes to one file anyway, and a
+        # thread waiting here sleeps, where one waiting on the inode lock may spin and
+        # take the CPU another thread needs for checksums.
+        self._write_lock = threading.Lock()
         self._threads = [
             threading.Thread(target=self._run, name="gpusaver-writer", daemon=True) for _ in range(_writer_count())
         ]
@@ -153,7 +157,7 @@ class _WriterPool:
                         self.error = e
 
     def _write(self, offset: int, pieces: "list[Piece] | _Pack") -> None:
-        crcs, extend, pwrite, fd, clock = self._crcs, crc.extend, self._fileops.pwrite, self._fd, time.perf_counter
+        crcs, extend, fd, clock, pwrite = self._crcs, crc.extend, self._fd, time.perf_counter, self._pwrite
         checksum = write = 0.0
         t0 = clock()
         if isinstance(pieces, _Pack):
@@ -161,29 +165,33 @@ class _WriterPool:
             if staging is None:
                 staging = self._local.staging = bytearray(_PACK_BYTES + _PACK_LIMIT)
             n = pieces.lib.pack(pieces.arrays, pieces.start, pieces.stop, staging, pieces.crcs)
-            t1 = clock()
-            pwrite(fd, [memoryview(staging)[:n]], offset)
-            checksum, write = t1 - t0, clock() - t1
+            checksum = clock() - t0
+            write = pwrite(fd, [memoryview(staging)[:n]], offset)
         elif len(pieces) == 1 and len(pieces[0][1]) > _SEGMENT:
             slot, view = pieces[0]
             for lo in range(0, len(view), _SEGMENT):
                 segment = view[lo : lo + _SEGMENT]
+                t0 = clock()
                 if slot >= 0:
                     crcs[slot] = extend(crcs[slot], segment)
-                t1 = clock()
-                pwrite(fd, [segment], offset + lo)
-                t2 = clock()
-                checksum, write, t0 = checksum + (t1 - t0), write + (t2 - t1), t2
+                checksum += clock() - t0
+                write += pwrite(fd, [segment], offset + lo)
         else:
             for slot, view in pieces:
                 if slot >= 0:
                     crcs[slot] = extend(crcs[slot], view)
-            t1 = clock()
-            pwrite(fd, [view for _, view in pieces], offset)
-            checksum, write = t1 - t0, clock() - t1
+            checksum = clock() - t0
+            write = pwrite(fd, [view for _, view in pieces], offset)
         with self._seconds_lock:
             self.seconds["checksum"] += checksum
             self.seconds["write"] += write
+
+    def _pwrite(self, fd: int, buffers: list[Any], offset: int) -> float:
+        """Writes under the pool's write lock; returns the seconds spent writing (not waiting)."""
+        with self._write_lock:
+            t0 = time.perf_counter()
+            self._fileops.pwrite(fd, buffers, offset)
+            return time.perf_counter() - t0
 
     def submit(self, offset: int, pieces: "list[Piece] | _Pack", done: Callable[[], None] | None = None) -> None:
         self.check()
