@@ -14,6 +14,9 @@ gpusaver_setup() {
     if [ ! -x "$VENV/bin/python" ]; then
         "${PYTHON:-python3}" -m venv "$VENV"
     fi
+    # A venv made by an older (hatchling) build can keep an empty site-packages/gpusaver/ after
+    # the upgrade; as a namespace package it would shadow the editable install. Drop it.
+    find "$VENV"/lib/python*/site-packages/gpusaver -depth -type d -empty -delete 2>/dev/null || true
     local spec="$GPUSAVER_ROOT"
     if [ -n "${1:-}" ]; then spec="$GPUSAVER_ROOT[$1]"; fi
     "$VENV/bin/python" -m pip install --disable-pip-version-check -q -e "$spec"
