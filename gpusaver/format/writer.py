@@ -347,7 +347,8 @@ class BundleWriter:
         """
         if self._finished:
             raise ValueError(f"BundleWriter for {self.prefix!r} is already finished")
-        keys = [n.encode("utf-8") if isinstance(n, str) else bytes(n) for n in names]
+        # Savers pass their names encoded already: take bytes as they are, cheaply.
+        keys = [n if type(n) is bytes else n.encode("utf-8") if isinstance(n, str) else bytes(n) for n in names]
         fresh = set(keys)
         clash = (
             len(fresh) != len(keys)
