@@ -26,7 +26,7 @@
 #define HAVE_X86_CRC 1
 #endif
 
-#define NATIVE_API 1
+#define NATIVE_API 2
 #define MAX_RANK 254
 #define INT64_MAXU ((uint64_t)INT64_MAX)
 #define CRC_MASK_DELTA 0xA282EAD8u
@@ -402,11 +402,11 @@ done:
 }
 
 PyDoc_STRVAR(unpack_doc,
-             "unpack(src, base, arrays, order, start, stop, offsets, crcs) -> int\n\n"
+             "unpack(src, base, arrays, order, start, stop, offsets, crcs) -> list[int]\n\n"
              "For k in [start, stop), with i = order[k]: checks that the bytes of src at\n"
-             "offsets[i] - base (as many as arrays[i] holds) have the unmasked crc32c crcs[i], then\n"
-             "copies them into arrays[i]. Returns -1, or the first i whose bytes do not match (that\n"
-             "array is left untouched; those before it are restored). The GIL is released.");
+             "offsets[i] - base (as many as arrays[i] holds) have the unmasked crc32c crcs[i], and\n"
+             "copies them into arrays[i] if so. Returns the i whose bytes do not match, in the order\n"
+             "met (those arrays are left untouched; every other one is restored). The GIL is released.");
 
 static PyObject *unpack(PyObject *self, PyObject *args)
 {
@@ -449,19 +449,32 @@ static PyObject *unpack(PyObject *self, PyObject *args)
         spans[k - start].src = (const unsigned char *)src.view.buf + rel;
     }
     const uint32_t *want = (const uint32_t *)crcs.view.buf;
-    Py_ssize_t bad = -1;
+    Py_ssize_t nbad = 0;
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t k = start; k < stop; k++) {
         Span *sp = &spans[k - start];
         if (crc32c_extend(0, sp->src, sp->n) != want[idx[k]]) {
-            bad = (Py_ssize_t)idx[k];
-            break;
+            sp->n = SIZE_MAX; /* marks it bad: collected below, with the GIL */
+            nbad++;
+            continue;
         }
         if (sp->n)
             memcpy(sp->dst, sp->src, sp->n);
     }
     Py_END_ALLOW_THREADS
-    result = PyLong_FromSsize_t(bad);
+    result = PyList_New(nbad);
+    if (result == NULL)
+        goto done;
+    for (Py_ssize_t k = start, j = 0; k < stop && j < nbad; k++) {
+        if (spans[k - start].n != SIZE_MAX)
+            continue;
+        PyObject *index = PyLong_FromLongLong((long long)idx[k]);
+        if (index == NULL) {
+            Py_CLEAR(result);
+            goto done;
+        }
+        PyList_SET_ITEM(result, j++, index);
+    }
 done:
     release_spans(spans, stop - start);
     release_buf(&src);

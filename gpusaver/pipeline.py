@@ -256,13 +256,16 @@ def _check_restore_each(reader: BundleReader, variables: Sequence[ResolvedVariab
                 )
         if not getattr(getattr(v.array, "flags", None), "writeable", True):
             raise ValueError(f"variable {v.name!r} is read-only and cannot be restored in place")
-        # A missing or truncated data file is found now, before any array changes.
+        # A corrupt entry size, a missing or truncated data file: found now, before any array changes.
         if entry.slices:
             for extents in entry.slices:
                 part = reader.entry(encode_slice_key(v.name, extents))
+                reader.check_size(v.name, part)
                 reader.data_location(v.name, part)
-        elif entry.offset + entry.size > reader.data_file_size(entry.shard_id):
-            reader.data_location(v.name, entry)  # raises, naming the file
+        else:
+            reader.check_size(v.name, entry)
+            if entry.offset + entry.size > reader.data_file_size(entry.shard_id):
+                reader.data_location(v.name, entry)  # raises, naming the file
 
 
 def restore_checkpoint(

@@ -341,8 +341,10 @@ class Saver:
                 FileNotFoundError).
             TensorNotFoundError: a variable is not in the checkpoint (a KeyError).
             DTypeMismatchError, ShapeMismatchError: a variable does not fit.
-            ChecksumError: stored bytes are damaged; the variables restored
-                before it hold checkpoint values, the failing one unverified bytes.
+            ChecksumError: stored bytes are damaged. It names the first damaged
+                variable of a device group, in the Saver's order; every variable
+                before it holds checkpoint values, the damaged one its old values
+                or unverified bytes. Raised once the group's other reads are done.
         """
         if self._is_empty:
             return

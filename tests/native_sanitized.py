@@ -49,7 +49,10 @@ offsets = np.zeros(len(take), np.int64)
 np.cumsum(sizes[ok][:-1], out=offsets[1:])
 order = np.arange(len(take), dtype=np.int64)
 dest = [np.zeros_like(a) for a in take]
-assert lib.unpack(out, 0, dest, order, 0, len(take), offsets, crcs) == -1
+assert lib.unpack(out, 0, dest, order, 0, len(take), offsets, crcs) == []
+wrong = crcs.copy()
+wrong[[1, len(take) - 1]] ^= 1
+assert lib.unpack(out, 0, dest, order, 0, len(take), offsets, wrong) == [1, len(take) - 1]
 assert all(np.array_equal(a, b) for a, b in zip(take, dest))
 for src, base, offs in ((out[:10], 0, offsets), (out, 100, np.full(len(take), -(2**63), np.int64))):
     try:  # a short source; an offset whose distance to base overflows int64

@@ -9,6 +9,7 @@ import numpy as np
 from gpusaver import native
 from gpusaver.backends.base import TensorList
 from gpusaver.devices import DeviceSpec
+from gpusaver.errors import ChecksumError
 from gpusaver.format import BundleReader, BundleWriter
 from gpusaver.format.tensors import byte_view
 
@@ -66,19 +67,35 @@ class NumpyBackend:
         writer.add_raw(name, arr.dtype, arr.shape, _row_chunks(arr))
 
     def restore_group(self, reader: BundleReader, tensors: Sequence[tuple[str, Any]], *, sequential: bool) -> None:
-        if native.lib is not None and not sequential:
-            listed = tensors if isinstance(tensors, TensorList) else TensorList(tensors)
-            cols = reader.columns(listed.keys)
-            assert cols is not None
-            good = reader.fits(cols, listed.arrays)
+        """Restores in place. A damaged tensor raises ChecksumError once every other read is
+        done: the first damaged one in ``tensors`` order, every tensor before it restored."""
+        if native.lib is None or sequential:
+            self._restore_each(reader, tensors, sequential)
+            return
+        listed = tensors if isinstance(tensors, TensorList) else TensorList(tensors)
+        cols = reader.columns(listed.keys)
+        assert cols is not None
+        good = reader.fits(cols, listed.arrays)
+        failures: list[ChecksumError] = []
+        try:
             reader.read_columns_into(listed.keys, listed.arrays, cols, np.flatnonzero(good))
-            if good.all():
-                return
-            tensors = [listed[i] for i in np.flatnonzero(~good)]
+        except ChecksumError as e:
+            failures.append(e)
+        if not good.all():
+            try:
+                self._restore_each(reader, [listed[i] for i in np.flatnonzero(~good)], sequential)
+            except ChecksumError as e:
+                failures.append(e)
+        if failures:
+            position = {name: i for i, name in enumerate(listed.names)}
+            raise min(failures, key=lambda e: position.get(e.tensor or "", len(position)))
+
+    def _restore_each(self, reader: BundleReader, tensors: Sequence[tuple[str, Any]], sequential: bool) -> None:
+        """The general path: any array, any entry (partitioned, strings, big-endian files)."""
         direct: list[tuple[str, Any]] = []  # read straight into the arrays' memory, batched
         for name, arr in tensors:
             entry = reader.entry(name)
-            if entry.slices or arr.dtype.kind == "O":
+            if entry.slices or arr.dtype.kind == "O" or reader.big_endian:
                 arr[...] = reader.get_tensor(name).reshape(arr.shape)
             elif arr.flags.c_contiguous and arr.flags.writeable and arr.dtype.byteorder != ">":
                 try:

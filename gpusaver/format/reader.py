@@ -382,6 +382,28 @@ class BundleReader:
             )
         return fd, entry.offset, entry.size, path
 
+    def check_size(self, name: str, entry: BundleEntry) -> None:
+        """Raises CorruptCheckpointError when an entry's byte size cannot hold its shape.
+
+        Numeric tensors need exactly elements x itemsize bytes; a string tensor at
+        least a length varint per element and a crc32c.
+        """
+        dtype = dtypes.to_numpy(entry.dtype, path=self.index_path, tensor=name)
+        if dtype != dtypes.OBJECT:
+            self._check_size(name, entry, dtype)
+        elif entry.size < entry.num_elements + 4:
+            raise CorruptCheckpointError(
+                f"string tensor {name!r} in {self.index_path!r}: {entry.size} bytes cannot hold "
+                f"{entry.num_elements} strings",
+                self.index_path,
+            )
+
+    @property
+    def big_endian(self) -> bool:
+        """The data files hold big-endian values (a checkpoint from a big-endian machine);
+        only :meth:`get_tensor` converts them, so restores go through it."""
+        return self.header.endianness == 1
+
     def _check_size(self, name: str, entry: BundleEntry, dtype: np.dtype) -> None:
         expect = entry.num_elements * dtype.itemsize
         if entry.size != expect:
@@ -464,21 +486,28 @@ class BundleReader:
         """Where each array can be restored by :meth:`read_columns_into`: a bool mask.
 
         True where the entry decoded (``cols.ok``), the array is a writable
-        C-contiguous native-order ndarray of the stored dtype and shape, and its
-        bytes lie inside the data file. Everything else is for the general path
-        (which also raises the precise error, if there is one).
+        C-contiguous native-order ndarray of the stored dtype, shape and byte
+        size, and its bytes lie inside a data file that exists. Everything else
+        is for the general path, which also raises the precise error, in order.
         """
         lib = native.lib
         assert lib is not None
+        if self.big_endian:
+            return np.zeros(len(arrays), bool)
         good = lib.check_arrays(
             arrays, native.type_codes(), cols.ok, cols.enums, cols.ndims, cols.dim_starts, cols.dims, cols.sizes
         ).astype(bool)
         if good.any():
-            ends = cols.offsets + cols.sizes
+            # offset and size are each below 2**63 (decode checks): their sum fits a uint64
+            ends = cols.offsets.astype(np.uint64) + cols.sizes.astype(np.uint64)
             for shard in np.unique(cols.shards[good]):
-                in_shard = good & (cols.shards == shard)
-                if ends[in_shard].max() > self.data_file_size(int(shard)):
-                    good &= ~(in_shard & (ends > self.data_file_size(int(shard))))
+                in_shard = cols.shards == shard
+                try:
+                    size = self.data_file_size(int(shard))
+                except CorruptCheckpointError:  # a missing file: the general path says so, in order
+                    good &= ~in_shard
+                    continue
+                good &= ~(in_shard & (ends > np.uint64(size)))
         return good
 
     def read_columns_into(self, keys: list[bytes], arrays: Sequence[Any], cols: EntryColumns, which: np.ndarray) -> None:
@@ -486,23 +515,39 @@ class BundleReader:
 
         Large tensors are read straight into their arrays' memory; small ones in
         chunks of a few MiB that the C extension checks and copies into place,
-        on several threads for big restores.
+        on several threads for big restores. Every read completes before an
+        error is raised.
 
         Raises:
-            ChecksumError: bytes that do not match their checksum (earlier
-                tensors hold checkpoint values; that one is untouched or unverified).
+            ChecksumError: for the first damaged tensor in ``keys`` order. Every
+                tensor before it holds checkpoint values; a small damaged one
+                keeps its old values, a large one holds the unverified bytes.
         """
         lib = native.lib
         assert lib is not None
         sizes = cols.sizes
         big = which[sizes[which] >= _UNPACK_LIMIT]
         small = which[sizes[which] < _UNPACK_LIMIT]
+        failures: list[tuple[int, ChecksumError]] = []
         if len(big):
             from gpusaver.format.tensors import byte_view
 
-            self.read_many_into([(keys[i].decode("utf-8"), byte_view(arrays[i])) for i in big])
-        if not len(small):
-            return
+            names = [keys[i].decode("utf-8") for i in big]
+            try:
+                self.read_many_into(list(zip(names, (byte_view(arrays[i]) for i in big))))
+            except ChecksumError as e:  # the first damaged large one, in order
+                failures.append((int(big[names.index(e.tensor)]), e))
+        if len(small):
+            failures += self._read_small(keys, arrays, cols, small)
+        if failures:
+            raise min(failures, key=lambda f: f[0])[1]
+
+    def _read_small(
+        self, keys: list[bytes], arrays: Sequence[Any], cols: EntryColumns, small: np.ndarray
+    ) -> list[tuple[int, ChecksumError]]:
+        """Reads small tensors in chunks, verified and copied by the C extension; returns the damaged ones."""
+        lib = native.lib
+        sizes = cols.sizes
         order = small[np.lexsort((cols.offsets[small], cols.shards[small]))].astype(np.int64)
         starts = cols.offsets[order]
         ends = starts + sizes[order]
@@ -514,8 +559,9 @@ class BundleReader:
         brk[1:] |= chunk[1:] != chunk[:-1]
         cuts = np.append(np.flatnonzero(brk), len(order))
         jobs = [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:])]
-        total = int(ends[-1] - starts[0]) if len(order) else 0
+        total = int(ends[-1] - starts[0])
         workers = min(_read_workers(total, _PARALLEL_CHUNKED), len(jobs))
+        failures: list[tuple[int, ChecksumError]] = []
 
         def run(part: list[tuple[int, int]]) -> None:
             staging = bytearray(_CHUNK_BYTES + _UNPACK_LIMIT)
@@ -524,33 +570,34 @@ class BundleReader:
                 fd, _, path = self._data_file(int(shards[a]))
                 lo, hi = int(starts[a]), int(ends[b - 1])
                 read_exact(fd, view[: hi - lo], lo, path)
-                bad = lib.unpack(view[: hi - lo], lo, arrays, order, a, b, cols.offsets, cols.crcs)
-                if bad >= 0:
-                    stored = int(cols.crcs[bad])
-                    actual = crc.value(view[int(cols.offsets[bad]) - lo : int(cols.offsets[bad] + sizes[bad]) - lo])
-                    raise ChecksumError(path, keys[bad].decode("utf-8", "replace"), stored, actual)
+                for bad in lib.unpack(view[: hi - lo], lo, arrays, order, a, b, cols.offsets, cols.crcs):
+                    at = int(cols.offsets[bad]) - lo
+                    actual = crc.value(view[at : at + int(sizes[bad])])
+                    name = keys[bad].decode("utf-8", "replace")
+                    failures.append((bad, ChecksumError(path, name, int(cols.crcs[bad]), actual)))
 
         if workers <= 1:
             run(jobs)
-            return
+            return failures
         per = -(-len(jobs) // workers)
         parts = [jobs[k : k + per] for k in range(0, len(jobs), per)]
-        failures: list[tuple[int, BaseException]] = []
+        errors: list[BaseException] = []
 
-        def work(k: int) -> None:
+        def work(part: list[tuple[int, int]]) -> None:
             try:
-                run(parts[k])
+                run(part)
             except BaseException as e:  # noqa: BLE001 - re-raised below
-                failures.append((k, e))
+                errors.append(e)
 
-        threads = [threading.Thread(target=work, args=(k,), name="gpusaver-read") for k in range(1, len(parts))]
+        threads = [threading.Thread(target=work, args=(p,), name="gpusaver-read") for p in parts[1:]]
         for t in threads:
             t.start()
-        work(0)
+        work(parts[0])
         for t in threads:
             t.join()
-        if failures:
-            raise min(failures, key=lambda f: f[0])[1]
+        if errors:
+            raise errors[0]
+        return failures
 
     def get_tensor(self, name: str) -> np.ndarray:
         """Reads a whole tensor as a NumPy array, checksums verified.
@@ -565,12 +612,7 @@ class BundleReader:
     def _read_entry(self, name: str, entry: BundleEntry) -> np.ndarray:
         dtype = dtypes.to_numpy(entry.dtype, path=self.index_path, tensor=name)
         if dtype == dtypes.OBJECT:
-            if entry.size < entry.num_elements + 4:
-                raise CorruptCheckpointError(
-                    f"string tensor {name!r} in {self.index_path!r}: {entry.size} bytes cannot hold "
-                    f"{entry.num_elements} strings",
-                    self.index_path,
-                )
+            self.check_size(name, entry)
             fd, offset, size, path = self.data_location(name, entry)
             buf = bytearray(size)
             read_exact(fd, memoryview(buf), offset, path)

@@ -565,7 +565,7 @@ class BundleWriter:
             self.add(name, arr)
             return
         key = name.encode("utf-8")
-        if key in self._entries:
+        if key in self._entries or key in self._run_keys:
             raise ValueError(f"duplicate tensor name {name!r}: already added unsliced")
         dtype_enum = dtypes.from_numpy(arr.dtype, tensor=name)
         full = self._sliced.get(key)
