@@ -625,26 +625,51 @@ def test_same_bytes_as_a_numpy_save(fake, tmp_path, sharded):
 
 
 # ----------------------------------------------------------------- checksums
-@pytest.mark.parametrize("victim", ["packed", "chunked"])
-def test_corrupt_byte_raises_checksum_error(fake, tmp_path, victim):
-    hosts = {"packed": values((200,), np.float32), "chunked": values((2 * SLOT + 7,), np.uint8)}
-    arrays = {name: put(fake, h, 0) for name, h in hosts.items()}
-    saver = gs.Saver(arrays, durable=False)
-    path = saver.save(str(tmp_path / "model"))
+def damage(path: str, name: str) -> None:
+    """Flips a bit in the middle of tensor ``name``'s bytes in the (single) data file."""
     with BundleReader(path) as reader:
-        entry = reader.entry(victim)
+        entry = reader.entry(name)
     (data,) = data_files(path)
     with open(data, "r+b") as f:
         f.seek(entry.offset + entry.size // 2)
         byte = f.read(1)
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([byte[0] ^ 0x40]))
+
+
+@pytest.mark.parametrize("victim", ["packed", "chunked"])
+def test_corrupt_byte_raises_checksum_error(fake, tmp_path, victim):
+    hosts = {"packed": values((200,), np.float32), "chunked": values((2 * SLOT + 7,), np.uint8)}
+    arrays = {name: put(fake, h, 0) for name, h in hosts.items()}
+    saver = gs.Saver(arrays, durable=False)
+    path = saver.save(str(tmp_path / "model"))
+    damage(path, victim)
     with pytest.raises(gs.ChecksumError) as info:
         saver.restore(path)
     assert info.value.tensor == victim
     assert_ring_idle(fake)
     with gs.load_checkpoint(path) as reader, pytest.raises(gs.ChecksumError):
         reader.get_tensor(victim, device=1)
+    assert_ring_idle(fake)
+
+
+@pytest.mark.parametrize("victim", ["s1", "big", "s3"])
+def test_checksum_error_restores_every_variable_before_it(fake, tmp_path, victim):
+    """The damaged variable is named, and every variable before it in the Saver's order is
+    restored, including small ones still waiting in a pinned batch when a large one fails."""
+    names = ["s0", "s1", "big", "s2", "s3"]
+    hosts = {n: values((2 * SLOT + 7,) if n == "big" else (64,), np.float32 if n != "big" else np.uint8) for n in names}
+    arrays = {n: put(fake, h, 0) for n, h in hosts.items()}
+    saver = gs.Saver(arrays, durable=False)
+    path = saver.save(str(tmp_path / "model"))
+    damage(path, victim)
+    for arr in arrays.values():
+        fill(fake, arr, 0)
+    with pytest.raises(gs.ChecksumError) as info:
+        saver.restore(path)
+    assert info.value.tensor == victim
+    for name in names[: names.index(victim)]:
+        assert same(arrays[name].get(), hosts[name]), name
     assert_ring_idle(fake)
 
 

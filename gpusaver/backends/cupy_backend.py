@@ -288,20 +288,26 @@ class CupyBackend:
         with state.lock, cp.cuda.Device(device_id), self._ordered(state):
             small: list[tuple[str, Any]] = []
             small_bytes = 0
-            for name, arr in tensors:
-                entry = reader.entry(name)
-                if entry.slices:
-                    arr[...] = cp.asarray(reader.get_tensor(name).reshape(arr.shape))
-                elif not arr.flags.c_contiguous:
-                    self._restore_strided(reader, name, arr, state)
-                elif arr.nbytes < SMALL_BYTES and not sequential:
-                    if small_bytes + arr.nbytes > SLOT_BYTES:
-                        self._restore_small(reader, small, state)
-                        small, small_bytes = [], 0
-                    small.append((name, arr))
-                    small_bytes += arr.nbytes
-                else:
-                    self._restore_large(reader, name, arr, state)
+            try:
+                for name, arr in tensors:
+                    entry = reader.entry(name)
+                    if entry.slices or reader.big_endian:  # get_tensor assembles slices and converts byte order
+                        arr[...] = cp.asarray(reader.get_tensor(name).reshape(arr.shape))
+                    elif not arr.flags.c_contiguous:
+                        self._restore_strided(reader, name, arr, state)
+                    elif arr.nbytes < SMALL_BYTES and not sequential:
+                        if small_bytes + arr.nbytes > SLOT_BYTES:
+                            self._restore_small(reader, small, state)
+                            small, small_bytes = [], 0
+                        small.append((name, arr))
+                        small_bytes += arr.nbytes
+                    else:
+                        self._restore_large(reader, name, arr, state)
+            except ChecksumError:
+                # The small tensors still waiting come before the damaged one: restore them
+                # first (a damaged one among them is earlier still, and is raised instead).
+                self._restore_small(reader, small, state)
+                raise
             self._restore_small(reader, small, state)
             state.stream.synchronize()
 
@@ -321,8 +327,13 @@ class CupyBackend:
         try:
             host = state.ring.view(slot)
             offsets, pos = [], 0
-            for name, arr in items:
-                reader.read_into(name, host[pos : pos + arr.nbytes])  # crc verified here
+            damaged: ChecksumError | None = None
+            for k, (name, arr) in enumerate(items):
+                try:
+                    reader.read_into(name, host[pos : pos + arr.nbytes])  # crc verified here
+                except ChecksumError as e:  # the ones before it are verified: they still go to the GPU
+                    damaged, items = e, items[:k]
+                    break
                 offsets.append(pos)
                 pos += arr.nbytes
             if pos:
@@ -334,6 +345,8 @@ class CupyBackend:
         finally:
             state.stream.synchronize()  # no copy may still read the buffer we give back
             state.ring.release(slot)
+        if damaged is not None:
+            raise damaged
 
     def _restore_strided(self, reader: BundleReader, name: str, arr: Any, state: _DeviceState) -> None:
         """A non-contiguous destination, a block of leading rows at a time through the staging slab.
