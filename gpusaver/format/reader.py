@@ -500,7 +500,7 @@ class BundleReader:
         if good.any():
             # offset and size are each below 2**63 (decode checks): their sum fits a uint64
             ends = cols.offsets.astype(np.uint64) + cols.sizes.astype(np.uint64)
-            for shard in np.unique(cols.shards[good]):
+            for shard in np.flatnonzero(np.bincount(cols.shards[good])):  # ids < num_shards (cols.ok)
                 in_shard = cols.shards == shard
                 try:
                     size = self.data_file_size(int(shard))
