@@ -428,6 +428,30 @@ def unpack(
     _copy("gs_unpack", destinations, staging, offsets, stream, device_id, chunk_bytes)
 
 
+def crc_ranges(
+    ptrs: Sequence[Source], sizes: Sequence[int] | None, device_id: int | None
+) -> tuple[int, np.ndarray, np.ndarray]:
+    """The device and the uint64 pointer and size arrays of :func:`crc32c_ranges`' arguments.
+
+    Raises:
+        ValueError: mismatched lengths or a negative size.
+    """
+    if sizes is None:
+        items = list(ptrs)
+        if device_id is None:
+            device_id = next((a.device.id for a in items if isinstance(a, _cupy().ndarray)), None)
+        dev = _device_id(device_id)
+        return (dev, *_ranges(items, dev, "range"))
+    dev = _device_id(device_id)
+    ptr_arr = np.asarray(ptrs, dtype=np.uint64).reshape(-1)
+    signed = np.asarray(sizes, dtype=np.int64).reshape(-1)
+    if ptr_arr.size != signed.size:
+        raise ValueError(f"{ptr_arr.size} pointers but {signed.size} sizes")
+    if np.any(signed < 0):
+        raise ValueError("sizes must be >= 0")
+    return dev, ptr_arr, signed.astype(np.uint64)
+
+
 def crc32c_ranges(
     ptrs: Sequence[int] | Sequence[Source],
     sizes: Sequence[int] | None = None,
@@ -462,21 +486,7 @@ def crc32c_ranges(
     cupy = _cupy()
     if chunk_bytes <= 0:
         raise ValueError(f"chunk_bytes must be > 0, got {chunk_bytes}")
-    if sizes is None:
-        items = list(ptrs)
-        if device_id is None:
-            device_id = next((a.device.id for a in items if isinstance(a, cupy.ndarray)), None)
-        dev = _device_id(device_id)
-        ptr_arr, size_arr = _ranges(items, dev, "range")
-    else:
-        dev = _device_id(device_id)
-        ptr_arr = np.asarray(ptrs, dtype=np.uint64).reshape(-1)
-        signed = np.asarray(sizes, dtype=np.int64).reshape(-1)
-        if ptr_arr.size != signed.size:
-            raise ValueError(f"{ptr_arr.size} pointers but {signed.size} sizes")
-        if np.any(signed < 0):
-            raise ValueError("sizes must be >= 0")
-        size_arr = signed.astype(np.uint64)
+    dev, ptr_arr, size_arr = crc_ranges(ptrs, sizes, device_id)
     n = int(ptr_arr.size)
     if n >= 2**31:
         raise ValueError(f"too many ranges for one launch: {n}")

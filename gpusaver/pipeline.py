@@ -29,6 +29,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from gpusaver import native
+from gpusaver._parallel import run_parallel
 from gpusaver.backends.base import TensorList
 from gpusaver.devices import DeviceSpec
 from gpusaver.errors import (
@@ -279,18 +280,9 @@ def restore_checkpoint(
         for g in groups:
             g.backend.restore_group(reader, g.tensors(), sequential=sequential)
         return
-    errors: list[BaseException] = []
-
-    def run(g: Group) -> None:
-        try:
-            g.backend.restore_group(reader, g.tensors(), sequential=False)
-        except BaseException as e:  # noqa: BLE001 - re-raised below
-            errors.append(e)
-
-    threads = [threading.Thread(target=run, args=(g,), name=f"gpusaver-restore-{i}") for i, g in enumerate(groups)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
+    run_parallel(
+        lambda g: g.backend.restore_group(reader, g.tensors(), sequential=False),
+        groups,
+        "gpusaver-restore",
+        caller_takes_first=False,
+    )

@@ -951,21 +951,7 @@ class FakeCuda:
 
         if chunk_bytes <= 0:
             raise ValueError(f"chunk_bytes must be > 0, got {chunk_bytes}")
-        if sizes is None:
-            items = list(ptrs)
-            if device_id is None:
-                device_id = next((a.device.id for a in items if isinstance(a, self.ndarray)), None)
-            dev = K._device_id(device_id)
-            ptr_arr, size_arr = K._ranges(items, dev, "range")
-        else:
-            dev = K._device_id(device_id)
-            ptr_arr = np.asarray(ptrs, dtype=np.uint64).reshape(-1)
-            signed = np.asarray(sizes, dtype=np.int64).reshape(-1)
-            if ptr_arr.size != signed.size:
-                raise ValueError(f"{ptr_arr.size} pointers but {signed.size} sizes")
-            if np.any(signed < 0):
-                raise ValueError("sizes must be >= 0")
-            size_arr = signed.astype(np.uint64)
+        dev, ptr_arr, size_arr = K.crc_ranges(ptrs, sizes, device_id)
         n = int(ptr_arr.size)
         self.stats["gs_crc32c"] += 1
         st = self._launch_stream(dev, stream)

@@ -52,9 +52,8 @@ class NumpyBackend:
         return array.dtype
 
     def save_group(self, tensors: Sequence[tuple[str, Any]], writer: BundleWriter) -> None:
-        names = getattr(tensors, "keys", None) or [name for name, _ in tensors]
-        arrays = getattr(tensors, "arrays", None) or [arr for _, arr in tensors]
-        writer.add_many(names, arrays, fallback=lambda name, arr: self._save_one(name, arr, writer))
+        listed = tensors if isinstance(tensors, TensorList) else TensorList(tensors)
+        writer.add_many(listed.keys, listed.arrays, fallback=lambda name, arr: self._save_one(name, arr, writer))
 
     @staticmethod
     def _save_one(name: str | bytes, arr: np.ndarray, writer: BundleWriter) -> None:

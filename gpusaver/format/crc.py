@@ -10,8 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 import crc32c as _crc32c
+import numpy as np
 
-__all__ = ["MASK_DELTA", "value", "extend", "mask", "unmask"]
+__all__ = ["MASK_DELTA", "value", "extend", "mask", "unmask", "mask_array", "unmask_array"]
 
 MASK_DELTA = 0xA282EAD8
 _U32 = 0xFFFFFFFF
@@ -36,3 +37,15 @@ def unmask(masked: int) -> int:
     """Inverts :func:`mask`."""
     rot = (masked - MASK_DELTA) & _U32
     return ((rot >> 17) | (rot << 15)) & _U32
+
+
+def mask_array(crcs: np.ndarray) -> np.ndarray:
+    """:func:`mask` of every crc in an array (uint32 arithmetic wraps as the format's does)."""
+    c = crcs.astype(np.uint32, copy=False)
+    return ((c >> np.uint32(15)) | (c << np.uint32(17))) + np.uint32(MASK_DELTA)
+
+
+def unmask_array(masked: np.ndarray) -> np.ndarray:
+    """:func:`unmask` of every crc in an array."""
+    rot = masked.astype(np.uint32, copy=False) - np.uint32(MASK_DELTA)
+    return (rot >> np.uint32(17)) | (rot << np.uint32(15))

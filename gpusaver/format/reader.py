@@ -15,6 +15,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from gpusaver import native
+from gpusaver._parallel import run_parallel
 from gpusaver.errors import (
     ChecksumError,
     CheckpointNotFoundError,
@@ -58,8 +59,7 @@ class EntryColumns:
     def __init__(self, decoded: tuple[np.ndarray, ...], num_shards: int) -> None:
         ok, self.enums, self.shards, self.offsets, self.sizes, crcs, self.ndims, self.dim_starts, self.dims = decoded
         self.ok = ok & (self.shards < num_shards)
-        rot = crcs - np.uint32(crc.MASK_DELTA)
-        self.crcs = (rot >> np.uint32(17)) | (rot << np.uint32(15))
+        self.crcs = crc.unmask_array(crcs)
 
 
 def read_exact(fd: int, out: memoryview, offset: int, path: str) -> None:
@@ -158,25 +158,7 @@ def _read_with_checksums(runs: list[tuple[int, int, str, list[Any]]], count: int
             index += 1
         if current:
             parts[part].append((fd, begin, path, current, first))
-    if workers == 1:
-        _read_runs(parts[0], crcs)
-        return crcs
-    failures: list[BaseException] = []
-
-    def work(runs_of_part: list[Run]) -> None:
-        try:
-            _read_runs(runs_of_part, crcs)
-        except BaseException as e:  # noqa: BLE001 - re-raised below
-            failures.append(e)
-
-    threads = [threading.Thread(target=work, args=(p,), name="gpusaver-read") for p in parts[1:]]
-    for t in threads:
-        t.start()
-    work(parts[0])
-    for t in threads:
-        t.join()
-    if failures:
-        raise failures[0]
+    run_parallel(lambda runs_of_part: _read_runs(runs_of_part, crcs), parts, "gpusaver-read")
     return crcs
 
 
@@ -576,27 +558,8 @@ class BundleReader:
                     name = keys[bad].decode("utf-8", "replace")
                     failures.append((bad, ChecksumError(path, name, int(cols.crcs[bad]), actual)))
 
-        if workers <= 1:
-            run(jobs)
-            return failures
-        per = -(-len(jobs) // workers)
-        parts = [jobs[k : k + per] for k in range(0, len(jobs), per)]
-        errors: list[BaseException] = []
-
-        def work(part: list[tuple[int, int]]) -> None:
-            try:
-                run(part)
-            except BaseException as e:  # noqa: BLE001 - re-raised below
-                errors.append(e)
-
-        threads = [threading.Thread(target=work, args=(p,), name="gpusaver-read") for p in parts[1:]]
-        for t in threads:
-            t.start()
-        work(parts[0])
-        for t in threads:
-            t.join()
-        if errors:
-            raise errors[0]
+        per = -(-len(jobs) // max(1, workers))
+        run_parallel(run, [jobs[k : k + per] for k in range(0, len(jobs), per)], "gpusaver-read")
         return failures
 
     def get_tensor(self, name: str) -> np.ndarray:

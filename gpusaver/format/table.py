@@ -148,23 +148,9 @@ class TableWriter:
             if last is None or key <= last or len(key) + len(value) >= limit or self._pending is not None:
                 self.add(key, value)  # the rare paths: first key, order errors, flushes
                 continue
-            # _BlockBuilder.add inlined
-            if block.counter < RESTART_INTERVAL:
-                shared = _shared_prefix(last, key)
-            else:
-                block.restarts.append(len(block.buf))
-                block.counter = 0
-                shared = 0
-            buf = block.buf
-            buf += encode_varint(shared)
-            buf += encode_varint(len(key) - shared)
-            buf += encode_varint(len(value))
-            buf += key[shared:]
-            buf += value
-            block.last_key = key
-            block.counter += 1
+            block.add(key, value)
             self._last_key = key
-            if len(buf) + 4 * len(block.restarts) + 4 >= block_size:
+            if block.size_estimate() >= block_size:
                 self._flush()
 
     def _write_block(self, contents: bytes) -> tuple[int, int]:

@@ -83,12 +83,6 @@ class _Run:
         self.big: list[tuple[int, int]] = []
 
 
-def mask_array(crcs: np.ndarray) -> np.ndarray:
-    """:func:`crc.mask` of every crc32c in a uint32 array."""
-    c = crcs.astype(np.uint32, copy=False)
-    return ((c >> np.uint32(15)) | (c << np.uint32(17))) + np.uint32(crc.MASK_DELTA)
-
-
 def _writer_count() -> int:
     """Writer threads of a bundle: one per CPU, at most 4 (writes and crc32c release the GIL)."""
     try:
@@ -617,7 +611,7 @@ class BundleWriter:
             for i, slot in run.big:
                 run.crcs[i] = crcs[slot]
             values = self._lib.encode_entries(
-                run.enums, run.ndims, run.dims, run.offsets, run.sizes, mask_array(run.crcs), shard_id
+                run.enums, run.ndims, run.dims, run.offsets, run.sizes, crc.mask_array(run.crcs), shard_id
             )
             items.extend(zip(run.keys, values))
         for key, full in self._sliced.items():
