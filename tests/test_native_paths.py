@@ -849,3 +849,21 @@ def test_one_saver_restores_from_different_checkpoints_in_turn(tmp_path: Path) -
         saver.restore(prefix)
         for k in shapes:
             assert_bit_equal(targets[k], want[k], k)
+
+
+@pytest.mark.parametrize("big", [1 << 20, 400_000 * 4, 5 << 20], ids=["1MiB", "1.6MB", "5MiB"])
+def test_small_adds_before_a_large_add_land_at_their_offsets(tmp_path: Path, big: int) -> None:
+    # Regression: the pending batch of small tensors was queued at the offset past the large
+    # tensor, so their bytes were never written where the index says (ChecksumError on read).
+    rng = np.random.default_rng(3)
+    arrays = {f"s{i}": rng.standard_normal(5).astype(np.float32) for i in range(3)}
+    arrays["big"] = rng.integers(0, 255, big, dtype=np.uint8)
+    arrays["after"] = rng.standard_normal(7).astype(np.float32)
+    prefix = str(tmp_path / "ck")
+    w = BundleWriter(prefix)
+    for name, arr in arrays.items():
+        w.add(name, arr)
+    w.finish()
+    with gs.load_checkpoint(prefix) as reader:
+        for name, want in arrays.items():
+            assert_bit_equal(reader.get_tensor(name), want, name)
