@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any, Union
 import numpy as np
 
 from gpusaver._kernels_ref import SHIFT_LEVELS, chunk_starts, crc32c_tables
-from gpusaver.errors import BackendUnavailableError
+from gpusaver.errors import BackendUnavailableError, InvalidArgumentError, InvalidArgumentTypeError
 
 if TYPE_CHECKING:
     import cupy
@@ -127,7 +127,7 @@ def _device_id(device_id: int | None) -> int:
 def _load(name: str, device_id: int | None) -> tuple[Any, dict[str, Any]]:
     """Returns (module, {entry point: kernel}) for a source on a device."""
     if name not in KERNELS:
-        raise KeyError(f"unknown kernel source {name!r}; known: {sorted(KERNELS)}")
+        raise InvalidArgumentError(f"unknown kernel source {name!r}; known: {sorted(KERNELS)}")
     cupy = _cupy()
     dev = _device_id(device_id)
     key = (name, dev)
@@ -188,7 +188,7 @@ def get_function(name: str, kernel: str, device_id: int | None = None) -> cupy.R
     """
     kernels = _load(name, device_id)[1]
     if kernel not in kernels:
-        raise KeyError(f"{name}.cu has no kernel {kernel!r}; known: {sorted(kernels)}")
+        raise InvalidArgumentError(f"{name}.cu has no kernel {kernel!r}; known: {sorted(kernels)}")
     return kernels[kernel]
 
 
@@ -247,21 +247,21 @@ def _ranges(items: Sequence[Source], device_id: int, what: str) -> tuple[np.ndar
     for i, item in enumerate(items):
         if isinstance(item, cupy.ndarray):
             if not item.flags.c_contiguous:
-                raise ValueError(f"{what} {i} is not C-contiguous; pass cupy.ascontiguousarray(a)")
+                raise InvalidArgumentError(f"{what} {i} is not C-contiguous; pass cupy.ascontiguousarray(a)")
             if item.device.id != device_id:
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"{what} {i} is on device {item.device.id}, expected device {device_id}"
                 )
             ptr, size = item.data.ptr, item.nbytes
         elif isinstance(item, tuple) and len(item) == 2:
             ptr, size = (int(v) for v in item)
         else:
-            raise TypeError(
+            raise InvalidArgumentTypeError(
                 f"{what} {i}: expected a cupy.ndarray or a (pointer, nbytes) tuple, "
                 f"got {type(item).__name__}"
             )
         if size < 0 or ptr < 0:
-            raise ValueError(f"{what} {i}: invalid range ({ptr:#x}, {size})")
+            raise InvalidArgumentError(f"{what} {i}: invalid range ({ptr:#x}, {size})")
         ptrs[i] = ptr
         sizes[i] = size
     return ptrs, sizes
@@ -272,19 +272,19 @@ def _staging(staging: Source, device_id: int | None) -> tuple[Any, int, int]:
     cupy = _cupy()
     if isinstance(staging, cupy.ndarray):
         if not staging.flags.c_contiguous:
-            raise ValueError("the staging buffer must be C-contiguous")
+            raise InvalidArgumentError("the staging buffer must be C-contiguous")
         dev = staging.device.id
         if device_id is not None and int(device_id) != dev:
-            raise ValueError(f"the staging buffer is on device {dev}, not {device_id}")
+            raise InvalidArgumentError(f"the staging buffer is on device {dev}, not {device_id}")
         return staging, staging.nbytes, dev
     if not (isinstance(staging, tuple) and len(staging) == 2):
-        raise TypeError(
+        raise InvalidArgumentTypeError(
             "the staging buffer must be a cupy.ndarray or a (pointer, nbytes) tuple, "
             f"got {type(staging).__name__}"
         )
     ptr, size = (int(v) for v in staging)
     if ptr < 0 or size < 0:
-        raise ValueError(f"invalid staging range ({ptr:#x}, {size})")
+        raise InvalidArgumentError(f"invalid staging range ({ptr:#x}, {size})")
     return np.uint64(ptr), size, _device_id(device_id)
 
 
@@ -292,7 +292,7 @@ def _check_staging_ranges(offsets: np.ndarray, sizes: np.ndarray, limit: int) ->
     """Raises ValueError unless every range fits in the staging buffer."""
     if np.any(offsets + sizes < offsets) or np.any(offsets + sizes > np.uint64(limit)):
         bad = int(np.argmax((offsets + sizes < offsets) | (offsets + sizes > np.uint64(limit))))
-        raise ValueError(
+        raise InvalidArgumentError(
             f"range {bad} ({int(sizes[bad])} bytes at offset {int(offsets[bad])}) does "
             f"not fit in the {limit}-byte staging buffer"
         )
@@ -306,15 +306,15 @@ def _check_disjoint(starts: np.ndarray, sizes: np.ndarray, what: str) -> None:
     clash = np.nonzero(starts[order][1:] < ends[:-1])[0]
     if clash.size:
         i, j = int(order[clash[0]]), int(order[clash[0] + 1])
-        raise ValueError(f"{what} ranges {i} and {j} overlap")
+        raise InvalidArgumentError(f"{what} ranges {i} and {j} overlap")
 
 
 def _offsets(offsets: Sequence[int], n: int) -> np.ndarray:
     values = np.asarray(offsets, dtype=np.int64).reshape(-1)
     if values.size != n:
-        raise ValueError(f"{n} ranges but {values.size} offsets")
+        raise InvalidArgumentError(f"{n} ranges but {values.size} offsets")
     if np.any(values < 0):
-        raise ValueError("offsets must be >= 0")
+        raise InvalidArgumentError("offsets must be >= 0")
     return values.astype(np.uint64)
 
 
@@ -330,9 +330,9 @@ def _copy(
     """Shared body of pack (items -> staging) and unpack (staging -> items)."""
     n = len(items)
     if n >= 2**31:
-        raise ValueError(f"too many ranges for one launch: {n}")
+        raise InvalidArgumentError(f"too many ranges for one launch: {n}")
     if chunk_bytes <= 0 or chunk_bytes % 16:
-        raise ValueError(f"chunk_bytes must be a positive multiple of 16, got {chunk_bytes}")
+        raise InvalidArgumentError(f"chunk_bytes must be a positive multiple of 16, got {chunk_bytes}")
     staging_arg, limit, dev = _staging(staging, device_id)
     ptrs, sizes = _ranges(items, dev, "source" if kernel == "gs_pack" else "destination")
     offs = _offsets(offsets, n)
@@ -446,9 +446,9 @@ def crc_ranges(
     ptr_arr = np.asarray(ptrs, dtype=np.uint64).reshape(-1)
     signed = np.asarray(sizes, dtype=np.int64).reshape(-1)
     if ptr_arr.size != signed.size:
-        raise ValueError(f"{ptr_arr.size} pointers but {signed.size} sizes")
+        raise InvalidArgumentError(f"{ptr_arr.size} pointers but {signed.size} sizes")
     if np.any(signed < 0):
-        raise ValueError("sizes must be >= 0")
+        raise InvalidArgumentError("sizes must be >= 0")
     return dev, ptr_arr, signed.astype(np.uint64)
 
 
@@ -485,14 +485,14 @@ def crc32c_ranges(
     """
     cupy = _cupy()
     if chunk_bytes <= 0:
-        raise ValueError(f"chunk_bytes must be > 0, got {chunk_bytes}")
+        raise InvalidArgumentError(f"chunk_bytes must be > 0, got {chunk_bytes}")
     dev, ptr_arr, size_arr = crc_ranges(ptrs, sizes, device_id)
     n = int(ptr_arr.size)
     if n >= 2**31:
-        raise ValueError(f"too many ranges for one launch: {n}")
+        raise InvalidArgumentError(f"too many ranges for one launch: {n}")
     starts = chunk_starts(size_arr, chunk_bytes)
     if n and int(np.max(np.diff(starts))) > 2**SHIFT_LEVELS:
-        raise ValueError(
+        raise InvalidArgumentError(
             f"a range is longer than {chunk_bytes * 2**SHIFT_LEVELS} bytes; "
             "use a larger chunk_bytes"
         )

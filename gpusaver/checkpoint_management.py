@@ -12,7 +12,11 @@ A checkpoint is named by its *prefix*, e.g. ``/run/ckpt-7``. A V2 checkpoint is
 the file ``<prefix>.index`` plus the data files ``<prefix>.data-?????-of-?????``;
 it exists once ``<prefix>.index`` exists. A V1 checkpoint is the single file
 named by the prefix. Like TensorFlow, the lookups here treat the prefix as a
-glob pattern (``*``, ``?`` and ``[`` are wildcards).
+glob pattern (``*``, ``?`` and ``[`` are wildcards), but a path that exists
+literally is taken literally first, so a real directory such as
+``runs/layers=[1,2]`` always finds its own checkpoints and never others.
+Paths may be ``file://`` URIs wherever a local path is accepted; they are kept
+as spelled in what is returned and recorded, as TensorFlow keeps them.
 """
 
 from __future__ import annotations
@@ -29,8 +33,15 @@ from google.protobuf import text_format
 
 from gpusaver._proto.checkpoint_state_pb2 import CheckpointState
 from gpusaver._proto.saver_pb2 import SaverDef
-from gpusaver.errors import CheckpointWriteError, CorruptCheckpointError
+from gpusaver.errors import (
+    CheckpointWriteError,
+    CorruptCheckpointError,
+    InvalidArgumentError,
+    StatePathConflictError,
+    write_error,
+)
 from gpusaver.fileops import POSIX, FileOps
+from gpusaver.paths import literal_or_glob, local_path, read_regular
 
 __all__ = [
     "CheckpointState",
@@ -55,19 +66,12 @@ _SHARD_SUFFIX = re.compile(r"-[\d?]+-of-\d+$")
 
 
 def _state_file_path(directory: StrPath, latest_filename: str | None) -> str:
-    """The state file's path: ``directory/(latest_filename or "checkpoint")``.
+    """The state file's path: ``directory/(latest_filename or "checkpoint")``, joined as TensorFlow joins it."""
+    return os.path.join(os.fspath(directory), latest_filename or DEFAULT_STATE_FILENAME)
 
-    Raises:
-        ValueError: if ``latest_filename`` is not a bare file name.
-    """
-    name = latest_filename or DEFAULT_STATE_FILENAME
-    separators = {os.sep, "/"} | ({os.altsep} if os.altsep else set())
-    if any(sep in name for sep in separators) or name in (os.curdir, os.pardir):
-        raise ValueError(
-            f"latest_filename must be a bare file name inside the checkpoint directory, "
-            f"got {latest_filename!r}"
-        )
-    return os.path.join(os.fspath(directory), name)
+
+#: A state file is a few lines per checkpoint; anything much larger is not one.
+_STATE_FILE_LIMIT = 64 << 20
 
 
 def generate_checkpoint_state_proto(
@@ -111,7 +115,7 @@ def generate_checkpoint_state_proto(
     if all_model_checkpoint_timestamps and len(all_model_checkpoint_timestamps) != len(
         all_paths
     ):
-        raise ValueError(
+        raise InvalidArgumentError(
             "checkpoint timestamps, if given, must match the checkpoint paths one for one: "
             f"got {len(all_paths)} paths {all_paths} and "
             f"{len(all_model_checkpoint_timestamps)} timestamps "
@@ -141,6 +145,7 @@ def _atomic_write(path: str, data: bytes, durable: bool, ops: FileOps) -> None:
     Raises:
         CheckpointWriteError: on an operating-system error (errno kept).
     """
+    path = local_path(path)
     tmp = f"{path}.tmp{uuid.uuid4().hex}"
     try:
         fd = ops.create(tmp)
@@ -159,7 +164,7 @@ def _atomic_write(path: str, data: bytes, durable: bool, ops: FileOps) -> None:
         except OSError as cleanup_error:
             logger.warning("could not remove temporary file %s: %s", tmp, cleanup_error)
         if isinstance(e, OSError) and not isinstance(e, CheckpointWriteError):
-            raise CheckpointWriteError(
+            raise write_error(
                 e.errno,
                 f"could not write checkpoint state file {path!r}: {e.strerror or e}; "
                 "the previous state file, if any, is unchanged",
@@ -170,7 +175,7 @@ def _atomic_write(path: str, data: bytes, durable: bool, ops: FileOps) -> None:
         try:
             ops.fsync_dir(os.path.dirname(path) or os.curdir)
         except OSError as e:
-            raise CheckpointWriteError(
+            raise write_error(
                 e.errno,
                 f"wrote checkpoint state file {path!r} but could not make it durable: "
                 f"{e.strerror or e}",
@@ -188,6 +193,7 @@ def update_checkpoint_state(
     save_relative_paths: bool = False,
     durable: bool = True,
     fileops: FileOps | None = None,
+    _check_collision: bool = True,
 ) -> None:
     """Write the state file, byte for byte as TensorFlow writes it.
 
@@ -211,10 +217,9 @@ def update_checkpoint_state(
         fileops: the file operations to use (tests inject faults here).
 
     Raises:
-        ValueError: if ``latest_filename`` is not a bare file name, or the
-            timestamps do not match the paths one for one.
-        RuntimeError: if the state file's path equals the stored
-            ``model_checkpoint_path`` (the checkpoint would be overwritten).
+        ValueError: if the timestamps do not match the paths one for one.
+        StatePathConflictError: (a RuntimeError, as in TensorFlow) if the state
+            file's path equals the stored ``model_checkpoint_path``.
         CheckpointWriteError: if the file cannot be written; the previous
             state file is then unchanged.
     """
@@ -237,8 +242,8 @@ def update_checkpoint_state(
         all_model_checkpoint_timestamps=all_model_checkpoint_timestamps,
         last_preserved_timestamp=last_preserved_timestamp,
     )
-    if state_file == state.model_checkpoint_path:
-        raise RuntimeError(
+    if _check_collision and state_file == state.model_checkpoint_path:
+        raise StatePathConflictError(
             f"save path {model_path!r} conflicts with the path of the checkpoint state file "
             f"{state_file!r}; use a different save path"
         )
@@ -260,22 +265,21 @@ def get_checkpoint_state(
         latest_filename: the state file's name; ``"checkpoint"`` by default.
 
     Returns:
-        The state, or None if the file does not exist, cannot be read or does
-        not parse (the last two are logged as warnings).
+        The state, or None if the file does not exist, cannot be read, is not a
+        regular file (a FIFO is never waited on) or does not parse (logged as
+        warnings).
 
     Raises:
-        ValueError: if ``latest_filename`` is not a bare file name.
         CorruptCheckpointError: (a ValueError) if the file parses but names no
             checkpoint, as TensorFlow does.
     """
     checkpoint_dir = os.fspath(checkpoint_dir)
     state_file = _state_file_path(checkpoint_dir, latest_filename)
     try:
-        with open(state_file, "rb") as f:
-            content = f.read()
-    except FileNotFoundError:
+        content = read_regular(local_path(state_file), "checkpoint state file", _STATE_FILE_LIMIT)
+    except (FileNotFoundError, NotADirectoryError):
         return None
-    except OSError as e:
+    except (OSError, CorruptCheckpointError) as e:
         logger.warning("%s: %s: checkpoint state ignored", state_file, e)
         return None
 
@@ -335,27 +339,31 @@ def latest_checkpoint(
 def checkpoint_exists(checkpoint_prefix: StrPath) -> bool:
     """Whether a V2 (``<prefix>.index``) or V1 (``<prefix>``) checkpoint exists.
 
-    Both are glob patterns, as in TensorFlow.
+    Both are taken literally first, then as glob patterns, as in TensorFlow.
     """
-    prefix = os.fspath(checkpoint_prefix)
-    return bool(glob.glob(_index_path(prefix)) or glob.glob(prefix))
+    prefix = local_path(checkpoint_prefix)
+    return bool(literal_or_glob(_index_path(prefix)) or literal_or_glob(prefix))
 
 
 def get_checkpoint_mtimes(checkpoint_prefixes: Iterable[StrPath]) -> list[float]:
     """The modification times of checkpoints, in Unix seconds.
 
     A V2 checkpoint is dated by its ``.index`` file, a V1 checkpoint by its
-    file. Checkpoints that do not exist are skipped, so the result may be
-    shorter than the input. Unlike TensorFlow, whose POSIX file system reports
-    whole seconds, the times keep the file system's sub-second part.
+    file (each taken literally first, then as a glob pattern). Checkpoints that
+    do not exist are skipped, so the result may be shorter than the input.
+    Unlike TensorFlow, whose POSIX file system reports whole seconds, the times
+    keep the file system's sub-second part.
     """
     mtimes: list[float] = []
     for checkpoint_prefix in checkpoint_prefixes:
-        prefix = os.fspath(checkpoint_prefix)
+        prefix = local_path(checkpoint_prefix)
         for pattern in (_index_path(prefix), prefix):
-            matches = sorted(glob.glob(pattern))
+            matches = literal_or_glob(pattern)
             if matches:
-                mtimes.append(os.stat(matches[0]).st_mtime_ns / 1e9)
+                try:
+                    mtimes.append(os.stat(matches[0]).st_mtime_ns / 1e9)
+                except FileNotFoundError:
+                    continue
                 break
     return mtimes
 
@@ -381,19 +389,20 @@ def remove_checkpoint(
     *,
     fileops: FileOps | None = None,
 ) -> None:
-    """Delete a checkpoint's files.
+    """Delete a checkpoint's files, or those of every checkpoint a glob pattern matches.
 
-    For V2, ``<prefix>.index`` is deleted first, so the checkpoint stops
-    existing at once, then its ``<prefix>.data-?????-of-?????`` files. The
-    prefix is taken literally here (not as a glob pattern), so only this
-    checkpoint's files are touched. For V1 (or legacy) checkpoints, the files
-    matching the prefix are deleted. The TF1 meta graph file
-    ``<prefix>.<meta_graph_suffix>`` goes last (for a sharded V1 prefix
-    ``model-?????-of-00004``, that is ``model.meta``). Files that are missing
-    are skipped.
+    As in TensorFlow, ``checkpoint_prefix`` may be a glob pattern. A checkpoint
+    that exists literally under that name is taken literally, so a real path
+    holding ``[``, ``*`` or ``?`` deletes only its own files. For V2, each
+    ``<prefix>.index`` is deleted first, so the checkpoint stops existing at
+    once, then its ``<prefix>.data-?????-of-?????`` files. For V1 (or legacy)
+    checkpoints, the files matching the prefix are deleted. The TF1 meta graph
+    file ``<prefix>.<meta_graph_suffix>`` goes last (for a sharded V1 prefix
+    ``model-?????-of-00004``, that is ``model.meta``). Nothing but index, data
+    and meta files is deleted; files that are missing are skipped.
 
     Args:
-        checkpoint_prefix: the checkpoint's prefix.
+        checkpoint_prefix: the checkpoint's prefix, or a glob pattern of prefixes.
         checkpoint_format_version: ``SaverDef.V2`` (the default), ``SaverDef.V1``
             or ``SaverDef.LEGACY``.
         meta_graph_suffix: suffix of the TF1 meta graph file.
@@ -402,19 +411,50 @@ def remove_checkpoint(
     Raises:
         OSError: if a file exists but cannot be deleted.
     """
-    ops = fileops or POSIX
-    prefix = os.fspath(checkpoint_prefix)
+    prefix = local_path(checkpoint_prefix)
+    literal = glob.escape(prefix)
     if checkpoint_format_version == SaverDef.V2:
-        index = _index_path(prefix)
-        if not os.path.lexists(index):
-            logger.info("checkpoint %s has no index file %s", prefix, index)
-        else:
-            _remove(index, ops)
-        for path in sorted(glob.glob(glob.escape(prefix) + ".data-?????-of-?????")):
+        exists = os.path.lexists(_index_path(prefix)) or bool(glob.glob(literal + ".data-?????-of-?????"))
+    else:
+        exists = os.path.lexists(prefix)
+    _remove_matching(
+        literal if exists else _pattern(prefix), checkpoint_format_version, meta_graph_suffix, fileops or POSIX
+    )
+
+
+def _pattern(prefix: str) -> str:
+    """``prefix`` as a glob pattern, its directory part literal when that directory exists."""
+    directory, base = os.path.split(prefix)
+    if directory and os.path.isdir(directory):
+        return os.path.join(glob.escape(directory), base)
+    return prefix
+
+
+def _remove_matching(pattern: str, version: int, meta_graph_suffix: str, ops: FileOps) -> None:
+    """Deletes the index, data and meta files of the checkpoints a glob pattern matches."""
+    if version == SaverDef.V2:
+        indexes = sorted(glob.glob(_index_path(pattern)))
+        if not indexes:
+            logger.info("no checkpoint index matches %s.index", pattern)
+        for path in indexes:
+            _remove(path, ops)
+        for path in sorted(glob.glob(pattern + ".data-?????-of-?????")):
             _remove(path, ops)
     else:
-        for path in sorted(glob.glob(prefix)):
+        for path in sorted(glob.glob(pattern)):
             _remove(path, ops)
-    meta = f"{_SHARD_SUFFIX.sub('', prefix)}.{meta_graph_suffix}"
-    if os.path.lexists(meta):
-        _remove(meta, ops)
+    for path in sorted(glob.glob(f"{_SHARD_SUFFIX.sub('', pattern)}.{meta_graph_suffix}")):
+        _remove(path, ops)
+
+
+def remove_checkpoint_literally(
+    checkpoint_prefix: StrPath, *, meta_graph_suffix: str = "meta", fileops: FileOps | None = None
+) -> None:
+    """Deletes one V2 checkpoint's files, the prefix taken literally (retention's deletion).
+
+    ``<prefix>.index`` goes first, then its data files, then ``<prefix>.<meta_graph_suffix>``.
+
+    Raises:
+        OSError: if a file exists but cannot be deleted.
+    """
+    _remove_matching(glob.escape(local_path(checkpoint_prefix)), SaverDef.V2, meta_graph_suffix, fileops or POSIX)

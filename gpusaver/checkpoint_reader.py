@@ -9,26 +9,41 @@ import numpy as np
 
 from gpusaver.errors import CheckpointNotFoundError, InvalidCheckpointPathError
 from gpusaver.format import BundleReader
+from gpusaver.format.naming import DATA_SUFFIX_RE
+from gpusaver.paths import local_path
 
 __all__ = ["CheckpointReader", "load_checkpoint", "list_variables", "resolve_checkpoint_path"]
 
 
 def resolve_checkpoint_path(path: str | os.PathLike[str]) -> str:
-    """A checkpoint prefix from a prefix or a directory (through its ``checkpoint`` file).
+    """The checkpoint prefix that ``path`` names.
+
+    ``path`` may be a prefix, a directory with a ``checkpoint`` state file, the
+    ``.index`` file or one of the data files; a ``file://`` URI of any of them.
 
     Raises:
-        CheckpointNotFoundError: a directory whose state file names no existing checkpoint.
+        InvalidCheckpointPathError: a directory whose state file names no
+            existing checkpoint (a FileNotFoundError and a ValueError).
     """
     from gpusaver.checkpoint_management import latest_checkpoint
 
     path = os.fspath(path)
-    if os.path.isdir(path):
+    local = local_path(path)
+    if os.path.isdir(local) and not os.path.isfile(local + ".index"):
         prefix = latest_checkpoint(path)
         if prefix is None:
             raise InvalidCheckpointPathError(
-                f"couldn't find a 'checkpoint' file or checkpoints in directory {path!r}", path
+                f"no checkpoint in directory {path!r}: it has no 'checkpoint' state file naming an "
+                "existing checkpoint; pass a checkpoint prefix instead",
+                path,
             )
         return prefix
+    if not os.path.exists(local + ".index") and os.path.isfile(local):
+        if path.endswith(".index"):
+            return path[: -len(".index")]
+        match = DATA_SUFFIX_RE.search(path)
+        if match:
+            return path[: match.start()]
     return path
 
 

@@ -33,7 +33,7 @@ from gpusaver.errors import (
 from gpusaver.format import crc, dtypes
 from gpusaver.format import slices as _slices
 from gpusaver.format.entry import BundleEntry
-from gpusaver.format.naming import DATA_SUFFIX_RE, data_filename
+from gpusaver.format.naming import data_filename
 from gpusaver.format.reader import BundleReader, read_exact
 from gpusaver.format.tensors import decode_strings
 
@@ -98,32 +98,10 @@ def _file_size(path: str) -> int | None:
 
 
 def resolve_prefix(path: str) -> str:
-    """The checkpoint prefix that ``path`` names.
+    """The checkpoint prefix that ``path`` names (see :func:`gpusaver.checkpoint_reader.resolve_checkpoint_path`)."""
+    from gpusaver.checkpoint_reader import resolve_checkpoint_path
 
-    ``path`` may be a prefix, a directory with a ``checkpoint`` state file, the
-    ``.index`` file or one of the data files.
-
-    Raises:
-        CheckpointNotFoundError: a directory whose state file names no existing checkpoint.
-    """
-    if os.path.isdir(path) and not os.path.isfile(path + ".index"):
-        from gpusaver import checkpoint_management
-
-        prefix = checkpoint_management.latest_checkpoint(path)
-        if prefix is None:
-            raise CheckpointNotFoundError(
-                f"no checkpoint in directory {path!r}: it has no 'checkpoint' state file naming an "
-                "existing checkpoint; pass a checkpoint prefix instead",
-                path,
-            )
-        return prefix
-    if not os.path.exists(path + ".index"):
-        if path.endswith(".index") and os.path.isfile(path):
-            return path[: -len(".index")]
-        match = DATA_SUFFIX_RE.search(path)
-        if match and os.path.isfile(path):
-            return path[: match.start()]
-    return path
+    return resolve_checkpoint_path(path)
 
 
 # ------------------------------------------------------------------ inspect

@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from gpusaver.errors import InvalidArgumentError, InvalidArgumentTypeError
+
 __all__ = ["DeviceSpec", "parse_device", "canonical_device", "CPU0"]
 
 _TYPES = {"cpu": "CPU", "gpu": "GPU", "cuda": "GPU"}
@@ -49,9 +51,9 @@ def _int(text: str, what: str, spec: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise ValueError(f"invalid device {spec!r}: {what} {text!r} is not an integer") from None
+        raise InvalidArgumentError(f"invalid device {spec!r}: {what} {text!r} is not an integer") from None
     if value < 0:
-        raise ValueError(f"invalid device {spec!r}: {what} must be >= 0")
+        raise InvalidArgumentError(f"invalid device {spec!r}: {what} must be >= 0")
     return value
 
 
@@ -59,7 +61,7 @@ def _type_and_index(text: str, spec: str) -> tuple[str, int]:
     parts = text.split(":")
     kind = _TYPES.get(parts[0].lower())
     if kind is None or len(parts) > 2:
-        raise ValueError(f"invalid device {spec!r}: expected CPU or GPU (or cuda), got {text!r}")
+        raise InvalidArgumentError(f"invalid device {spec!r}: expected CPU or GPU (or cuda), got {text!r}")
     index = 0 if len(parts) == 1 or parts[1] in ("", "*") else _int(parts[1], "device index", spec)
     return kind, index
 
@@ -73,20 +75,20 @@ def parse_device(spec: "str | DeviceSpec") -> DeviceSpec:
     if isinstance(spec, DeviceSpec):
         return spec
     if not isinstance(spec, str):
-        raise TypeError(f"a device is a string such as '/gpu:0', not {type(spec).__name__}")
+        raise InvalidArgumentTypeError(f"a device is a string such as '/gpu:0', not {type(spec).__name__}")
     text = spec.strip()
     fields: dict[str, object] = {}
     pieces = [p for p in text.split("/") if p]
     if not pieces:
-        raise ValueError(f"invalid device {spec!r}: empty")
+        raise InvalidArgumentError(f"invalid device {spec!r}: empty")
     for piece in pieces:
         m = _FIELD.match(piece)
         key, val = ("device", piece) if m is None else (m.group(1).lower(), m.group(2))
         if key in fields:
-            raise ValueError(f"invalid device {spec!r}: {key} given twice")
+            raise InvalidArgumentError(f"invalid device {spec!r}: {key} given twice")
         if key == "job":
             if not val:
-                raise ValueError(f"invalid device {spec!r}: empty job")
+                raise InvalidArgumentError(f"invalid device {spec!r}: empty job")
             fields["job"] = val
         elif key in ("replica", "task"):
             fields[key] = _int(val, key, spec)

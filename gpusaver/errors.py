@@ -21,9 +21,12 @@ __all__ = [
     "CheckpointNotFoundError",
     "InvalidCheckpointPathError",
     "StatePathConflictError",
+    "InvalidArgumentError",
+    "InvalidArgumentTypeError",
     "ShapeMismatchError",
     "DTypeMismatchError",
     "CheckpointWriteError",
+    "CheckpointPermissionError",
     "BackendUnavailableError",
     "InsufficientDeviceMemoryError",
 ]
@@ -116,6 +119,15 @@ class StatePathConflictError(GpuSaverError, ValueError, RuntimeError):
     """The ``checkpoint`` state file would overwrite the checkpoint itself."""
 
 
+class InvalidArgumentError(GpuSaverError, ValueError):
+    """An argument gpusaver cannot accept: an empty or unencodable name, the same
+    memory under two names, a path that cannot be a checkpoint."""
+
+
+class InvalidArgumentTypeError(InvalidArgumentError, TypeError):
+    """An argument of the wrong type (also a ``TypeError``)."""
+
+
 class ShapeMismatchError(GpuSaverError, ValueError):
     """A stored tensor's shape does not fit the destination."""
 
@@ -135,6 +147,17 @@ class CheckpointWriteError(GpuSaverError, OSError):
         code = _errno.errorcode.get(self.errno or 0, "")
         prefix = f"[{code}] " if code else ""
         return f"{prefix}{self.strerror}"
+
+
+class CheckpointPermissionError(CheckpointWriteError, PermissionError):
+    """Writing a checkpoint was not permitted (EACCES, EPERM, EROFS); also a ``PermissionError``."""
+
+
+def write_error(err: int | None, message: str, filename: str | None = None) -> CheckpointWriteError:
+    """A :class:`CheckpointWriteError`, or its :class:`CheckpointPermissionError` kind for permission errnos."""
+    if err in (_errno.EACCES, _errno.EPERM, _errno.EROFS):
+        return CheckpointPermissionError(err, message, filename)
+    return CheckpointWriteError(err, message, filename)
 
 
 class BackendUnavailableError(GpuSaverError, RuntimeError):

@@ -35,6 +35,7 @@ from gpusaver.devices import DeviceSpec
 from gpusaver.errors import (
     CheckpointWriteError,
     DTypeMismatchError,
+    InvalidArgumentError,
     ShapeMismatchError,
     TensorNotFoundError,
 )
@@ -42,8 +43,9 @@ from gpusaver.fileops import POSIX, FileOps
 from gpusaver.format import BundleReader, BundleWriter, dtypes
 from gpusaver.format.entry import encode_header
 from gpusaver.format.merge import commit_merged
+from gpusaver.format.naming import index_filename
 from gpusaver.format.slices import encode_slice_key
-from gpusaver.tempdirs import clean_stale_temp_dirs, make_temp_dir
+from gpusaver.tempdirs import clean_stale_temp_dirs, make_temp_dir, roll_back_unrecorded
 from gpusaver.format.writer import os_error
 from gpusaver.variables import ResolvedVariable
 
@@ -105,7 +107,9 @@ def save_checkpoint(
             which overlap the staging), ``fsync:k`` (the data file) and ``shard:k``
             (the shard's wall time); then ``merge`` and ``total``.
         after_commit: run once the checkpoint is committed, before the temp
-            directory goes (the Saver records the checkpoint in its state file here).
+            directory goes (the Saver records the checkpoint in its state file
+            here). If it raises, the commit is rolled back unless the state file
+            lists the checkpoint, and the error propagates.
         state_file: the state file ``after_commit`` writes, noted in the temp
             directory so that a crash in between can be cleaned up.
 
@@ -116,13 +120,15 @@ def save_checkpoint(
     ops.phase("save:start")
     started = time.perf_counter()
     try:
-        temp_dir = make_temp_dir(prefix, ops, state_file=state_file)
+        temp = make_temp_dir(prefix, ops, state_file=state_file)
     except OSError as e:
         raise os_error(e, "creating the temporary directory for", prefix) from e
     shard_lists = [[g] for g in groups] if sharded else [list(groups)]
     n = len(shard_lists)
-    part_prefixes = [os.path.join(temp_dir, "part-%05d-of-%05d" % (k, n)) for k in range(n)]
+    part_prefixes = [os.path.join(temp.path, "part-%05d-of-%05d" % (k, n)) for k in range(n)]
     errors: list[BaseException] = []
+    after_commit_point: list[bool] = []
+    keep_marker = False
     writers: list[Any] = [None] * n
     done = [threading.Event() for _ in range(n)]
     abort = threading.Event()
@@ -168,7 +174,13 @@ def save_checkpoint(
                 runs = [w.index_items(shard_id=j, header=False) for j, w in enumerate(writers)]
                 items = runs[0] if n == 1 else list(heapq.merge(*runs))
                 file_ids = {w.data_path: j for j, w in enumerate(writers)}
-                commit_merged(ops, prefix, encode_header(n), items, file_ids, durable=durable)
+                try:
+                    commit_merged(ops, prefix, encode_header(n), items, file_ids, durable=durable)
+                except BaseException:
+                    # The old index went first: an index now is this save's, committed
+                    # before the failure (the directory fsync): it is taken back below.
+                    after_commit_point.append(os.path.lexists(index_filename(prefix)))
+                    raise
                 if on_phase:
                     on_phase("merge", time.perf_counter() - t0)
             except BaseException as e:  # noqa: BLE001
@@ -182,19 +194,28 @@ def save_checkpoint(
         t.join()
     try:
         if errors:
+            if any(after_commit_point) and not roll_back_unrecorded(prefix, state_file, ops):
+                keep_marker = True
             real = [e for e in errors if not isinstance(e, _Aborted)] or errors
             err = real[0]
             if isinstance(err, OSError) and not isinstance(err, CheckpointWriteError):
                 raise os_error(err, "saving", prefix) from err
             raise err
-        ops.phase("save:committed")
-        if after_commit is not None:
-            after_commit()  # e.g. the state file: the temp dir marks the save unfinished until then
-    finally:
         try:
-            ops.rmtree(temp_dir)
-        except OSError:
-            pass
+            ops.phase("save:committed")
+            if after_commit is not None:
+                after_commit()  # e.g. the state file: the temp dir marks the save unfinished until then
+        except BaseException:
+            # Not recorded, so not saved: take the commit back. Where that fails, the
+            # temp dir stays, unlocked, and the next save of this directory finishes it.
+            if not roll_back_unrecorded(prefix, state_file, ops):
+                keep_marker = True
+            raise
+    finally:
+        if keep_marker:
+            temp.release()
+        else:
+            temp.remove(ops)
     if on_phase:
         on_phase("total", time.perf_counter() - started)
     return prefix
@@ -256,7 +277,7 @@ def _check_restore_each(reader: BundleReader, variables: Sequence[ResolvedVariab
                     f"shape {list(entry.shape)}{hint}"
                 )
         if not getattr(getattr(v.array, "flags", None), "writeable", True):
-            raise ValueError(f"variable {v.name!r} is read-only and cannot be restored in place")
+            raise InvalidArgumentError(f"variable {v.name!r} is read-only and cannot be restored in place")
         # A corrupt entry size, a missing or truncated data file: found now, before any array changes.
         if entry.slices:
             for extents in entry.slices:

@@ -9,18 +9,29 @@ are accepted where TensorFlow has them and documented as such in the README.
 
 from __future__ import annotations
 
+import errno
 import logging
+import math
 import numbers
 import os
+import re
 import time
 from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 
-from gpusaver import _gc, checkpoint_management as cm
+from gpusaver import _gc, checkpoint_management as cm, paths
 from gpusaver._proto.saver_pb2 import SaverDef
 from gpusaver.backends.base import TensorList
-from gpusaver.errors import CheckpointWriteError, InvalidCheckpointPathError, StatePathConflictError
+from gpusaver.errors import (
+    CheckpointPermissionError,
+    CheckpointWriteError,
+    InvalidArgumentError,
+    InvalidArgumentTypeError,
+    InvalidCheckpointPathError,
+    StatePathConflictError,
+    write_error,
+)
 from gpusaver.fileops import POSIX, FileOps
 from gpusaver.format import BundleReader
 from gpusaver.pipeline import (
@@ -30,24 +41,27 @@ from gpusaver.pipeline import (
     restore_checkpoint,
     save_checkpoint,
 )
-from gpusaver.tempdirs import make_temp_dir
+from gpusaver.tempdirs import TempDir, make_temp_dir
 from gpusaver.variables import ResolvedVariable, resolve_var_list
 
 __all__ = ["Saver"]
 
 logger = logging.getLogger(__name__)
 
+#: The suffix of a V2 data file after its prefix.
+_DATA_FILE = re.compile(r"\.data-\d{5}-of-\d{5}")
+
 
 def _step_value(global_step: Any) -> int:
     """An integer step from an int, a NumPy integer or a 0-d integer array."""
     if isinstance(global_step, bool) or isinstance(global_step, np.bool_):
-        raise TypeError(f"global_step must be an integer, not {global_step!r}")
+        raise InvalidArgumentTypeError(f"global_step must be an integer, not {global_step!r}")
     if isinstance(global_step, numbers.Integral):
         return int(global_step)
     dtype = getattr(global_step, "dtype", None)
     if dtype is not None and getattr(global_step, "shape", None) == () and np.dtype(dtype).kind in "iu":
         return int(global_step.item())
-    raise TypeError(
+    raise InvalidArgumentTypeError(
         f"global_step must be an integer (or a 0-d integer array), not {type(global_step).__name__} {global_step!r}"
     )
 
@@ -109,21 +123,21 @@ class Saver:
         on_phase: Callable[[str, float], None] | None = None,
     ) -> None:
         if write_version != SaverDef.V2:
-            raise ValueError("gpusaver writes only the V2 checkpoint format (write_version=SaverDef.V2)")
+            raise InvalidArgumentError("gpusaver writes only the V2 checkpoint format (write_version=SaverDef.V2)")
         if saver_def is not None:
             max_to_keep = saver_def.max_to_keep
             sharded = saver_def.sharded
             keep_checkpoint_every_n_hours = saver_def.keep_checkpoint_every_n_hours
             if saver_def.version not in (SaverDef.V2,):
-                raise ValueError("gpusaver reads only SaverDefs of version V2")
+                raise InvalidArgumentError("gpusaver reads only SaverDefs of version V2")
         if var_list is None and not allow_empty:
-            raise ValueError(
+            raise InvalidArgumentError(
                 "No variables to save: gpusaver has no graph to collect them from; pass var_list "
                 "(a dict {name: array} or a list of named Variables), or allow_empty=True"
             )
         self._variables: list[ResolvedVariable] = resolve_var_list(var_list) if var_list is not None else []
         if not self._variables and not allow_empty:
-            raise ValueError("No variables to save (pass allow_empty=True to allow an empty Saver)")
+            raise InvalidArgumentError("No variables to save (pass allow_empty=True to allow an empty Saver)")
         self._is_empty = not self._variables
         self._groups = group_by_device(self._variables)
         self._tensors: TensorList | None = None
@@ -160,16 +174,20 @@ class Saver:
         return [p for p, _ in self._last_checkpoints]
 
     def set_last_checkpoints(self, last_checkpoints: list[str]) -> None:
-        """Replaces the list of kept checkpoints (their times set to now)."""
+        """Replaces the list of kept checkpoints.
+
+        As in TensorFlow, they are stamped with an infinite time, so that
+        retention never deletes them (each one dropped from the list instead
+        advances the ``keep_checkpoint_every_n_hours`` clock).
+        """
         if not isinstance(last_checkpoints, list):
-            raise TypeError("last_checkpoints must be a list")
-        now = time.time()
-        self._last_checkpoints = [(p, now) for p in last_checkpoints]
+            raise InvalidArgumentTypeError("last_checkpoints must be a list")
+        self._last_checkpoints = [(os.fspath(p), math.inf) for p in last_checkpoints]
 
     def set_last_checkpoints_with_time(self, last_checkpoints_with_time: list[tuple[str, float]]) -> None:
         """Replaces the list of kept checkpoints, as ``(prefix, timestamp)`` pairs."""
         if not isinstance(last_checkpoints_with_time, list):
-            raise TypeError("last_checkpoints_with_time must be a list of (path, time) pairs")
+            raise InvalidArgumentTypeError("last_checkpoints_with_time must be a list of (path, time) pairs")
         self._last_checkpoints = [(str(p), float(t)) for p, t in last_checkpoints_with_time]
 
     def recover_last_checkpoints(self, checkpoint_paths: list[str]) -> None:
@@ -220,39 +238,42 @@ class Saver:
         if save_path is None:
             save_path = self._filename
         if save_path is None:
-            raise ValueError("save_path is required (or give the Saver a filename)")
+            raise InvalidArgumentError("save_path is required (or give the Saver a filename)")
         if latest_filename is None:
             latest_filename = "checkpoint"
-        if not isinstance(latest_filename, str) or os.path.split(latest_filename)[0]:
-            raise ValueError(f"'latest_filename' must not contain path components: {latest_filename!r}")
+        if not isinstance(latest_filename, str) or not latest_filename or os.path.split(latest_filename)[0]:
+            raise InvalidArgumentError(f"'latest_filename' must not contain path components: {latest_filename!r}")
         save_path = os.fspath(save_path)
-        prefix = self._checkpoint_prefix(save_path, global_step)
+        prefix = self._checkpoint_prefix(save_path, global_step)  # as spelled: returned and recorded
         if self._is_empty:
             return None
-        parent = os.path.dirname(prefix)
-        if not os.path.isdir(parent or "."):
-            raise ValueError(f"Parent directory of {save_path} doesn't exist, can't save.")
-        if not os.access(parent or ".", os.W_OK | os.X_OK):
-            raise PermissionError(13, f"cannot save {prefix!r}: directory {parent or '.'!r} is not writable", parent)
-        if os.path.isdir(prefix):
-            raise ValueError(f"cannot save to {prefix!r}: it is a directory; give a file prefix such as {prefix}/model")
-        state_file = os.path.join(parent, latest_filename)
-        if write_state and os.path.abspath(state_file) == os.path.abspath(prefix):
-            raise StatePathConflictError(
-                f"save path {prefix!r} conflicts with the checkpoint state file {state_file!r}; "
-                "use a different save path or latest_filename"
+        local = paths.local_path(prefix)  # what the file system is asked
+        parent, parent_local = os.path.dirname(prefix), os.path.dirname(local)
+        if not os.path.isdir(parent_local or "."):
+            raise InvalidArgumentError(f"Parent directory of {save_path} doesn't exist, can't save.")
+        if not os.access(parent_local or ".", os.W_OK | os.X_OK):
+            raise CheckpointPermissionError(
+                errno.EACCES, f"cannot save {prefix!r}: directory {parent or '.'!r} is not writable", parent
             )
-        clean_stale_temp_dirs(parent, self._fileops)
+        if os.path.isdir(local):
+            raise InvalidArgumentError(
+                f"cannot save to {prefix!r}: it is a directory; give a file prefix such as {prefix}/model"
+            )
+        self._check_state_collision(local, latest_filename, global_step, write_state)
+        clean_stale_temp_dirs(parent_local, self._fileops)
 
-        doomed: list[tuple[str, str]] = []
+        doomed: list[tuple[str, TempDir]] = []
+        before = (list(self._last_checkpoints), list(self._checkpoints_to_be_deleted), self._next_checkpoint_time)
 
         def record() -> None:
             self._record_last_checkpoint(prefix)
             # Checkpoints retention will drop get a tombstone first: a crash after the
             # state file no longer lists them, but before they are gone, is finished later.
             try:
-                for path in self._select_for_deletion():
-                    tombstone = make_temp_dir(path, self._fileops, deleting=True, state_file=latest_filename)
+                for path in self._select_for_deletion(prefix, parent_local):
+                    tombstone = make_temp_dir(
+                        paths.local_path(path), self._fileops, deleting=True, state_file=latest_filename
+                    )
                     doomed.append((path, tombstone))
                 cm.update_checkpoint_state(
                     parent,
@@ -262,20 +283,22 @@ class Saver:
                     save_relative_paths=self._save_relative_paths,
                     durable=self._durable,
                     fileops=self._fileops,
+                    _check_collision=False,  # checked above, against the files this save writes
                 )
             except BaseException as e:
                 for _, tombstone in doomed:  # nothing was dropped: no deletion to finish
-                    self._remove_tree(tombstone)
+                    tombstone.remove(self._fileops)
                 doomed.clear()
+                self._last_checkpoints, self._checkpoints_to_be_deleted, self._next_checkpoint_time = before
                 if isinstance(e, OSError) and not isinstance(e, CheckpointWriteError):
-                    raise CheckpointWriteError(e.errno, f"recording checkpoint {prefix!r} failed: {e}", prefix) from e
+                    raise write_error(e.errno, f"recording checkpoint {prefix!r} failed: {e}", prefix) from e
                 raise
             self._fileops.phase("state:written")
 
         try:
             with _gc.paused():
                 save_checkpoint(
-                    prefix,
+                    local,
                     self._groups,
                     sharded=self._sharded,
                     durable=self._durable,
@@ -287,46 +310,75 @@ class Saver:
         finally:
             # Once the state file no longer lists them, dropped checkpoints go, whatever happens.
             while doomed:
-                self._delete_old_checkpoint(*doomed.pop(0))
+                self._delete_old_checkpoint(*doomed.pop(0), meta_graph_suffix)
         return prefix
+
+    def _check_state_collision(self, local: str, latest_filename: str, global_step: Any, write_state: bool) -> None:
+        """Refuses a save whose state file would overwrite a file of the checkpoint.
+
+        As TensorFlow, an unsharded save without a step may not be named like the
+        state file (whether or not the state is written). Otherwise only a real
+        collision is refused: the state file being the checkpoint's index or one
+        of its data files.
+        """
+        base = os.path.basename(local)
+        real = latest_filename == base + ".index" or (
+            latest_filename.startswith(base) and _DATA_FILE.fullmatch(latest_filename[len(base) :]) is not None
+        )
+        if (not self._sharded and global_step is None and base == latest_filename) or (write_state and real):
+            raise StatePathConflictError(
+                f"'latest_filename' collides with 'save_path': {latest_filename!r} and {local!r}; "
+                "use a different save path or latest_filename"
+            )
 
     def _record_last_checkpoint(self, prefix: str) -> None:
         if not self._max_to_keep:
             return
-        self._last_checkpoints = [p for p in self._last_checkpoints if p[0] != prefix]
+        # The same checkpoint saved again (however spelled) moves to the end.
+        mine = paths.checkpoint_identity(prefix)
+        self._last_checkpoints = [p for p in self._last_checkpoints if paths.checkpoint_identity(p[0]) != mine]
         self._last_checkpoints.append((prefix, time.time()))
         if len(self._last_checkpoints) > self._max_to_keep:
             self._checkpoints_to_be_deleted.append(self._last_checkpoints.pop(0))
 
-    def _select_for_deletion(self) -> list[str]:
-        """The checkpoints retention drops now (TensorFlow's rule: keep one per n hours)."""
+    def _select_for_deletion(self, saved: str, directory: str) -> list[str]:
+        """The checkpoints retention drops now (TensorFlow's rule: keep one per n hours).
+
+        Never the checkpoint this save wrote, nor one still kept under another
+        spelling; and only checkpoints in the state file's ``directory``: others
+        are logged and kept.
+        """
+        keep = {paths.checkpoint_identity(p) for p, _ in self._last_checkpoints}
+        keep.add(paths.checkpoint_identity(saved))
+        home = paths.directory_identity(directory)
         doomed = []
         while self._checkpoints_to_be_deleted:
             path, stamp = self._checkpoints_to_be_deleted.pop(0)
             if stamp > self._next_checkpoint_time:
                 self._next_checkpoint_time += self._keep_hours * 3600
                 continue
-            if path in self.last_checkpoints:
-                continue  # saved again under the same name since
+            if paths.checkpoint_identity(path) in keep:
+                continue  # saved again since, under this or another name
+            if paths.directory_identity(os.path.dirname(paths.local_path(path))) != home:
+                logger.warning(
+                    "retention keeps checkpoint %s: it is outside the state file's directory %s", path, directory or "."
+                )
+                continue
             doomed.append(path)
         return doomed
 
-    def _delete_old_checkpoint(self, path: str, tombstone: str) -> None:
+    def _delete_old_checkpoint(self, path: str, tombstone: TempDir, meta_graph_suffix: str) -> None:
         try:
             try:
-                cm.remove_checkpoint(path, fileops=self._fileops)
+                cm.remove_checkpoint_literally(
+                    paths.local_path(path), meta_graph_suffix=meta_graph_suffix, fileops=self._fileops
+                )
             except OSError as e:  # the new checkpoint is committed; like TensorFlow, carry on
                 logger.warning("could not delete old checkpoint %s: %s", path, e)
                 return
             self._fileops.phase(f"retention:removed:{path}")
         finally:
-            self._remove_tree(tombstone)
-
-    def _remove_tree(self, path: str) -> None:
-        try:
-            self._fileops.rmtree(path)
-        except OSError:
-            pass
+            tombstone.remove(self._fileops)
 
     # -------------------------------------------------------------- restore
     def restore(self, save_path: str | os.PathLike[str] | None = None) -> None:
@@ -351,12 +403,13 @@ class Saver:
         if save_path is None:
             save_path = self._filename
         if save_path is None:
-            raise ValueError("Can't load save_path when it is None.")
+            raise InvalidArgumentError("Can't load save_path when it is None.")
         prefix = os.fspath(save_path)
-        if not cm.checkpoint_exists(prefix) or not os.path.isfile(prefix + ".index"):
+        local = paths.local_path(prefix)
+        if not os.path.lexists(local + ".index"):  # literally: every prefix save() returned restores
             raise InvalidCheckpointPathError(f"The passed save_path is not a valid checkpoint: {prefix}", prefix)
         with _gc.paused():
-            self._restore(prefix)
+            self._restore(local)
 
     def _all_tensors(self) -> TensorList:
         """Every variable's ``(name, array)``; the group's own list when there is one group."""

@@ -2,41 +2,58 @@
 
 A save writes its shards under ``<prefix>_temp_<uuid>/``; a deletion marks its
 work with such a directory too (a *tombstone*). Each holds an ``OWNER`` file
-(host, pid and process start time), written atomically. A directory whose
-owner is dead is stale; cleaning it also finishes what its owner left half
+(host, pid, process start time, kind, state file), written atomically, and its
+process holds an exclusive ``flock`` on that file from before it appears until
+the directory is gone. A directory is stale when its lock can be taken: the
+kernel drops the lock when the owner dies, whatever pid namespace (container)
+the owner and the cleaner live in. Cleaning happens under that lock, so two
+cleaners never clean one directory, and it finishes what the owner left half
 done:
 
 * a crashed save: the new checkpoint never appeared, so ``<prefix>.data-*``
   files without ``<prefix>.index`` and ``<prefix>.index.tempstate*`` files
-  are debris and are removed;
+  are debris and are removed; a checkpoint that was committed but that its
+  state file does not list (the save died, or failed, before recording it, and
+  never returned) is removed too, index first;
 * a crashed deletion: the checkpoint was being deleted, so its remaining
   files are removed, index first.
 
-A directory of a live process is never touched; one without a readable owner
-record is stale only after :data:`ORPHAN_AGE` seconds. Leftover temporary
-``checkpoint`` state files (``*.tmp<32 hex>``) older than that are removed too.
+A directory whose owner record is on another host, or holds the lock, is never
+touched. Records written by older versions (no lock) are judged by their pid.
+One without a readable owner record is stale only after :data:`ORPHAN_AGE`
+seconds. Leftover temporary ``checkpoint`` state files (``*.tmp<32 hex>``) older
+than that are removed too.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import glob
 import os
 import re
 import socket
 import time
 import uuid
+from urllib.parse import quote, unquote
 
+from gpusaver.errors import CorruptCheckpointError
 from gpusaver.fileops import POSIX, FileOps
 from gpusaver.format.naming import data_file_glob, index_filename
+from gpusaver.paths import checkpoint_identity, open_regular, read_regular
 
-__all__ = ["ORPHAN_AGE", "make_temp_dir", "clean_stale_temp_dirs"]
+__all__ = ["ORPHAN_AGE", "TempDir", "make_temp_dir", "clean_stale_temp_dirs", "roll_back_unrecorded"]
 
 TEMP_RE = re.compile(r"^(?P<base>.+)_temp_(?P<id>[0-9a-f]{32})$")
 #: Temporary files of an atomic write (the state file; a standalone BundleWriter), removed once old.
 _STATE_TMP_RE = re.compile(r"^.+(\.tmp[0-9a-f]{32}|\.(index|data-\d+-of-\d+)\.tempstate[0-9a-f]+)$")
 OWNER = "OWNER"
+#: The last field of an owner record whose liveness is its flock.
+_LOCKED = "flock"
 #: Seconds after which a temp directory (or state temp file) with no readable owner is stale.
 ORPHAN_AGE = 600.0
+#: Owner records are a line; anything longer is not one.
+_OWNER_LIMIT = 1 << 16
 
 
 def _process_start_time(pid: int) -> str | None:
@@ -51,53 +68,88 @@ def _process_start_time(pid: int) -> str | None:
 def _owner_record(deleting: bool, state_file: str | None) -> bytes:
     pid = os.getpid()
     kind = "delete" if deleting else "save"
-    return f"{socket.gethostname()} {pid} {_process_start_time(pid) or '-'} {kind} {state_file or '-'}\n".encode()
+    state = quote(state_file, safe="") if state_file else "-"
+    return f"{socket.gethostname()} {pid} {_process_start_time(pid) or '-'} {kind} {state} {_LOCKED}\n".encode()
 
 
-def _owner_state(record: str) -> tuple[str, bool, str | None]:
-    """``(state, deleting, state file)``: state is ``alive``, ``dead`` or ``unknown``."""
-    parts = record.split()
-    if len(parts) == 3:
-        parts.append("save")
-    if len(parts) == 4:
-        parts.append("checkpoint")
-    if len(parts) != 5 or parts[3] not in ("save", "delete"):
-        return "unknown", False, None
-    deleting = parts[3] == "delete"
-    state_file = None if parts[4] == "-" else parts[4]
-    state, _ = _liveness(parts)
-    return state, deleting, state_file
+class _Owner:
+    """A parsed owner record."""
+
+    def __init__(self, record: str) -> None:
+        parts = record.split()
+        self.valid = False
+        self.locked = len(parts) == 6 and parts[5] == _LOCKED
+        if self.locked:
+            parts = parts[:5]
+        if len(parts) == 3:
+            parts.append("save")
+        if len(parts) == 4:
+            parts.append("checkpoint")
+        if len(parts) != 5 or parts[3] not in ("save", "delete"):
+            return
+        self.valid = True
+        self.host, self.pid, self.start = parts[0], parts[1], parts[2]
+        self.deleting = parts[3] == "delete"
+        self.state_file = None if parts[4] == "-" else (unquote(parts[4]) if self.locked else parts[4])
+
+    def pid_state(self) -> str:
+        """``alive``, ``dead`` or ``unknown`` from the pid (records without a lock)."""
+        try:
+            pid = int(self.pid)
+        except ValueError:
+            return "unknown"
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return "dead"
+        except PermissionError:
+            pass
+        if self.start == "-" or _process_start_time(pid) == self.start:
+            return "alive"
+        return "dead"  # the pid was reused by another process
 
 
-def _liveness(parts: list[str]) -> tuple[str, None]:
-    if parts[0] != socket.gethostname():
-        return "alive", None  # another host's: never touch it
-    try:
-        pid = int(parts[1])
-    except ValueError:
-        return "unknown", None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return "dead", None
-    except PermissionError:
-        pass
-    if parts[2] == "-" or _process_start_time(pid) == parts[2]:
-        return "alive", None
-    return "dead", None  # the pid was reused by another process
+class TempDir:
+    """A temp directory this process owns, locked until :meth:`remove` or :meth:`release`."""
+
+    def __init__(self, path: str, lock_fd: int | None) -> None:
+        self.path = path
+        self._fd = lock_fd
+
+    def release(self) -> None:
+        """Drops the lock and leaves the directory: a later save treats it as stale and finishes it."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+    def remove(self, ops: FileOps) -> None:
+        """Removes the directory, then drops the lock (errors are ignored: a later save cleans up)."""
+        try:
+            ops.rmtree(self.path)
+        except OSError:
+            pass
+        finally:
+            self.release()
+
+    def __fspath__(self) -> str:
+        return self.path
 
 
-def make_temp_dir(prefix: str, ops: FileOps, *, deleting: bool = False, state_file: str | None = None) -> str:
-    """Creates ``<prefix>_temp_<uuid>`` with its owner record; removes it again on failure.
+def make_temp_dir(prefix: str, ops: FileOps, *, deleting: bool = False, state_file: str | None = None) -> TempDir:
+    """Creates ``<prefix>_temp_<uuid>`` with its owner record, locked; removes it again on failure.
+
+    The record is written to ``OWNER.tmp``, locked, then renamed to ``OWNER``:
+    no cleaner ever sees an unlocked ``OWNER`` of a live directory.
 
     Args:
-        prefix: the checkpoint being saved or deleted.
+        prefix: the checkpoint being saved or deleted (a local path).
         ops: file operations.
         deleting: a tombstone of a deletion rather than a save.
         state_file: the state file that will record a save (None: none will).
     """
     temp_dir = f"{prefix}_temp_{uuid.uuid4().hex}"
     ops.mkdir(temp_dir)
+    lock_fd = None
     try:
         tmp = os.path.join(temp_dir, OWNER + ".tmp")
         fd = ops.create(tmp)
@@ -105,14 +157,18 @@ def make_temp_dir(prefix: str, ops: FileOps, *, deleting: bool = False, state_fi
             ops.write(fd, [memoryview(_owner_record(deleting, state_file))])
         finally:
             ops.close(fd)
+        lock_fd = os.open(tmp, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        fcntl.flock(lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a new file: nobody else can hold it
         ops.rename(tmp, os.path.join(temp_dir, OWNER))
     except BaseException:
         try:
             ops.rmtree(temp_dir)
         except OSError:
             pass
+        if lock_fd is not None:
+            os.close(lock_fd)
         raise
-    return temp_dir
+    return TempDir(temp_dir, lock_fd)
 
 
 def _remove_quietly(ops: FileOps, path: str) -> None:
@@ -122,51 +178,81 @@ def _remove_quietly(ops: FileOps, path: str) -> None:
         pass
 
 
-def _recorded(prefix: str, state_file: str | None) -> bool:
-    """Whether the state file lists ``prefix`` (True when that cannot be told)."""
+def recorded(prefix: str, state_file: str | None) -> bool:
+    """Whether the state file next to ``prefix`` lists it (True when that cannot be told).
+
+    Paths are compared by identity (:func:`gpusaver.paths.checkpoint_identity`),
+    so a checkpoint recorded through a symlink, a relative path or a
+    ``file://`` URI is found whatever spelling ``prefix`` has.
+    """
     if state_file is None:
         return False
     from gpusaver.checkpoint_management import get_checkpoint_state
 
     directory = os.path.dirname(prefix)
     path = os.path.join(directory, state_file)
-    if not os.path.exists(path):
-        return False
+    if not os.path.isfile(path):
+        return False  # missing, or a directory, FIFO or device: it lists nothing
     try:
         state = get_checkpoint_state(directory or ".", state_file)
     except Exception:  # noqa: BLE001 - unreadable: keep the checkpoint
         return True
     if state is None:
         return True
-    listed = {os.path.abspath(p) for p in [state.model_checkpoint_path, *state.all_model_checkpoint_paths]}
-    return os.path.abspath(prefix) in listed
+    mine = checkpoint_identity(prefix)
+    return any(checkpoint_identity(p) == mine for p in [state.model_checkpoint_path, *state.all_model_checkpoint_paths])
 
 
 def _finish_for_dead_owner(
     ops: FileOps, prefix: str, deleting: bool, state_file: str | None, known_owner: bool = True
-) -> None:
+) -> bool:
+    """Finishes what a dead save or deletion of ``prefix`` left; True when nothing is left to do."""
     index = index_filename(prefix)
     for leftover in glob.glob(glob.escape(index) + ".tempstate*"):
         _remove_quietly(ops, leftover)
     committed = os.path.lexists(index)
-    if committed and (not known_owner or _recorded(prefix, state_file)):
+    if committed and (not known_owner or recorded(prefix, state_file)):
         # A save that finished but for removing its temp dir; a deletion whose state
         # file never stopped listing the checkpoint; or who knows: keep it.
-        return
+        return True
     # A deletion cut short, a save that never committed, or one that committed but
-    # died before it was recorded (it never returned): its files go, index first.
-    if committed:
-        _remove_quietly(ops, index)
-    for data in glob.glob(data_file_glob(prefix)):
-        _remove_quietly(ops, data)
+    # was not recorded (it never returned): its files go, index first.
+    ok = True
+    for path in ([index] if committed else []) + sorted(glob.glob(data_file_glob(prefix))):
+        try:
+            ops.remove(path)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            ok = False
+    return ok
 
 
-def _has_owner_record(path: str) -> bool:
+def roll_back_unrecorded(prefix: str, state_file: str | None, ops: FileOps) -> bool:
+    """Removes the committed checkpoint ``prefix`` unless its state file lists it.
+
+    For a save whose commit succeeded but whose recording failed (the disk
+    filled at the state file): nothing it made stays. Returns False when a file
+    could not be removed (the caller then leaves its temp directory, unlocked,
+    for the next save to finish).
+    """
+    return _finish_for_dead_owner(ops, prefix, False, state_file, True)
+
+
+def _try_lock(owner_path: str) -> tuple[str, int | None]:
+    """``("dead", fd holding the lock)`` or ``("alive", None)`` for a locked owner record."""
     try:
-        with open(os.path.join(path, OWNER)) as f:
-            return _owner_state(f.read())[0] != "unknown"
-    except (OSError, UnicodeDecodeError):
-        return False
+        fd = open_regular(owner_path, "owner record")
+    except (OSError, CorruptCheckpointError):
+        return "alive", None  # gone meanwhile, or not ours to judge
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            return "alive", None
+        return "alive", None  # locks unsupported here: never guess
+    return "dead", fd
 
 
 def clean_stale_temp_dirs(directory: str, fileops: FileOps | None = None) -> list[str]:
@@ -182,39 +268,57 @@ def clean_stale_temp_dirs(directory: str, fileops: FileOps | None = None) -> lis
     except OSError:
         return removed
     now = time.time()
+    host = socket.gethostname()
     for name in names:
         path = os.path.join(directory, name)
         if _STATE_TMP_RE.match(name):
             try:
-                if now - os.stat(path).st_mtime >= ORPHAN_AGE:
+                if now - os.lstat(path).st_mtime >= ORPHAN_AGE:
                     _remove_quietly(ops, path)
             except OSError:
                 pass
             continue
         m = TEMP_RE.match(name)
-        if m is None:
+        if m is None or os.path.islink(path) or not os.path.isdir(path):
             continue
+        owner_path = os.path.join(path, OWNER)
+        lock_fd = None
         try:
-            with open(os.path.join(path, OWNER)) as f:
-                state, deleting, state_file = _owner_state(f.read())
-        except (FileNotFoundError, NotADirectoryError, UnicodeDecodeError):
-            state, deleting, state_file = "unknown", False, None
+            owner = _Owner(read_regular(owner_path, "owner record", _OWNER_LIMIT).decode("utf-8"))
+        except (FileNotFoundError, UnicodeDecodeError, CorruptCheckpointError):
+            owner = _Owner("")
         except OSError:
             continue
-        if state == "unknown":
+        if not owner.valid:
             try:
                 state = "dead" if now - os.stat(path).st_mtime >= ORPHAN_AGE else "alive"
             except OSError:
                 continue
+        elif owner.host != host:
+            state = "alive"  # another host's: never touch it
+        elif owner.locked:
+            state, lock_fd = _try_lock(owner_path)
+        else:
+            state = owner.pid_state()
+            if state == "unknown":
+                try:
+                    state = "dead" if now - os.stat(path).st_mtime >= ORPHAN_AGE else "alive"
+                except OSError:
+                    continue
         if state != "dead":
             continue
-        known = state_file is not None or deleting or _has_owner_record(path)
-        _finish_for_dead_owner(ops, os.path.join(directory, m.group("base")), deleting, state_file, known)
         try:
-            ops.rmtree(path)
-            removed.append(path)
-        except OSError:
-            pass
+            base = os.path.join(directory, m.group("base"))
+            if owner.valid:
+                _finish_for_dead_owner(ops, base, owner.deleting, owner.state_file)
+            else:  # who knows what it was: debris goes, a committed checkpoint stays
+                _finish_for_dead_owner(ops, base, False, None, known_owner=False)
+            try:
+                ops.rmtree(path)
+                removed.append(path)
+            except OSError:
+                pass
+        finally:
+            if lock_fd is not None:
+                os.close(lock_fd)
     return removed
-
-

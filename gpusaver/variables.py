@@ -9,7 +9,7 @@ import numpy as np
 
 from gpusaver import backends
 from gpusaver.devices import DeviceSpec, parse_device
-from gpusaver.errors import UnsupportedDTypeError
+from gpusaver.errors import InvalidArgumentError, InvalidArgumentTypeError, UnsupportedDTypeError
 from gpusaver.format import dtypes
 
 __all__ = ["Variable", "ResolvedVariable", "resolve_var_list"]
@@ -37,12 +37,12 @@ class Variable:
         if device is not None and spec.is_gpu:
             own = backend.default_device(value)
             if own.index != spec.index:
-                raise ValueError(
+                raise InvalidArgumentError(
                     f"variable {name!r} lives on {own.short} but was given device {spec.short}; "
                     "move the array first (with cupy.cuda.Device(i): cupy.asarray(...))"
                 )
         if name is not None and not isinstance(name, str):
-            raise TypeError(f"a variable name is a str, not {type(name).__name__}")
+            raise InvalidArgumentTypeError(f"a variable name is a str, not {type(name).__name__}")
         self.value = value
         self.name = name
         self.device = spec
@@ -93,31 +93,37 @@ def resolve_var_list(var_list: Mapping[str, Any] | Iterable[Any]) -> list[Resolv
         items = [(k, v) for k, v in var_list.items()]
         for key, _ in items:
             if not isinstance(key, str) or not key:
-                raise ValueError(f"variable names must be non-empty strings, got {key!r}")
+                raise InvalidArgumentError(f"variable names must be non-empty strings, got {key!r}")
         variables = [_as_variable(k, v) for k, v in items]
     elif isinstance(var_list, (list, tuple)):
         variables = []
         for v in var_list:
             if not isinstance(v, Variable):
-                raise TypeError(
+                raise InvalidArgumentTypeError(
                     f"a var_list given as a list holds gpusaver.Variable objects, got {type(v).__name__}; "
                     "use a dict {name: array} for plain arrays"
                 )
             if not v.name:
-                raise ValueError(f"{v!r} has no name; give it one with Variable(value, name=...)")
+                raise InvalidArgumentError(f"{v!r} has no name; give it one with Variable(value, name=...)")
             variables.append(v)
     else:
-        raise TypeError(f"var_list must be a dict or a list of Variables, not {type(var_list).__name__}")
+        raise InvalidArgumentTypeError(f"var_list must be a dict or a list of Variables, not {type(var_list).__name__}")
 
     seen_names: dict[str, Variable] = {}
     seen_arrays: dict[int, str] = {}
     out = []
     for v in variables:
         assert v.name is not None
+        try:
+            v.name.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InvalidArgumentError(
+                f"variable name {v.name!r} cannot be encoded as UTF-8 ({e.reason} at position {e.start})"
+            ) from None
         if v.name in seen_names:
-            raise ValueError(f"At least two variables have the same name: {v.name}")
+            raise InvalidArgumentError(f"At least two variables have the same name: {v.name}")
         if id(v.value) in seen_arrays:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"the same array is saved under two names, {seen_arrays[id(v.value)]!r} and {v.name!r}"
             )
         seen_names[v.name] = v
@@ -134,8 +140,90 @@ def resolve_var_list(var_list: Mapping[str, Any] | Iterable[Any]) -> list[Resolv
         if np.dtype(backend.dtype(v.value)).kind == "O":
             for item in v.value.reshape(-1).tolist():
                 if not isinstance(item, (bytes, str)):
-                    raise TypeError(
+                    raise InvalidArgumentTypeError(
                         f"string variable {v.name!r} holds a {type(item).__name__}; object arrays must hold bytes or str"
                     )
         out.append(ResolvedVariable(v.name, v.value, v.device, backend))
+    check_no_overlap(out)
     return out
+
+
+def _byte_bounds(array: Any) -> tuple[bool, int, int] | None:
+    """``(on a GPU, first byte, one past the last byte)`` of an array's memory; None when empty."""
+    shape = tuple(array.shape)
+    itemsize = int(array.dtype.itemsize)
+    if itemsize == 0 or 0 in shape:
+        return None
+    if isinstance(array, np.ndarray):
+        gpu, ptr = False, int(array.__array_interface__["data"][0])
+    else:
+        gpu, ptr = True, int(array.data.ptr)
+    lo = hi = ptr
+    for n, stride in zip(shape, tuple(array.strides)):
+        step = (n - 1) * int(stride)
+        if step < 0:
+            lo += step
+        else:
+            hi += step
+    return gpu, lo, hi + itemsize
+
+
+def _overlap(a: Any, b: Any) -> bool:
+    """Whether two arrays whose byte bounds intersect share a byte of memory."""
+    if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+        try:
+            return bool(np.shares_memory(a, b, max_work=1 << 20))
+        except np.exceptions.TooHardError:
+            return True  # cannot tell: refuse rather than restore nondeterministically
+    return True  # device arrays: intersecting bounds are refused
+
+
+def check_no_overlap(variables: "list[ResolvedVariable]") -> None:
+    """Refuses variables whose arrays share memory (overlapping views of one buffer).
+
+    Restoring into two views of the same bytes would leave whichever wrote
+    last; the result would depend on scheduling. Views that interleave without
+    sharing a byte (``a[::2]`` and ``a[1::2]``) are fine on the host.
+
+    Raises:
+        InvalidArgumentError: naming both variables.
+    """
+    # Host arrays can share memory only with arrays from the same allocation (the
+    # ndarray at the end of their .base chain); a group of one needs no check.
+    groups: dict[Any, list[int]] = {}
+    for i, v in enumerate(variables):
+        arr = v.array
+        if isinstance(arr, np.ndarray):
+            root = arr
+            while isinstance(root.base, np.ndarray):
+                root = root.base
+            key: Any = id(root) if root.base is None else "foreign buffers"
+        else:
+            key = "device"
+        groups.setdefault(key, []).append(i)
+    for members in groups.values():
+        if len(members) > 1:
+            _check_group(variables, members)
+
+
+def _check_group(variables: "list[ResolvedVariable]", members: list[int]) -> None:
+    spans = []
+    for i in members:
+        bounds = _byte_bounds(variables[i].array)
+        if bounds is not None:
+            spans.append((bounds[0], bounds[1], bounds[2], i))
+    spans.sort()  # host spans first, then device spans, each by start address
+    active: list[tuple[int, int]] = []  # (end, index) of spans that may still overlap the next
+    space = None
+    for gpu, lo, hi, i in spans:
+        if gpu != space:
+            space, active = gpu, []
+        active = [(end, j) for end, j in active if end > lo]
+        for _, j in active:
+            if _overlap(variables[j].array, variables[i].array):
+                first, second = sorted((i, j))
+                raise InvalidArgumentError(
+                    f"variables {variables[first].name!r} and {variables[second].name!r} share memory (overlapping "
+                    "views of one buffer); restoring into both would be nondeterministic: save a copy of one"
+                )
+        active.append((hi, i))

@@ -337,11 +337,19 @@ def test_timestamp_count_mismatch_raises_like_tensorflow(tmp_path: Path) -> None
 
 
 @pytest.mark.parametrize("name", ["a/b", "../checkpoint", "..", "."])
-def test_latest_filename_must_be_a_bare_name(tmp_path: Path, name: str) -> None:
-    with pytest.raises(ValueError, match="bare file name"):
-        cm.update_checkpoint_state(tmp_path, str(tmp_path / "c-1"), latest_filename=name)
-    with pytest.raises(ValueError, match="bare file name"):
-        cm.get_checkpoint_state(tmp_path, latest_filename=name)
+def test_latest_filename_is_joined_with_the_directory_as_tensorflow_does(tmp_path: Path, name: str) -> None:
+    # TensorFlow joins latest_filename to the directory: a missing file is no state (None), never an error.
+    assert cm.get_checkpoint_state(tmp_path, latest_filename=name) is None
+    assert cm.latest_checkpoint(tmp_path, latest_filename=name) is None
+
+
+def test_latest_filename_with_a_path_reads_that_file(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    prefix = tmp_path / "c-1"
+    _touch(Path(f"{prefix}.index"))
+    cm.update_checkpoint_state(tmp_path, str(prefix), latest_filename="sub/state")
+    assert cm.latest_checkpoint(tmp_path, latest_filename="sub/state") == str(prefix)
+    assert cm.latest_checkpoint(tmp_path / "sub", latest_filename="state") == str(prefix)
 
 
 def test_path_like_arguments(tmp_path: Path) -> None:

@@ -825,11 +825,13 @@ def test_restore_waits_for_reads_queued_on_the_current_stream(fake, tmp_path):
     assert same(w.get(), new)
 
 
-def test_overlapping_views_restore_like_numpy(fake, tmp_path):
-    """Two variables that are contiguous views sharing memory restore as on NumPy (no overlap error)."""
+def test_overlapping_device_views_are_refused_and_adjacent_ones_restore(fake, tmp_path):
+    """Views of one device buffer that share bytes are refused, naming both; adjacent ones restore."""
     host = values((64,), np.float32)
     base = put(fake, host, 0)
-    first, second = base[:40], base[24:]
+    with pytest.raises(gs.InvalidArgumentError, match="'first' and 'second' share memory"):
+        gs.Saver({"first": base[:40], "second": base[24:]}, durable=False)
+    first, second = base[:24], base[24:]
     saver = gs.Saver({"first": first, "second": second}, durable=False)
     path = saver.save(str(tmp_path / "model"))
     fill(fake, base, 0)

@@ -112,7 +112,7 @@ def sample_arrays(xp: ModuleType, seed: int = 0) -> dict[str, np.ndarray]:
                 "scalar_string": np.array(b"a scalar string", dtype=object),
                 "empty_strings": np.zeros((0, 2), dtype=object),
                 "strided": base[:, ::3],
-                "transposed": base.T,
+                "transposed": _floats(rng, (10, 8), np.float64).T,  # views of one buffer may not overlap
                 "fortran": np.asfortranarray(_floats(rng, (5, 7), np.float32)),
                 "big_endian_f32": _floats(rng, (6,), ">f4"),
                 "big_endian_i64": rng.integers(-(2**62), 2**62, (3,)).astype(">i8"),
@@ -388,11 +388,11 @@ def test_non_contiguous_arrays_round_trip_and_restore_through_views(
     # Small chunks make the staging of non-contiguous arrays take many steps.
     monkeypatch.setattr(numpy_backend, "CHUNK_BYTES", 64)
     rng = np.random.default_rng(5)
-    bases = {f"base{i}": xp.asarray(rng.standard_normal((12, 9)).astype(np.float32)) for i in range(n_devices)}
+    bases = {f"base{i}": xp.asarray(rng.standard_normal((12, 9)).astype(np.float32)) for i in range(2 * n_devices)}
     views = {}
-    for i, (name, base) in enumerate(bases.items()):
-        views[f"strided{i}"] = base[1::2, ::3]
-        views[f"transposed{i}"] = base.T[2:5]
+    for i in range(n_devices):  # two views of separate buffers: views of one buffer may not overlap
+        views[f"strided{i}"] = bases[f"base{2 * i}"][1::2, ::3]
+        views[f"transposed{i}"] = bases[f"base{2 * i + 1}"].T[2:5]
     variables = [
         gs.Variable(view, name, device=f"/cpu:{i % n_devices}") if xp is np else gs.Variable(view, name)
         for i, (name, view) in enumerate(views.items())
@@ -753,12 +753,30 @@ def test_latest_filename_colliding_with_save_path(
     save_name: str, latest_filename: str | None, sharded: bool, tmp_path: Path
 ) -> None:
     saver = gs.Saver(on_cpus(f32_vars(), 2), sharded=sharded)
-    for catch in (ValueError, RuntimeError, StatePathConflictError):
-        with pytest.raises(catch):
-            saver.save(str(tmp_path / save_name), latest_filename=latest_filename)
-    assert listing(tmp_path) == []
+    if sharded:
+        # As TensorFlow (its testNameCollision): a V2 checkpoint's files are <prefix>.index and
+        # <prefix>.data-*, so a prefix named like the state file collides with nothing.
+        prefix = saver.save(str(tmp_path / save_name), latest_filename=latest_filename)
+        assert gs.latest_checkpoint(str(tmp_path), latest_filename) == prefix
+        saver.restore(prefix)
+    else:
+        for catch in (ValueError, StatePathConflictError):  # TensorFlow's unsharded Saver refuses it
+            with pytest.raises(catch, match="collides"):
+                saver.save(str(tmp_path / save_name), latest_filename=latest_filename)
+        assert listing(tmp_path) == []
     # With a step the names differ: no collision.
     assert saver.save(str(tmp_path / save_name), global_step=1, latest_filename=latest_filename)
+
+
+@pytest.mark.parametrize("sharded", [True, False], ids=["sharded", "unsharded"])
+@pytest.mark.parametrize("latest_filename", ["model.index", "model.data-00000-of-00001", "model.data-00001-of-00002"])
+def test_state_file_named_like_a_file_of_the_checkpoint_is_refused(
+    latest_filename: str, sharded: bool, tmp_path: Path
+) -> None:
+    saver = gs.Saver(on_cpus(f32_vars(), 2), sharded=sharded)
+    with pytest.raises(StatePathConflictError, match="collides"):
+        saver.save(str(tmp_path / "model"), latest_filename=latest_filename)
+    assert listing(tmp_path) == []
 
 
 def test_missing_parent_directory_is_a_value_error(tmp_path: Path) -> None:

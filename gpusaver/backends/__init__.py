@@ -19,7 +19,7 @@ from typing import Any
 
 from gpusaver.backends.base import Backend
 from gpusaver.backends.numpy_backend import NumpyBackend
-from gpusaver.errors import BackendUnavailableError, UnsupportedDTypeError
+from gpusaver.errors import BackendUnavailableError, InvalidArgumentError, UnsupportedDTypeError
 
 __all__ = ["Backend", "NumpyBackend", "NUMPY", "backend_setting", "gpu_backend", "backend_for", "array_module"]
 
@@ -38,7 +38,7 @@ def backend_setting() -> str:
     """
     value = os.environ.get("GPUSAVER_BACKEND", "auto").strip().lower() or "auto"
     if value not in _CHOICES:
-        raise ValueError(f"GPUSAVER_BACKEND={value!r} is not one of {', '.join(_CHOICES)}")
+        raise InvalidArgumentError(f"GPUSAVER_BACKEND={value!r} is not one of {', '.join(_CHOICES)}")
     return value
 
 

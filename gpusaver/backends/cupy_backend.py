@@ -30,7 +30,13 @@ import numpy as np
 
 from gpusaver import nvml
 from gpusaver.devices import DeviceSpec
-from gpusaver.errors import ChecksumError, CorruptCheckpointError, InsufficientDeviceMemoryError
+from gpusaver.errors import (
+    ChecksumError,
+    CorruptCheckpointError,
+    InsufficientDeviceMemoryError,
+    InvalidArgumentError,
+    InvalidArgumentTypeError,
+)
 from gpusaver.format import BundleReader, BundleWriter, crc
 from gpusaver.format.reader import read_exact
 
@@ -66,7 +72,7 @@ class PinnedRing:
         slots = SLOTS if slots is None else slots
         slot_bytes = SLOT_BYTES if slot_bytes is None else slot_bytes
         if slots < 2:
-            raise ValueError("the pinned ring needs at least 2 buffers (one copying while one is written)")
+            raise InvalidArgumentError("the pinned ring needs at least 2 buffers (one copying while one is written)")
         self.slot_bytes = slot_bytes
         self._mems = [cupy.cuda.alloc_pinned_memory(slot_bytes) for _ in range(slots)]
         self._views = [np.frombuffer(m, dtype=np.uint8, count=slot_bytes) for m in self._mems]
@@ -130,7 +136,7 @@ class CupyBackend:
 
     def check_device(self, array: Any, device: DeviceSpec) -> None:
         if not device.is_gpu or device.index != int(array.device.id):
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"a CuPy array on /gpu:{array.device.id} cannot be placed on {device.short}; "
                 "copy it there first"
             )
@@ -439,7 +445,7 @@ class CupyBackend:
         entry = reader.entry(name)
         dtype = reader.dtype(name)
         if dtype == np.dtype(object):
-            raise TypeError(f"tensor {name!r} holds strings, which CuPy cannot hold; read it without device=")
+            raise InvalidArgumentTypeError(f"tensor {name!r} holds strings, which CuPy cannot hold; read it without device=")
         first_use = 0 if device_id in self._states else SLOT_BYTES  # the staging slab
         self.check_free_memory(
             DeviceSpec(device_type="GPU", index=device_id), entry.num_elements * dtype.itemsize + first_use

@@ -9,7 +9,7 @@ import numpy as np
 from gpusaver import native
 from gpusaver.backends.base import TensorList
 from gpusaver.devices import DeviceSpec
-from gpusaver.errors import ChecksumError
+from gpusaver.errors import ChecksumError, InvalidArgumentError
 from gpusaver.format import BundleReader, BundleWriter
 from gpusaver.format.tensors import byte_view
 
@@ -43,7 +43,7 @@ class NumpyBackend:
 
     def check_device(self, array: Any, device: DeviceSpec) -> None:
         if device.is_gpu:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"a NumPy array lives in host memory and cannot be placed on {device.short}; "
                 "use a CuPy array for a GPU, or a CPU device such as '/cpu:1'"
             )

@@ -22,13 +22,14 @@ import os
 import uuid
 from typing import Sequence
 
-from gpusaver.errors import CorruptCheckpointError
+from gpusaver.errors import CorruptCheckpointError, InvalidArgumentError
 from gpusaver.fileops import POSIX, FileOps
 from gpusaver.format.entry import decode_entry, decode_header, encode_entry, encode_header
 from gpusaver.format.naming import data_file_glob, data_filename, index_filename
 from gpusaver.format.table import TableReader, encode_table
 from gpusaver.format.wire import Malformed, encode_varint
 from gpusaver.format.writer import os_error
+from gpusaver.paths import local_path
 
 __all__ = ["merge_bundles"]
 
@@ -73,17 +74,17 @@ def merge_bundles(
         CheckpointWriteError: an OSError, keeping its errno.
     """
     ops = fileops or POSIX
-    merged_prefix = os.fspath(merged_prefix)
+    merged_prefix = local_path(merged_prefix)
     inputs = []
     for prefix in prefixes:
-        prefix = os.fspath(prefix)
+        prefix = local_path(prefix)
         if not os.path.exists(index_filename(prefix)):
             if allow_missing_files:
                 continue
-            raise ValueError(f"cannot merge: {index_filename(prefix)!r} does not exist")
+            raise InvalidArgumentError(f"cannot merge: {index_filename(prefix)!r} does not exist")
         inputs.append((prefix, *_read_input(prefix)))
     if not inputs:
-        raise ValueError(f"cannot merge into {merged_prefix!r}: no input bundle exists")
+        raise InvalidArgumentError(f"cannot merge into {merged_prefix!r}: no input bundle exists")
 
     merged: dict[bytes, bytes] = {}
     sliced: dict[bytes, tuple] = {}
@@ -92,7 +93,7 @@ def merge_bundles(
     version, endianness = inputs[0][2], inputs[0][3]
     for prefix, num_shards, in_version, in_endianness, items in inputs:
         if in_endianness != endianness or in_version != version:
-            raise ValueError(f"cannot merge {prefix!r}: its version or endianness differs from {inputs[0][0]!r}")
+            raise InvalidArgumentError(f"cannot merge {prefix!r}: its version or endianness differs from {inputs[0][0]!r}")
         if not items:
             empty_inputs.append(prefix)
             continue
@@ -105,10 +106,10 @@ def merge_bundles(
                 if key in sliced and entry.slices:
                     full = sliced[key]
                     if full.dtype != entry.dtype or full.shape != entry.shape:
-                        raise ValueError(f"cannot merge: slices of {key!r} disagree on dtype or shape")
+                        raise InvalidArgumentError(f"cannot merge: slices of {key!r} disagree on dtype or shape")
                     full.slices.extend(entry.slices)
                     continue
-                raise ValueError(f"cannot merge: duplicate tensor keyed by {key.decode('utf-8', 'replace')!r}")
+                raise InvalidArgumentError(f"cannot merge: duplicate tensor keyed by {key.decode('utf-8', 'replace')!r}")
             old_file = data_filename(prefix, entry.shard_id, num_shards)
             entry.shard_id = file_ids.setdefault(old_file, len(file_ids))
             if entry.slices:

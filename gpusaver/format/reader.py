@@ -17,9 +17,10 @@ import numpy as np
 from gpusaver import native
 from gpusaver._parallel import run_parallel
 from gpusaver.errors import (
-    ChecksumError,
     CheckpointNotFoundError,
+    ChecksumError,
     CorruptCheckpointError,
+    InvalidArgumentError,
     ShapeMismatchError,
     TensorNotFoundError,
 )
@@ -29,6 +30,7 @@ from gpusaver.format.naming import data_filename, index_filename
 from gpusaver.format.table import TableReader
 from gpusaver.format.tensors import decode_strings
 from gpusaver.format.wire import Malformed
+from gpusaver.paths import local_path, open_regular, read_regular
 
 __all__ = ["BundleReader", "read_exact"]
 
@@ -175,17 +177,14 @@ class BundleReader:
     """
 
     def __init__(self, prefix: str) -> None:
-        self.prefix = os.fspath(prefix)
+        self.prefix = local_path(prefix)
         self.index_path = index_filename(self.prefix)
         try:
-            with open(self.index_path, "rb") as f:
-                data = f.read()
-        except FileNotFoundError:
+            data = read_regular(self.index_path, "checkpoint index")
+        except (FileNotFoundError, NotADirectoryError):
             raise CheckpointNotFoundError(
                 f"no checkpoint at {self.prefix!r}: {self.index_path!r} does not exist", self.prefix
             ) from None
-        except IsADirectoryError:
-            raise CheckpointNotFoundError(f"{self.index_path!r} is a directory, not a checkpoint index", self.prefix) from None
         try:
             self._table = TableReader(data, self.index_path)
             first = self._table.first()
@@ -339,8 +338,8 @@ class BundleReader:
             if cached is None:
                 path = data_filename(self.prefix, shard_id, self.header.num_shards)
                 try:
-                    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-                except FileNotFoundError:
+                    fd = open_regular(path, "data file")
+                except (FileNotFoundError, NotADirectoryError):
                     raise CorruptCheckpointError(
                         f"checkpoint {self.prefix!r} is incomplete: data file {path!r} is missing", path
                     ) from None
@@ -412,7 +411,7 @@ class BundleReader:
     def _read_into(self, name: str, entry: BundleEntry, out: Any, verify: bool = True) -> None:
         dtype = dtypes.to_numpy(entry.dtype, path=self.index_path, tensor=name)
         if entry.slices or dtype == dtypes.OBJECT:
-            raise ValueError(f"tensor {name!r} is {'partitioned' if entry.slices else 'a string tensor'}; use get_tensor")
+            raise InvalidArgumentError(f"tensor {name!r} is {'partitioned' if entry.slices else 'a string tensor'}; use get_tensor")
         self._check_size(name, entry, dtype)
         view = memoryview(out).cast("B") if not isinstance(out, memoryview) or out.format != "B" else out
         if len(view) != entry.size:
@@ -442,7 +441,7 @@ class BundleReader:
         for (name, out), entry in zip(items, entries):
             dtype = dtypes.to_numpy(entry.dtype, path=self.index_path, tensor=name)
             if entry.slices or dtype == dtypes.OBJECT:
-                raise ValueError(f"tensor {name!r} is {'partitioned' if entry.slices else 'a string tensor'}; use get_tensor")
+                raise InvalidArgumentError(f"tensor {name!r} is {'partitioned' if entry.slices else 'a string tensor'}; use get_tensor")
             view = out if isinstance(out, memoryview) and out.format == "B" else memoryview(out).cast("B")
             size = entry.size
             if size != entry.num_elements * dtype.itemsize:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
+from gpusaver.errors import InvalidArgumentError
 from gpusaver.format.wire import Malformed, decode_varint, encode_varint
 
 __all__ = [
@@ -48,13 +49,13 @@ def parse_slice_spec(spec: str) -> list[Extent]:
             continue
         parts = piece.split(",")
         if len(parts) != 2:
-            raise ValueError(f"invalid slice spec {spec!r}: expected 'start,length' or '-', got {piece!r}")
+            raise InvalidArgumentError(f"invalid slice spec {spec!r}: expected 'start,length' or '-', got {piece!r}")
         try:
             start, length = int(parts[0]), int(parts[1])
         except ValueError:
-            raise ValueError(f"invalid slice spec {spec!r}: {piece!r} is not two integers") from None
+            raise InvalidArgumentError(f"invalid slice spec {spec!r}: {piece!r} is not two integers") from None
         if start < 0 or length <= 0 or start + length > _INT64_MAX:
-            raise ValueError(f"invalid slice spec {spec!r}: need start >= 0 and length > 0 in {piece!r}")
+            raise InvalidArgumentError(f"invalid slice spec {spec!r}: need start >= 0 and length > 0 in {piece!r}")
         extents.append((start, length))
     return extents
 
@@ -67,13 +68,13 @@ def parse_shape_and_slice(text: str) -> tuple[list[int], list[Extent]]:
     """
     tokens = text.split(" ")
     if len(tokens) < 2:
-        raise ValueError(f"invalid shape_and_slice {text!r}: need 'dims... slice'")
+        raise InvalidArgumentError(f"invalid shape_and_slice {text!r}: need 'dims... slice'")
     try:
         shape = [int(t) for t in tokens[:-1]]
     except ValueError:
-        raise ValueError(f"invalid shape_and_slice {text!r}: bad dimension") from None
+        raise InvalidArgumentError(f"invalid shape_and_slice {text!r}: bad dimension") from None
     if any(d < 0 for d in shape):
-        raise ValueError(f"invalid shape_and_slice {text!r}: negative dimension")
+        raise InvalidArgumentError(f"invalid shape_and_slice {text!r}: negative dimension")
     extents = parse_slice_spec(tokens[-1])
     check_fits(shape, extents, text)
     return shape, extents
@@ -82,10 +83,10 @@ def parse_shape_and_slice(text: str) -> tuple[list[int], list[Extent]]:
 def check_fits(shape: Sequence[int], extents: Sequence[Extent], what: str = "slice") -> None:
     """Raises ValueError unless ``extents`` has one extent per dim, inside the shape."""
     if len(extents) != len(shape):
-        raise ValueError(f"{what}: slice has {len(extents)} dims but the shape has {len(shape)}")
+        raise InvalidArgumentError(f"{what}: slice has {len(extents)} dims but the shape has {len(shape)}")
     for dim, (start, length) in zip(shape, extents):
         if length != -1 and start + length > dim:
-            raise ValueError(f"{what}: extent {start},{length} exceeds dimension {dim}")
+            raise InvalidArgumentError(f"{what}: extent {start},{length} exceeds dimension {dim}")
 
 
 def format_slice_spec(extents: Sequence[Extent]) -> str:
@@ -216,7 +217,7 @@ def encode_slice_key(name: str | bytes, extents: Sequence[Extent]) -> bytes:
     out = [_num_increasing(0), escaped, b"\x00\x01", _num_increasing(len(extents))]
     for start, length in extents:
         if not (_INT64_MIN <= start <= _INT64_MAX and _INT64_MIN <= length <= _INT64_MAX):
-            raise ValueError(f"slice extent {start},{length} out of int64 range")
+            raise InvalidArgumentError(f"slice extent {start},{length} out of int64 range")
         out.append(_signed_num_increasing(start))
         out.append(_signed_num_increasing(length))
     return b"".join(out)

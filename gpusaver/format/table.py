@@ -13,6 +13,7 @@ from __future__ import annotations
 import bisect
 from typing import Callable, Iterable, Iterator
 
+from gpusaver.errors import InvalidArgumentError
 from gpusaver import native
 from gpusaver.format import crc
 from gpusaver.format.wire import FIXED32, Malformed, decode_varint, encode_varint
@@ -123,10 +124,10 @@ class TableWriter:
     def add(self, key: bytes, value: bytes) -> None:
         """Adds one entry; ``key`` must sort after every key added before."""
         if self._finished:
-            raise ValueError("table already finished")
+            raise InvalidArgumentError("table already finished")
         last = self._last_key
         if last is not None and key <= last:
-            raise ValueError(f"table keys must be strictly increasing: {key!r} after {last!r}")
+            raise InvalidArgumentError(f"table keys must be strictly increasing: {key!r} after {last!r}")
         if last is not None and len(key) + len(value) >= 2 * self._block_size:
             self._flush()
         if self._pending is not None:
@@ -266,9 +267,10 @@ class TableReader:
 
     @classmethod
     def open(cls, path: str) -> "TableReader":
-        """Reads a whole table file."""
-        with open(path, "rb") as f:
-            return cls(f.read(), path)
+        """Reads a whole table file (a regular file: FIFOs and devices are refused)."""
+        from gpusaver.paths import read_regular
+
+        return cls(read_regular(path, "table"), path)
 
     def _checked_block(self, offset: int, size: int, what: str) -> None:
         data = self._data

@@ -21,13 +21,14 @@ from typing import Any, Callable, Iterable, Sequence
 import numpy as np
 
 from gpusaver import native
-from gpusaver.errors import CheckpointWriteError
+from gpusaver.errors import CheckpointWriteError, InvalidArgumentError, InvalidArgumentTypeError, write_error
 from gpusaver.fileops import POSIX, FileOps
 from gpusaver.format import crc, dtypes, slices as _slices
 from gpusaver.format.entry import BundleEntry, encode_entries, encode_entry, encode_header
 from gpusaver.format.naming import data_filename, index_filename
 from gpusaver.format.table import encode_table
 from gpusaver.format.tensors import as_host_array, byte_view, encode_strings
+from gpusaver.paths import local_path
 
 __all__ = ["BundleWriter", "os_error"]
 
@@ -44,7 +45,26 @@ def os_error(e: OSError, what: str, path: str | None) -> CheckpointWriteError:
     """Wraps an OSError, keeping its errno, naming the operation and the file."""
     if isinstance(e, CheckpointWriteError):
         return e
-    return CheckpointWriteError(e.errno, f"{what} {path!r} failed: {e.strerror or e}", path)
+    return write_error(e.errno, f"{what} {path!r} failed: {e.strerror or e}", path)
+
+
+def encode_name(name: Any) -> bytes:
+    """A tensor name's key: its UTF-8 bytes.
+
+    Raises:
+        InvalidArgumentError: a str that UTF-8 cannot encode (a lone surrogate).
+        InvalidArgumentTypeError: neither str nor bytes.
+    """
+    if isinstance(name, str):
+        try:
+            return name.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise InvalidArgumentError(
+                f"tensor name {name!r} cannot be encoded as UTF-8 ({e.reason} at position {e.start})"
+            ) from None
+    if isinstance(name, (bytes, bytearray, memoryview)):
+        return bytes(name)
+    raise InvalidArgumentTypeError(f"a tensor name is a str or bytes, not {type(name).__name__}")
 
 
 #: ``(crc slot, bytes)``: the bytes extend the running crc32c in that slot (-1: none).
@@ -236,7 +256,7 @@ class BundleWriter:
         fileops: FileOps | None = None,
         thread_init: Callable[[], None] | None = None,
     ) -> None:
-        self.prefix = os.fspath(prefix)
+        self.prefix = local_path(prefix)
         self._fileops = fileops or POSIX
         self._durable = durable
         # key -> (dtype, shape, offset, size, crc slot); encoded when the index is written
@@ -272,12 +292,12 @@ class BundleWriter:
     # ------------------------------------------------------------------ adding
     def _key(self, name: str | bytes) -> bytes:
         if self._finished:
-            raise ValueError(f"BundleWriter for {self.prefix!r} is already finished")
-        key = name.encode("utf-8") if isinstance(name, str) else bytes(name)
+            raise InvalidArgumentError(f"BundleWriter for {self.prefix!r} is already finished")
+        key = encode_name(name)
         if not key:
-            raise ValueError("a tensor name must not be empty (the empty key holds the header)")
+            raise InvalidArgumentError("a tensor name must not be empty (the empty key holds the header)")
         if key in self._entries or key in self._sliced or key in self._run_keys:
-            raise ValueError(f"duplicate tensor name {key.decode('utf-8', 'replace')!r}")
+            raise InvalidArgumentError(f"duplicate tensor name {key.decode('utf-8', 'replace')!r}")
         return key
 
     def _flush_batch(self) -> None:
@@ -292,8 +312,11 @@ class BundleWriter:
 
     def _write(self, view: memoryview, slot: int) -> int:
         """Queues ``view`` (checksummed into ``slot`` unless -1) at the current offset; returns that offset."""
-        offset = self._offset
         n = len(view)
+        if n >= _SMALL:
+            # The pending batch ends at the current offset: queue it before moving past it.
+            self._flush_batch()
+        offset = self._offset
         self._offset += n
         if n == 0:
             return offset
@@ -303,7 +326,6 @@ class BundleWriter:
             if self._batch_bytes >= _BATCH_BYTES or len(self._batch) >= _BATCH_COUNT:
                 self._flush_batch()
         else:
-            self._flush_batch()
             self._writer.submit(offset, [(slot, view)], None)
         return offset
 
@@ -340,9 +362,12 @@ class BundleWriter:
         array)`` (default :meth:`add`), in order.
         """
         if self._finished:
-            raise ValueError(f"BundleWriter for {self.prefix!r} is already finished")
+            raise InvalidArgumentError(f"BundleWriter for {self.prefix!r} is already finished")
         # Savers pass their names encoded already: take bytes as they are, cheaply.
-        keys = [n if type(n) is bytes else n.encode("utf-8") if isinstance(n, str) else bytes(n) for n in names]
+        try:
+            keys = [n if type(n) is bytes else n.encode("utf-8") if isinstance(n, str) else bytes(n) for n in names]
+        except (UnicodeEncodeError, TypeError):
+            keys = [encode_name(n) for n in names]  # raises, naming the culprit
         fresh = set(keys)
         clash = (
             len(fresh) != len(keys)
@@ -472,7 +497,7 @@ class BundleWriter:
         key = self._key(name)
         dtype_enum = dtypes.from_numpy(dtype, tensor=name)
         if dtype_enum == dtypes.DT_STRING:
-            raise ValueError("add_raw takes numeric tensors; use add() for strings")
+            raise InvalidArgumentError("add_raw takes numeric tensors; use add() for strings")
         self._flush_batch()
         offset = self._offset
         slot = self._slot(crc32c or 0)
@@ -495,7 +520,7 @@ class BundleWriter:
         size = self._offset - offset
         expect = int(np.dtype(dtype).itemsize) * int(np.prod(shape, dtype=np.int64))
         if size != expect:
-            raise ValueError(f"tensor {name!r}: got {size} bytes for shape {tuple(shape)} of {np.dtype(dtype)}")
+            raise InvalidArgumentError(f"tensor {name!r}: got {size} bytes for shape {tuple(shape)} of {np.dtype(dtype)}")
         self._entries[key] = (dtype_enum, tuple(shape), offset, size, slot)
 
     def add_packed(
@@ -514,7 +539,7 @@ class BundleWriter:
         try:
             keys = [self._key(name) for name, *_ in tensors]
             if len(set(keys)) != len(keys):
-                raise ValueError("duplicate tensor names in one packed run")
+                raise InvalidArgumentError("duplicate tensor names in one packed run")
             self._flush_batch()
             start = offset = self._offset
             pieces: list[Piece] = []
@@ -523,7 +548,7 @@ class BundleWriter:
                 view = memoryview(buf).cast("B") if not isinstance(buf, memoryview) else buf
                 expect = int(np.dtype(dtype).itemsize) * int(np.prod(shape, dtype=np.int64))
                 if len(view) != expect:
-                    raise ValueError(f"tensor {name!r}: got {len(view)} bytes for shape {tuple(shape)} of {np.dtype(dtype)}")
+                    raise InvalidArgumentError(f"tensor {name!r}: got {len(view)} bytes for shape {tuple(shape)} of {np.dtype(dtype)}")
                 slot = self._slot(checksum or 0)
                 pieces.append((slot if checksum is None else -1, view))
                 self._entries[key] = (dtype_enum, tuple(shape), offset, len(view), slot)
@@ -545,33 +570,33 @@ class BundleWriter:
             array: the slice's values; its shape must be the slice's shape.
         """
         if self._finished:
-            raise ValueError(f"BundleWriter for {self.prefix!r} is already finished")
+            raise InvalidArgumentError(f"BundleWriter for {self.prefix!r} is already finished")
         full_shape = [int(d) for d in full_shape]
         extents = _slices.parse_slice_spec(slice_spec)
         _slices.check_fits(full_shape, extents, f"slice {slice_spec!r} of {name!r}")
         arr = as_host_array(array, name)
         want = _slices.slice_shape(full_shape, extents)
         if list(arr.shape) != want:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"slice {slice_spec!r} of {name!r} has shape {want} but the array's shape is {list(arr.shape)}"
             )
         if _slices.is_full(full_shape, extents):
             self.add(name, arr)
             return
-        key = name.encode("utf-8")
+        key = encode_name(name)
         if key in self._entries or key in self._run_keys:
-            raise ValueError(f"duplicate tensor name {name!r}: already added unsliced")
+            raise InvalidArgumentError(f"duplicate tensor name {name!r}: already added unsliced")
         dtype_enum = dtypes.from_numpy(arr.dtype, tensor=name)
         full = self._sliced.get(key)
         if full is None:
             full = self._sliced[key] = BundleEntry(dtype_enum, tuple(full_shape))
         elif full.dtype != dtype_enum or list(full.shape) != full_shape:
-            raise ValueError(
+            raise InvalidArgumentError(
                 f"slices of {name!r} disagree: {dtypes.dtype_name(full.dtype)} {list(full.shape)} "
                 f"vs {dtypes.dtype_name(dtype_enum)} {full_shape}"
             )
         if list(extents) in full.slices:
-            raise ValueError(f"slice {slice_spec!r} of {name!r} was already added")
+            raise InvalidArgumentError(f"slice {slice_spec!r} of {name!r} was already added")
         slice_key = _slices.encode_slice_key(key, extents)
         record = self._add_array(slice_key, arr, name)
         full.slices.append(list(extents))
@@ -603,7 +628,7 @@ class BundleWriter:
             header: include the header entry.
         """
         if not self._drained:
-            raise ValueError("index_items() is available once finish() has written the data")
+            raise InvalidArgumentError("index_items() is available once finish() has written the data")
         crcs, mask = self._crcs, crc.mask
         records = ((dt, shape, offset, size, mask(crcs[slot])) for dt, shape, offset, size, slot in self._entries.values())
         items = list(zip(self._entries, encode_entries(records, shard_id)))  # keys are unique
@@ -627,7 +652,7 @@ class BundleWriter:
                 (see :func:`gpusaver.format.merge.commit_merged`) and needs no index file.
         """
         if self._finished:
-            raise ValueError(f"BundleWriter for {self.prefix!r} is already finished")
+            raise InvalidArgumentError(f"BundleWriter for {self.prefix!r} is already finished")
         ops = self._fileops
         try:
             self._flush_batch()

@@ -83,6 +83,7 @@ def test_bad_variables_are_refused_before_any_write(ckpt: str, case: str) -> Non
         saver = gs.Saver(make(), fileops=ops)
         saver.save(os.path.join(ckpt, "model"), global_step=2)
     assert str(info.value), "an error without a message"
+    assert isinstance(info.value, gs.GpuSaverError), f"untyped {info.value!r}"
     assert ops.trace == [] and relkit.snapshot(ckpt) == before
 
 
@@ -104,8 +105,8 @@ BAD_SAVES: dict[str, tuple[Callable[[str], dict[str, Any]], type]] = {
     "global_step 1-d array": (lambda d: {"global_step": np.array([2])}, TypeError),
     "global_step list": (lambda d: {"global_step": [2]}, TypeError),
     "latest_filename with a path": (lambda d: {"latest_filename": "sub/checkpoint"}, ValueError),
-    "latest_filename is the checkpoint": (
-        lambda d: {"save_path": os.path.join(d, "model-9"), "global_step": None, "latest_filename": "model-9"},
+    "latest_filename is the checkpoint's index": (
+        lambda d: {"save_path": os.path.join(d, "model-9"), "global_step": None, "latest_filename": "model-9.index"},
         gs.StatePathConflictError,
     ),
 }
@@ -121,6 +122,7 @@ def test_bad_save_arguments_are_refused_before_any_write(ckpt: str, case: str) -
     with pytest.raises(error) as info:
         saver.save(**kwargs)
     assert str(info.value)
+    assert isinstance(info.value, gs.GpuSaverError), f"untyped {info.value!r}"
     assert ops.trace == [], f"the save reached the file operations: {ops.trace[:3]}"
     assert relkit.snapshot(ckpt) == before
 

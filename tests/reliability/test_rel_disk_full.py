@@ -9,9 +9,10 @@ Each time:
 
 * ``save()`` raises an ``OSError`` subclass (``CheckpointWriteError``) whose
   ``errno`` is ENOSPC;
-* a failure before the commit point (the rename of ``model-4.index``) leaves no
-  checkpoint ``model-4``; one after it leaves ``model-4`` complete (it restores)
-  but the state file is not updated unless its own rename was done;
+* a failure leaves no checkpoint ``model-4`` unless the state file names it:
+  one after the commit point (the rename of ``model-4.index``) but before the
+  state file's own rename rolls the commit back; one after that rename (its
+  directory fsync) leaves ``model-4`` recorded and complete (it restores);
 * earlier checkpoints are untouched: their files are byte-identical and they
   restore bit-identically; the state file is unchanged or names ``model-4``;
 * no debris: no temp directory, no ``*.tempstate*`` or ``*.tmp*`` file, no data
@@ -85,15 +86,17 @@ def _check_failed_save(directory: str, error: BaseException | None, err: int, co
     elif not (isinstance(error, OSError) and isinstance(error, gs.GpuSaverError) and error.errno == err):
         out.problems.append(f"raised {error!r}, not a CheckpointWriteError with errno {errno.errorcode[err]}")
     new = os.path.join(directory, "model-4")
-    if committed:
+    state = gs.get_checkpoint_state(directory)
+    recorded = new in state.all_model_checkpoint_paths
+    if recorded:  # failed once the state file named it (making it durable): it must restore
         if relkit.restore_mismatches(new, SPECS, 4):
-            out.problems.append("model-4 committed but does not restore")
+            out.problems.append("model-4 recorded but does not restore")
     elif gs.checkpoint_exists(new):
-        out.problems.append("model-4 exists although the save failed before its commit")
+        # A failed save leaves nothing committed that no state file names (rolled back).
+        out.problems.append("model-4 exists although the save failed and no state file names it")
     if _files_of(directory, (1, 2, 3)) != before:
         out.problems.append("files of earlier checkpoints changed")
     latest = gs.latest_checkpoint(directory)
-    state = gs.get_checkpoint_state(directory)
     listed = [relkit.step_of(p) for p in state.all_model_checkpoint_paths]
     if not ((latest == os.path.join(directory, "model-3") and listed == [1, 2, 3])
             or (committed and latest == new and listed == [2, 3, 4])):
@@ -104,7 +107,7 @@ def _check_failed_save(directory: str, error: BaseException | None, err: int, co
             out.problems.append(f"model-{step} does not restore: {bad}")
     found = relkit.debris(directory)
     out.debris += [f"{kind}: {n}" for kind, names in found.items() for n in names]
-    if not committed:
+    if not recorded:
         out.debris += [f"file of the failed prefix: {n}" for n in os.listdir(directory) if n.startswith("model-4.")]
 
 
