@@ -1,6 +1,12 @@
 """gpusaver: a GPU-aware, device-sharded checkpoint saver in TensorFlow's V2 format.
 
-The public API follows ``tf.compat.v1.train.Saver``, made eager::
+One line each, as safetensors' ``save_file``/``load_file``, for a dict of NumPy,
+CuPy, torch or JAX arrays::
+
+    gs.save(model.state_dict(), "ckpt/model")
+    gs.load("ckpt/model", like=model.state_dict())     # in place
+
+The Saver follows ``tf.compat.v1.train.Saver``, made eager::
 
     import numpy as np, gpusaver as gs
 
@@ -12,6 +18,7 @@ The public API follows ``tf.compat.v1.train.Saver``, made eager::
 """
 
 from gpusaver._version import __version__
+from gpusaver.api import load, save
 from gpusaver.checkpoint_management import (
     checkpoint_exists,
     generate_checkpoint_state_proto,
@@ -42,12 +49,15 @@ from gpusaver.errors import (
     UnsupportedDTypeError,
     UnsupportedVersionError,
 )
-from gpusaver.saver import Saver
+from gpusaver.saver import RestoreResult, Saver
 from gpusaver.variables import Variable
 
 __all__ = [
     "__version__",
+    "save",
+    "load",
     "Saver",
+    "RestoreResult",
     "Variable",
     "CheckpointReader",
     "DeviceSpec",

@@ -91,6 +91,7 @@ def save_checkpoint(
     on_phase: Callable[[str, float], None] | None = None,
     after_commit: Callable[[], None] | None = None,
     state_file: str | None = None,
+    progress: Any = None,
 ) -> str:
     """Writes ``groups`` as the checkpoint ``prefix``, atomically. Returns ``prefix``.
 
@@ -112,6 +113,7 @@ def save_checkpoint(
             lists the checkpoint, and the error propagates.
         state_file: the state file ``after_commit`` writes, noted in the temp
             directory so that a crash in between can be cleaned up.
+        progress: a :class:`gpusaver.progress.Progress` counting the bytes written.
 
     Raises:
         CheckpointWriteError: an OSError, keeping its errno; nothing is committed.
@@ -139,7 +141,9 @@ def save_checkpoint(
             init = getattr(shard_lists[k][0].backend, "thread_init", None) if len(shard_lists[k]) == 1 else None
             device = shard_lists[k][0].device
             thread_init = (lambda: init(device)) if init is not None else None
-            writer = BundleWriter(part_prefixes[k], durable=durable, fileops=ops, thread_init=thread_init)
+            writer = BundleWriter(
+                part_prefixes[k], durable=durable, fileops=ops, thread_init=thread_init, progress=progress
+            )
             try:
                 for group in shard_lists[k]:
                     if abort.is_set():

@@ -16,7 +16,7 @@ import numbers
 import os
 import re
 import time
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import numpy as np
 
@@ -26,6 +26,9 @@ from gpusaver.backends.base import TensorList
 from gpusaver.errors import (
     CheckpointPermissionError,
     CheckpointWriteError,
+    DTypeMismatchError,
+    ShapeMismatchError,
+    TensorNotFoundError,
     InvalidArgumentError,
     InvalidArgumentTypeError,
     InvalidCheckpointPathError,
@@ -33,6 +36,8 @@ from gpusaver.errors import (
     write_error,
 )
 from gpusaver.fileops import POSIX, FileOps
+from gpusaver.frameworks import ordered_with_framework
+from gpusaver.progress import Progress, ProgressCallback
 from gpusaver.format import BundleReader
 from gpusaver.pipeline import (
     check_restore,
@@ -47,6 +52,23 @@ from gpusaver.variables import ResolvedVariable, resolve_var_list
 __all__ = ["Saver"]
 
 logger = logging.getLogger(__name__)
+
+
+def _stored_bytes(reader: BundleReader, name: str, entry: Any) -> int:
+    """The data-file bytes of a stored variable (all its slices, when partitioned)."""
+    from gpusaver.format.slices import encode_slice_key
+
+    if not entry.slices:
+        return int(entry.size)
+    return sum(int(reader.entry(encode_slice_key(name, extents)).size) for extents in entry.slices)
+
+
+class RestoreResult(NamedTuple):
+    """What :meth:`Saver.restore` restored: the variables the checkpoint lacks, and
+    the checkpoint's variables no variable asked for (as torch's ``load_state_dict``)."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
 
 #: The suffix of a V2 data file after its prefix.
 _DATA_FILE = re.compile(r"\.data-\d{5}-of-\d{5}")
@@ -140,6 +162,8 @@ class Saver:
             raise InvalidArgumentError("No variables to save (pass allow_empty=True to allow an empty Saver)")
         self._is_empty = not self._variables
         self._groups = group_by_device(self._variables)
+        # The callers' objects where they are another framework's (torch: ordered with its streams).
+        self._sources = [v.source for v in self._variables if v.source is not None and v.source is not v.array]
         self._tensors: TensorList | None = None
         self._reshape = reshape
         self._sharded = sharded
@@ -216,6 +240,8 @@ class Saver:
         write_meta_graph: bool = False,
         strip_default_attrs: bool = False,
         save_debug_info: bool = False,
+        *,
+        progress: ProgressCallback | None = None,
     ) -> str | None:
         """Saves every variable; returns the checkpoint prefix (None for an empty Saver).
 
@@ -226,7 +252,9 @@ class Saver:
                 (``checkpoint``); it must not contain path components.
             write_state: update the state file (and apply retention).
             meta_graph_suffix, write_meta_graph, strip_default_attrs,
-                save_debug_info: accepted for compatibility; there is no meta graph.
+                save_debug_info: accepted for compatibility; there is no meta graph
+                (``meta_graph_suffix`` names the meta file retention deletes).
+            progress: ``callback(done_bytes, total_bytes)`` as the data is written.
 
         Raises:
             ValueError: a missing directory, a latest_filename with a path or
@@ -295,8 +323,9 @@ class Saver:
                 raise
             self._fileops.phase("state:written")
 
+        counter = Progress(progress, self._nbytes()) if progress is not None else None
         try:
-            with _gc.paused():
+            with _gc.paused(), ordered_with_framework(self._sources):
                 save_checkpoint(
                     local,
                     self._groups,
@@ -306,7 +335,10 @@ class Saver:
                     on_phase=self._on_phase,
                     after_commit=record if write_state else None,
                     state_file=latest_filename if write_state else None,
+                    progress=counter,
                 )
+            if counter is not None:
+                counter.finish()
         finally:
             # Once the state file no longer lists them, dropped checkpoints go, whatever happens.
             while doomed:
@@ -381,17 +413,40 @@ class Saver:
             tombstone.remove(self._fileops)
 
     # -------------------------------------------------------------- restore
-    def restore(self, save_path: str | os.PathLike[str] | None = None) -> None:
-        """Restores every variable in place from the checkpoint ``save_path``.
+    def restore(
+        self,
+        save_path: str | os.PathLike[str] | None = None,
+        *,
+        strict: bool = True,
+        cast: bool = False,
+        progress: ProgressCallback | None = None,
+    ) -> RestoreResult | None:
+        """Restores the variables in place from the checkpoint ``save_path``.
 
         All names, dtypes and shapes are checked before any array changes.
         Every tensor's crc32c is verified.
 
+        Args:
+            save_path: the checkpoint prefix (``filename`` by default).
+            strict: every variable must be in the checkpoint. With False, the
+                variables the checkpoint has are restored and the others keep
+                their values (as ``torch.nn.Module.load_state_dict(strict=False)``
+                and TensorFlow's ``expect_partial``).
+            cast: restore a stored tensor of another dtype by converting it
+                (NumPy's unsafe casting, as ``astype``); without it a dtype
+                difference is a DTypeMismatchError, never a silent conversion.
+            progress: ``callback(done_bytes, total_bytes)`` as the data is read.
+
+        Returns:
+            ``(missing_keys, unexpected_keys)``: the variables the checkpoint
+            lacks (empty when strict) and the stored variables no variable asked
+            for; None for an empty Saver (``allow_empty``), which reads nothing.
+
         Raises:
             ValueError: ``save_path`` is None or names no checkpoint
                 (:class:`~gpusaver.errors.InvalidCheckpointPathError`, also a
-                FileNotFoundError).
-            TensorNotFoundError: a variable is not in the checkpoint (a KeyError).
+                FileNotFoundError), or a variable is immutable (a JAX array, a scalar).
+            TensorNotFoundError: with ``strict``, a variable is not in the checkpoint (a KeyError).
             DTypeMismatchError, ShapeMismatchError: a variable does not fit.
             ChecksumError: stored bytes are damaged. It names the first damaged
                 variable of a device group, in the Saver's order; every variable
@@ -399,7 +454,7 @@ class Saver:
                 or unverified bytes. Raised once the group's other reads are done.
         """
         if self._is_empty:
-            return
+            return None  # as TensorFlow: an empty Saver restores nothing, from anywhere
         if save_path is None:
             save_path = self._filename
         if save_path is None:
@@ -408,8 +463,11 @@ class Saver:
         local = paths.local_path(prefix)
         if not os.path.lexists(local + ".index"):  # literally: every prefix save() returned restores
             raise InvalidCheckpointPathError(f"The passed save_path is not a valid checkpoint: {prefix}", prefix)
-        with _gc.paused():
-            self._restore(local)
+        for v in self._variables:
+            if v.immutable is not None:
+                raise InvalidArgumentError(f"variable {v.name!r} cannot be restored in place: {v.immutable}")
+        with _gc.paused(), ordered_with_framework(self._sources):
+            return self._restore(local, strict, cast, progress)
 
     def _all_tensors(self) -> TensorList:
         """Every variable's ``(name, array)``; the group's own list when there is one group."""
@@ -419,15 +477,75 @@ class Saver:
             self._tensors = TensorList((v.name, v.array) for v in self._variables)
         return self._tensors
 
-    def _restore(self, prefix: str) -> None:
+    def _restore(
+        self, prefix: str, strict: bool, cast: bool, progress: ProgressCallback | None
+    ) -> RestoreResult:
         reader = BundleReader(prefix)
         try:
-            check_restore(reader, self._variables, self._reshape, self._all_tensors())
-            for g in self._groups:
+            stored = reader.variables()
+            mine = {v.name for v in self._variables}
+            missing = [v.name for v in self._variables if v.name not in stored]
+            unexpected = sorted(k for k in stored if k not in mine)
+            if missing and strict:
+                raise TensorNotFoundError(
+                    f"variable {missing[0]!r} not found in checkpoint {reader.prefix!r}"
+                    + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                    + "; restore(..., strict=False) restores the others",
+                    missing[0],
+                )
+            present = [v for v in self._variables if v.name in stored]
+            converted = [v for v in present if cast and self._dtype_differs(v, stored[v.name])]
+            cast_ids = {id(v) for v in converted}
+            direct = [v for v in present if id(v) not in cast_ids]
+            whole = len(direct) == len(self._variables)
+            groups = self._groups if whole else group_by_device(direct)
+            tensors = self._all_tensors() if whole else TensorList((v.name, v.array) for v in direct)
+            check_restore(reader, direct, self._reshape, tensors)
+            casts = [(v, self._check_cast(v, stored[v.name], reader)) for v in converted]
+            for g in groups:
                 g.backend.check_restore_memory(g.device, g.tensors(), reader)
-            restore_checkpoint(reader, self._groups, sequential=self._restore_sequentially)
+            counter = None
+            if progress is not None:
+                counter = Progress(progress, sum(_stored_bytes(reader, v.name, stored[v.name]) for v in present))
+                reader.set_progress(counter)
+            restore_checkpoint(reader, groups, sequential=self._restore_sequentially)
+            for v, value in casts:
+                v.backend.assign(v.array, value)
+            if counter is not None:
+                counter.finish()
+            return RestoreResult(missing, unexpected)
         finally:
             reader.close()
+
+    def _nbytes(self) -> int:
+        """The bytes a save writes (strings counted by their pointers: a bound, made exact at the end)."""
+        return sum(int(v.array.nbytes) for v in self._variables)
+
+    @staticmethod
+    def _dtype_differs(v: ResolvedVariable, entry: Any) -> bool:
+        from gpusaver.format import dtypes
+
+        mine = np.dtype(v.backend.dtype(v.array))
+        return entry.dtype != dtypes.from_numpy(mine.newbyteorder("=") if mine.kind != "O" else mine, tensor=v.name)
+
+    def _check_cast(self, v: ResolvedVariable, entry: Any, reader: BundleReader) -> np.ndarray:
+        """Reads (verified) and converts a tensor stored with another dtype; checks it fits first."""
+        shape = tuple(v.array.shape)
+        if tuple(entry.shape) != shape and not (self._reshape and int(np.prod(shape)) == entry.num_elements):
+            raise ShapeMismatchError(
+                f"variable {v.name!r} has shape {list(shape)} but checkpoint {reader.prefix!r} stores "
+                f"shape {list(entry.shape)}"
+            )
+        if not getattr(getattr(v.array, "flags", None), "writeable", True):
+            raise InvalidArgumentError(f"variable {v.name!r} is read-only and cannot be restored in place")
+        mine = np.dtype(v.backend.dtype(v.array))
+        value = reader.get_tensor(v.name)
+        if (value.dtype.kind == "O") != (mine.kind == "O"):
+            raise DTypeMismatchError(
+                f"variable {v.name!r} is {mine} but checkpoint {reader.prefix!r} stores {value.dtype}: "
+                "strings and numbers do not convert"
+            )
+        return value.astype(mine).reshape(shape)
 
     # --------------------------------------------------------------- protos
     def as_saver_def(self) -> SaverDef:

@@ -11,6 +11,7 @@ from gpusaver import backends
 from gpusaver.devices import DeviceSpec, parse_device
 from gpusaver.errors import InvalidArgumentError, InvalidArgumentTypeError, UnsupportedDTypeError
 from gpusaver.format import dtypes
+from gpusaver.frameworks import adapt
 
 __all__ = ["Variable", "ResolvedVariable", "resolve_var_list"]
 
@@ -19,41 +20,50 @@ class Variable:
     """An array with a name and a device.
 
     Args:
-        value: a NumPy or CuPy array. The Saver saves it and restores into it
-            in place.
+        value: a NumPy, CuPy, torch or JAX array, a Python or NumPy scalar, or
+            any object with ``__dlpack__``, ``__cuda_array_interface__`` or
+            ``__array_interface__``. The Saver saves it and restores into it in
+            place (JAX arrays and scalars are immutable: saved, never restored
+            into; ``gpusaver.load`` brings them back).
         name: the name it is saved under (required when given to a Saver in a list).
-        device: where it lives; by default the array's own device (NumPy:
-            ``/cpu:0``; CuPy: ``/gpu:<id>``). A NumPy array may be put on a
-            virtual CPU device ``/cpu:N``, which makes it a shard of its own.
+        device: where it lives; by default the array's own device (host memory:
+            ``/cpu:0``; GPU k: ``/gpu:k``, torch's ``cuda:k`` included). A host
+            array may be put on a virtual CPU device ``/cpu:N``, which makes it
+            a shard of its own.
 
     Raises:
-        ValueError: a device the array cannot live on, or a malformed device string.
+        InvalidArgumentError: a device the array cannot live on, or a malformed device string.
+        UnsupportedDTypeError: not an array gpusaver can see.
     """
 
     def __init__(self, value: Any, name: str | None = None, device: "str | DeviceSpec | None" = None) -> None:
-        backend = backends.backend_for(value, name)
-        spec = backend.default_device(value) if device is None else parse_device(device)
-        backend.check_device(value, spec)
-        if device is not None and spec.is_gpu:
-            own = backend.default_device(value)
-            if own.index != spec.index:
-                raise InvalidArgumentError(
-                    f"variable {name!r} lives on {own.short} but was given device {spec.short}; "
-                    "move the array first (with cupy.cuda.Device(i): cupy.asarray(...))"
-                )
         if name is not None and not isinstance(name, str):
             raise InvalidArgumentTypeError(f"a variable name is a str, not {type(name).__name__}")
+        adapted = adapt(value, name)
+        array = adapted.array
+        backend = backends.backend_for(array, name)
+        own = parse_device(adapted.device) if adapted.device else backend.default_device(array)
+        spec = own if device is None else parse_device(device)
+        backend.check_device(array, spec)
+        if device is not None and spec.is_gpu and own.index != spec.index:
+            raise InvalidArgumentError(
+                f"variable {name!r} lives on {own.short} but was given device {spec.short}; "
+                "move the array first (with cupy.cuda.Device(i): cupy.asarray(...))"
+            )
         self.value = value
         self.name = name
         self.device = spec
+        self.array = array
+        self.kind = adapted.kind
+        self.immutable = adapted.immutable
 
     @property
     def dtype(self) -> np.dtype:
-        return np.dtype(self.value.dtype)
+        return np.dtype(self.array.dtype)
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return tuple(self.value.shape)
+        return tuple(self.array.shape)
 
     def __repr__(self) -> str:
         return f"Variable(name={self.name!r}, shape={self.shape}, dtype={self.dtype}, device={self.device.short!r})"
@@ -61,12 +71,20 @@ class Variable:
 
 @dataclass
 class ResolvedVariable:
-    """A variable ready for the pipeline."""
+    """A variable ready for the pipeline.
+
+    Attributes:
+        array: the NumPy or CuPy array saved from and restored into.
+        source: the caller's object (a torch tensor, a JAX array, ...; ``array`` itself for NumPy and CuPy).
+        immutable: why a restore cannot write into it, or None.
+    """
 
     name: str
     array: Any
     device: DeviceSpec
     backend: Any
+    source: Any = None
+    immutable: str | None = None
 
 
 def _as_variable(name: str | None, value: Any) -> Variable:
@@ -128,22 +146,22 @@ def resolve_var_list(var_list: Mapping[str, Any] | Iterable[Any]) -> list[Resolv
             )
         seen_names[v.name] = v
         seen_arrays[id(v.value)] = v.name
-        backend = backends.backend_for(v.value, v.name)
-        kind = np.dtype(backend.dtype(v.value)).kind
+        backend = backends.backend_for(v.array, v.name)
+        kind = np.dtype(backend.dtype(v.array)).kind
         if kind in "SU":
             raise UnsupportedDTypeError(
-                f"variable {v.name!r} is a fixed-width NumPy string array ({v.value.dtype}), which cannot "
+                f"variable {v.name!r} is a fixed-width NumPy string array ({v.array.dtype}), which cannot "
                 "hold every string a restore may bring back; use an object array of bytes "
                 "(np.array([...], dtype=object))"
             )
-        dtypes.from_numpy(backend.dtype(v.value), tensor=v.name)  # a clear error for unsupported dtypes
-        if np.dtype(backend.dtype(v.value)).kind == "O":
-            for item in v.value.reshape(-1).tolist():
+        dtypes.from_numpy(backend.dtype(v.array), tensor=v.name)  # a clear error for unsupported dtypes
+        if np.dtype(backend.dtype(v.array)).kind == "O":
+            for item in v.array.reshape(-1).tolist():
                 if not isinstance(item, (bytes, str)):
                     raise InvalidArgumentTypeError(
                         f"string variable {v.name!r} holds a {type(item).__name__}; object arrays must hold bytes or str"
                     )
-        out.append(ResolvedVariable(v.name, v.value, v.device, backend))
+        out.append(ResolvedVariable(v.name, v.array, v.device, backend, v.value, v.immutable))
     check_no_overlap(out)
     return out
 

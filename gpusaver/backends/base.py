@@ -73,6 +73,10 @@ class Backend(Protocol):
         The caller has already checked names, dtypes and shapes.
         """
 
+    def assign(self, array: Any, value: np.ndarray) -> None:
+        """Writes the host array ``value`` (same shape and dtype) into ``array`` in place."""
+        ...
+
     def check_restore_memory(self, device: DeviceSpec, tensors: Sequence[Tensor], reader: BundleReader) -> None:
         """Raises InsufficientDeviceMemoryError, before any copy, if restoring needs
         more new device memory (staging, temporaries) than is free."""

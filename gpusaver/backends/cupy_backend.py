@@ -468,6 +468,15 @@ class CupyBackend:
                 state.stream.synchronize()
             return out
 
+    def assign(self, array: Any, value: np.ndarray) -> None:
+        state = self._state(array.device.id)
+        with self._ordered(state):
+            if array.flags.c_contiguous:
+                array.set(np.ascontiguousarray(value).reshape(array.shape), stream=state.stream)
+            else:
+                array[...] = self._cp.asarray(value)
+        state.stream.synchronize()
+
     def check_restore_memory(self, device: DeviceSpec, tensors: Sequence[tuple[str, Any]], reader: BundleReader) -> None:
         """The slab (first use only) plus temporaries: partitioned arrays, and strided ones
         whose single row does not fit the slab."""

@@ -112,5 +112,8 @@ class NumpyBackend:
         if direct:
             reader.read_many_into(direct)
 
+    def assign(self, array: Any, value: np.ndarray) -> None:
+        array[...] = value
+
     def check_restore_memory(self, device: DeviceSpec, tensors: Sequence[tuple[str, Any]], reader: BundleReader) -> None:
         return None

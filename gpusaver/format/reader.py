@@ -64,6 +64,10 @@ class EntryColumns:
         self.crcs = crc.unmask_array(crcs)
 
 
+#: data file descriptor -> the Progress its reads count towards (set by BundleReader.set_progress)
+_progress_of_fd: dict[int, Any] = {}
+
+
 def read_exact(fd: int, out: memoryview, offset: int, path: str) -> None:
     """Fills ``out`` from ``fd`` at ``offset``; a short file raises CorruptCheckpointError."""
     done, n = 0, len(out)
@@ -74,6 +78,9 @@ def read_exact(fd: int, out: memoryview, offset: int, path: str) -> None:
                 f"{path!r} is truncated: needed bytes up to {offset + n}, file ended at {offset + done}", path
             )
         done += got
+    progress = _progress_of_fd.get(fd)
+    if progress is not None:
+        progress.add(n)
 
 
 def _scatter_read(fd: int, views: list[Any], start: int, path: str) -> None:
@@ -85,6 +92,10 @@ def _scatter_read(fd: int, views: list[Any], start: int, path: str) -> None:
         for v in views:
             read_exact(fd, v, pos, path)
             pos += len(v)
+        return
+    progress = _progress_of_fd.get(fd)
+    if progress is not None:
+        progress.add(total)
 
 
 Run = tuple[int, int, str, list[Any], int]  # fd, file offset, path, buffers, index of the first buffer
@@ -197,6 +208,7 @@ class BundleReader:
         self._files: dict[int, tuple[int, int, str]] = {}
         self._columns: tuple[list[bytes], EntryColumns] | None = None
         self._lock = threading.Lock()
+        self._progress: Any = None
 
     # ---------------------------------------------------------------- metadata
     def verify_index(self) -> None:
@@ -344,6 +356,8 @@ class BundleReader:
                         f"checkpoint {self.prefix!r} is incomplete: data file {path!r} is missing", path
                     ) from None
                 cached = self._files[shard_id] = (fd, os.fstat(fd).st_size, path)
+                if self._progress is not None:
+                    _progress_of_fd[fd] = self._progress
             return cached
 
     def data_file_size(self, shard_id: int) -> int:
@@ -670,8 +684,21 @@ class BundleReader:
         """Closes the data files."""
         with self._lock:
             for fd, _, _ in self._files.values():
+                _progress_of_fd.pop(fd, None)
                 os.close(fd)
             self._files.clear()
+            self._progress = None
+
+    def set_progress(self, progress: Any) -> None:
+        """Counts every byte read from the data files towards ``progress`` (a
+        :class:`gpusaver.progress.Progress`), or stops counting (None)."""
+        with self._lock:
+            self._progress = progress
+            for fd, _, _ in self._files.values():
+                if progress is None:
+                    _progress_of_fd.pop(fd, None)
+                else:
+                    _progress_of_fd[fd] = progress
 
     def __enter__(self) -> "BundleReader":
         return self

@@ -122,9 +122,16 @@ class _WriterPool:
     """
 
     def __init__(
-        self, fileops: FileOps, fd: int, path: str, thread_init: Callable[[], None] | None, crcs: list[int]
+        self,
+        fileops: FileOps,
+        fd: int,
+        path: str,
+        thread_init: Callable[[], None] | None,
+        crcs: list[int],
+        progress: Any = None,
     ) -> None:
         self._fileops = fileops
+        self._progress = progress
         self._thread_init = thread_init
         self._fd = fd
         self._path = path
@@ -205,7 +212,10 @@ class _WriterPool:
         with self._write_lock:
             t0 = time.perf_counter()
             self._fileops.pwrite(fd, buffers, offset)
-            return time.perf_counter() - t0
+            seconds = time.perf_counter() - t0
+        if self._progress is not None:
+            self._progress.add(sum(len(b) for b in buffers))
+        return seconds
 
     def submit(self, offset: int, pieces: "list[Piece] | _Pack", done: Callable[[], None] | None = None) -> None:
         self.check()
@@ -246,6 +256,7 @@ class BundleWriter:
         durable: fsync the files and the directory (on by default).
         fileops: the file operations to use (tests inject faults here).
         thread_init: run first on each writer thread (e.g. to pin it near a GPU).
+        progress: a :class:`gpusaver.progress.Progress` counting the bytes written.
     """
 
     def __init__(
@@ -255,6 +266,7 @@ class BundleWriter:
         durable: bool = True,
         fileops: FileOps | None = None,
         thread_init: Callable[[], None] | None = None,
+        progress: Any = None,
     ) -> None:
         self.prefix = local_path(prefix)
         self._fileops = fileops or POSIX
@@ -287,7 +299,7 @@ class BundleWriter:
         self._drained = False
         self._fsync_seconds = 0.0
         self._crcs: list[int] = []  # running crc32c of each tensor, filled in by the writer threads
-        self._writer = _WriterPool(self._fileops, self._fd, self._tmp_data, thread_init, self._crcs)
+        self._writer = _WriterPool(self._fileops, self._fd, self._tmp_data, thread_init, self._crcs, progress)
 
     # ------------------------------------------------------------------ adding
     def _key(self, name: str | bytes) -> bytes:

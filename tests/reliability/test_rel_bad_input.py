@@ -58,7 +58,7 @@ class _TorchLike:
 BAD_VAR_LISTS: dict[str, tuple[Callable[[], Any], tuple[type, ...]]] = {
     "python list as a value": (lambda: {"x": [1.0, 2.0]}, (gs.UnsupportedDTypeError, TypeError)),
     "torch-like object": (lambda: {"x": _TorchLike()}, (gs.UnsupportedDTypeError, TypeError)),
-    "python float": (lambda: {"x": 1.0}, (gs.UnsupportedDTypeError, TypeError)),
+    # (Python scalars are accepted as 0-d tensors: tests/test_frameworks.py.)
     "datetime64 array": (lambda: {"x": np.zeros(2, "datetime64[s]")}, (gs.UnsupportedDTypeError,)),
     "structured dtype": (lambda: {"x": np.zeros(2, [("a", "<i4"), ("b", "<f4")])}, (gs.UnsupportedDTypeError,)),
     "object array of ints": (lambda: {"x": np.array([1, 2], dtype=object)}, (TypeError,)),

@@ -1,0 +1,203 @@
+"""The one-line API: ``gpusaver.save(tree, path)`` and ``gpusaver.load(path)``.
+
+As safetensors' ``save_file`` and ``load_file``, for a dict of arrays (or
+nested dicts, whose keys are joined with ``/``) of any framework gpusaver sees:
+NumPy, CuPy, torch (CPU and CUDA), JAX, Python and NumPy scalars::
+
+    gpusaver.save(model.state_dict(), "ckpt/model")
+    state = gpusaver.load("ckpt/model")               # {name: numpy array}
+    gpusaver.load("ckpt/model", like=model.state_dict())   # in place
+
+The files are one TensorFlow V2 checkpoint (``path.index`` and its data
+files), written atomically; no ``checkpoint`` state file is written.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import numpy as np
+
+from gpusaver.errors import InvalidArgumentError, InvalidArgumentTypeError
+from gpusaver.progress import ProgressCallback
+
+__all__ = ["save", "load", "flatten", "unflatten"]
+
+SEP = "/"
+
+
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": x}}`` -> ``{"a/b": x}``; leaves are anything but a Mapping.
+
+    Raises:
+        InvalidArgumentTypeError: a key that is not a str.
+        InvalidArgumentError: an empty key, or two paths that join to one name.
+    """
+    out: dict[str, Any] = {}
+
+    def walk(node: Mapping[str, Any], at: str) -> None:
+        for key, value in node.items():
+            if not isinstance(key, str):
+                raise InvalidArgumentTypeError(f"tree keys are str, got {key!r} under {at or 'the root'!r}")
+            if not key:
+                raise InvalidArgumentError(f"an empty key under {at or 'the root'!r}")
+            name = f"{at}{SEP}{key}" if at else key
+            if isinstance(value, Mapping):
+                walk(value, name)
+            elif name in out:
+                raise InvalidArgumentError(f"two entries of the tree are both named {name!r}")
+            else:
+                out[name] = value
+
+    if not isinstance(tree, Mapping):
+        raise InvalidArgumentTypeError(f"a tree is a dict (of arrays or dicts), not {type(tree).__name__}")
+    walk(tree, prefix)
+    return out
+
+
+def unflatten(flat: Mapping[str, Any], like: Mapping[str, Any]) -> dict[str, Any]:
+    """Rebuilds ``like``'s nesting with the values of ``flat`` (keys as :func:`flatten` joins them)."""
+
+    def build(node: Mapping[str, Any], at: str) -> dict[str, Any]:
+        out = {}
+        for key, value in node.items():
+            name = f"{at}{SEP}{key}" if at else key
+            out[key] = build(value, name) if isinstance(value, Mapping) else flat[name]
+        return out
+
+    return build(like, "")
+
+
+def save(tree: Mapping[str, Any], path: "str | os.PathLike[str]", *, progress: ProgressCallback | None = None) -> str:
+    """Writes ``tree`` as one checkpoint at prefix ``path``; creates the parent directory.
+
+    Args:
+        tree: ``{name: array}``, nested dicts allowed (keys joined with ``/``).
+        path: the checkpoint prefix (``file://`` accepted).
+        progress: ``callback(done_bytes, total_bytes)``.
+
+    Returns:
+        ``path``, as given.
+
+    Raises:
+        InvalidArgumentError, UnsupportedDTypeError: a tree gpusaver cannot save.
+        CheckpointWriteError: the write failed; nothing is committed.
+    """
+    from gpusaver.paths import local_path
+    from gpusaver.saver import Saver
+
+    flat = flatten(tree)
+    if not flat:
+        raise InvalidArgumentError("the tree has no arrays to save")
+    path = os.fspath(path)
+    parent = os.path.dirname(local_path(path))
+    if parent:
+        os.makedirs(parent, exist_ok=True)
+    saver = Saver(flat, sharded=True, max_to_keep=None)
+    saved = saver.save(path, write_state=False, progress=progress)
+    assert saved is not None
+    return saved
+
+
+def load(
+    path: "str | os.PathLike[str]",
+    device: int | None = None,
+    like: Mapping[str, Any] | None = None,
+    *,
+    strict: bool = True,
+    cast: bool = False,
+    progress: ProgressCallback | None = None,
+) -> dict[str, Any]:
+    """Reads a checkpoint: as a new dict, or into the arrays of an existing tree.
+
+    Args:
+        path: a checkpoint prefix, or a directory whose ``checkpoint`` file names one.
+        device: with ``like=None``, return CuPy arrays on GPU ``device`` instead of NumPy.
+        like: restore into this tree's arrays in place (NumPy, CuPy, torch CPU
+            and CUDA); its immutable leaves (JAX arrays, scalars) are replaced by
+            new values of their kind in the returned tree.
+        strict: with ``like``, every leaf must be in the checkpoint (else missing
+            leaves keep their values).
+        cast: with ``like``, convert stored tensors of another dtype.
+        progress: ``callback(done_bytes, total_bytes)``.
+
+    Returns:
+        With ``like=None``: ``{name: array}`` of every variable (partitioned
+        ones whole). With ``like``: a tree of ``like``'s shape holding the
+        restored values (the very same objects for mutable leaves).
+
+    Raises:
+        InvalidCheckpointPathError: nothing to read.
+        TensorNotFoundError, DTypeMismatchError, ShapeMismatchError: ``like`` does not fit.
+        ChecksumError: damaged data.
+    """
+    from gpusaver.checkpoint_reader import load_checkpoint, resolve_checkpoint_path
+
+    prefix = resolve_checkpoint_path(path)
+    if like is None:
+        return _load_dict(prefix, device, progress)
+    from gpusaver.saver import Saver
+    from gpusaver.variables import Variable
+
+    flat = flatten(like)
+    variables = {name: Variable(value, name) for name, value in flat.items()}
+    mutable = {n: v for n, v in variables.items() if v.immutable is None}
+    fresh: dict[str, Any] = {}
+    if mutable:
+        Saver(mutable, max_to_keep=None).restore(prefix, strict=strict, cast=cast, progress=progress)
+    immutable = [n for n, v in variables.items() if v.immutable is not None]
+    if immutable:
+        with load_checkpoint(prefix) as reader:
+            for name in immutable:
+                if not reader.has_tensor(name):
+                    if strict:
+                        from gpusaver.errors import TensorNotFoundError
+
+                        raise TensorNotFoundError(f"variable {name!r} not found in checkpoint {prefix!r}", name)
+                    fresh[name] = flat[name]
+                    continue
+                fresh[name] = _like(flat[name], variables[name], reader.get_tensor(name), cast)
+    return unflatten({**flat, **fresh}, like)
+
+
+def _load_dict(prefix: str, device: int | None, progress: ProgressCallback | None) -> dict[str, Any]:
+    from gpusaver.checkpoint_reader import CheckpointReader
+    from gpusaver.progress import Progress
+
+    with CheckpointReader(prefix) as reader:
+        names = sorted(reader.get_variable_to_shape_map())
+        if progress is not None:
+            from gpusaver.saver import _stored_bytes
+
+            bundle = reader.bundle
+            counter = Progress(progress, sum(_stored_bytes(bundle, n, bundle.entry(n)) for n in names))
+            bundle.set_progress(counter)
+        out = {name: reader.get_tensor(name, device=device) for name in names}
+        if progress is not None:
+            counter.finish()
+    return out
+
+
+def _like(old: Any, variable: Any, value: np.ndarray, cast: bool) -> Any:
+    """A new immutable leaf of ``old``'s kind holding ``value``."""
+    from gpusaver.errors import DTypeMismatchError, ShapeMismatchError
+
+    want = variable.dtype
+    if value.dtype != want:
+        if not cast:
+            raise DTypeMismatchError(f"{variable.name!r} is {want} but the checkpoint stores {value.dtype}")
+        value = value.astype(want)
+    if tuple(value.shape) != variable.shape:
+        raise ShapeMismatchError(f"{variable.name!r} has shape {list(variable.shape)}, the checkpoint {list(value.shape)}")
+    if variable.kind == "jax":
+        import jax
+
+        sharding = getattr(old, "sharding", None)
+        return jax.device_put(value, sharding) if sharding is not None else jax.numpy.asarray(value)
+    if variable.kind == "scalar":
+        if isinstance(old, np.generic):
+            return value[()]
+        item = value.item()
+        return item.decode("utf-8") if isinstance(old, str) and isinstance(item, bytes) else item
+    return value
