@@ -171,18 +171,23 @@ def adapt(value: Any, name: str | None = None) -> Adapted:
 
 
 @contextlib.contextmanager
-def ordered_with_framework(values: list[Any]) -> Iterator[None]:
-    """Orders a save or restore of CUDA torch tensors against torch's current streams.
+def ordered_with_framework(values: list[Any], *, writes: bool = False) -> Iterator[None]:
+    """Orders a save or restore of torch tensors with torch.
 
     Before: work already queued on each device's current torch stream (which may
-    still be writing the tensors) completes. After: the device has finished the
-    restore's copies before torch queues more work on the tensors.
+    still be writing CUDA tensors) completes. After a restore (``writes``): the
+    device has finished the restore's copies before torch queues more work on
+    the tensors, and every restored tensor's version counter is bumped, as an
+    in-place operation does, so autograd refuses a backward pass through values
+    the restore overwrote instead of computing wrong gradients.
     """
-    devices = set()
+    tensors: list[Any] = []
+    devices: set[int] = set()
     if "torch" in sys.modules:
         import torch
 
-        devices = {v.device.index or 0 for v in values if isinstance(v, torch.Tensor) and v.device.type == "cuda"}
+        tensors = [v for v in values if isinstance(v, torch.Tensor)]
+        devices = {t.device.index or 0 for t in tensors if t.device.type == "cuda"}
         for d in devices:
             torch.cuda.current_stream(d).synchronize()
     try:
@@ -192,3 +197,8 @@ def ordered_with_framework(values: list[Any]) -> Iterator[None]:
             cp = _cupy()
             for d in devices:
                 cp.cuda.Device(d).synchronize()
+        if writes and tensors:
+            import torch
+
+            for t in tensors:
+                torch.autograd.graph.increment_version(t)

@@ -75,14 +75,18 @@ _DATA_FILE = re.compile(r"\.data-\d{5}-of-\d{5}")
 
 
 def _step_value(global_step: Any) -> int:
-    """An integer step from an int, a NumPy integer or a 0-d integer array."""
-    if isinstance(global_step, bool) or isinstance(global_step, np.bool_):
+    """An integer step from an int, a NumPy integer, or a 0-d integer array or tensor (torch, JAX, ...)."""
+    if isinstance(global_step, (bool, np.bool_)):
         raise InvalidArgumentTypeError(f"global_step must be an integer, not {global_step!r}")
     if isinstance(global_step, numbers.Integral):
         return int(global_step)
-    dtype = getattr(global_step, "dtype", None)
-    if dtype is not None and getattr(global_step, "shape", None) == () and np.dtype(dtype).kind in "iu":
-        return int(global_step.item())
+    if getattr(global_step, "shape", None) == () and callable(getattr(global_step, "item", None)):
+        try:
+            item = global_step.item()
+        except Exception:  # noqa: BLE001 - not a value we can read: refused below
+            item = None
+        if isinstance(item, numbers.Integral) and not isinstance(item, bool):
+            return int(item)
     raise InvalidArgumentTypeError(
         f"global_step must be an integer (or a 0-d integer array), not {type(global_step).__name__} {global_step!r}"
     )
@@ -466,7 +470,7 @@ class Saver:
         for v in self._variables:
             if v.immutable is not None:
                 raise InvalidArgumentError(f"variable {v.name!r} cannot be restored in place: {v.immutable}")
-        with _gc.paused(), ordered_with_framework(self._sources):
+        with _gc.paused(), ordered_with_framework(self._sources, writes=True):
             return self._restore(local, strict, cast, progress)
 
     def _all_tensors(self) -> TensorList:

@@ -251,3 +251,24 @@ def test_progress_of_one_line_save(tmp_path: Path) -> None:
     calls: list[tuple[int, int]] = []
     gs.save({"a": np.zeros(1000, np.uint8)}, os.fspath(tmp_path / "o"), progress=lambda d, t: calls.append((d, t)))
     assert calls[-1] == (1000, 1000)
+
+
+def test_a_restore_bumps_torch_version_counters_so_autograd_notices(tmp_path: Path) -> None:
+    w = torch.nn.Parameter(torch.ones(3))
+    saver = gs.Saver({"w": w})
+    prefix = saver.save(str(tmp_path / "v"))
+    loss = (w * w).sum()  # the backward pass needs w's values
+    saver.restore(prefix)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("step", [torch.tensor(7), np.int64(7), np.array(7, np.uint8), jnp.array(7)])
+def test_global_step_of_any_framework(tmp_path: Path, step: Any) -> None:
+    assert gs.Saver({"w": np.zeros(1)}).save(str(tmp_path / "m"), global_step=step) == str(tmp_path / "m-7")
+
+
+@pytest.mark.parametrize("step", [torch.tensor(7.0), torch.tensor([7]), torch.tensor(True), 7.0, "7"])
+def test_bad_global_steps_are_typed_errors(tmp_path: Path, step: Any) -> None:
+    with pytest.raises(gs.InvalidArgumentTypeError):
+        gs.Saver({"w": np.zeros(1)}).save(str(tmp_path / "m"), global_step=step)
