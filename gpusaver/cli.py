@@ -1,13 +1,17 @@
-"""The ``gpusaver`` command line: ``inspect``, ``verify`` and ``info``.
+"""The ``gpusaver`` command line: ``inspect``, ``verify``, ``diff``, ``convert`` and ``info``.
 
 ``main(argv)`` returns the exit status instead of exiting, so tests call it
 directly. Exit status: 0 success, 1 a damaged checkpoint (or any other error
-gpusaver reports), 2 a usage error or a missing checkpoint. Expected errors are
-one line on stderr, never a traceback.
+gpusaver reports), 2 a usage error or a missing checkpoint; ``diff`` exits 0
+when the checkpoints are identical, 1 when they differ and 2 on any error.
+Expected errors are one line on stderr, never a traceback. ``verify`` and
+``convert`` show their progress on stderr (see :mod:`gpusaver._progress`).
 
 Example:
     $ gpusaver inspect ckpts/            # the newest checkpoint named by ckpts/checkpoint
     $ gpusaver verify ckpts/model-100    # every crc32c, exit 1 on damage
+    $ gpusaver diff ckpts/model-100 ckpts/model-200     # by the stored crc32c
+    $ gpusaver convert ckpts/ out/model.safetensors     # and back: convert x.safetensors ck/model
     $ gpusaver info --json               # the GPUs NVML sees
 """
 
@@ -21,12 +25,14 @@ import time
 from typing import Any, Sequence, TextIO
 
 from gpusaver import nvml
+from gpusaver._progress import ProgressReporter, progress_reporter
 from gpusaver._version import __version__
 from gpusaver.errors import (
     ChecksumError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
     GpuSaverError,
+    InvalidArgumentError,
     TensorNotFoundError,
     UnsupportedDTypeError,
 )
@@ -49,14 +55,9 @@ _CHUNK = 8 << 20  # verify reads large tensors in pieces of this size
 # ------------------------------------------------------------------ helpers
 def _human(n: float | None) -> str:
     """``1536`` -> ``"1.5 KiB"``; ``None`` -> ``"?"``."""
-    if n is None:
-        return "?"
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024:
-            return f"{int(value)} B" if unit == "B" else f"{value:.1f} {unit}"
-        value /= 1024
-    return f"{value:.1f} TiB"
+    from gpusaver._progress import human_bytes
+
+    return "?" if n is None else human_bytes(n)
 
 
 def _bytes(n: int) -> str:
@@ -205,13 +206,15 @@ def _cmd_inspect(args: argparse.Namespace, out: TextIO) -> int:
 class _Verifier:
     """Reads every stored tensor once, in pieces, and checks its crc32c."""
 
-    def __init__(self, reader: BundleReader, out: TextIO) -> None:
+    def __init__(self, reader: BundleReader, out: TextIO, progress: Any = None) -> None:
         self.reader = reader
         self.out = out
+        self.progress = progress  # a gpusaver.progress.Progress counting the bytes checked, or None
         self.num_shards = reader.header.num_shards
         self.tensors = 0
         self.damaged = 0
         self.bytes = 0
+        self._ticked = 0  # bytes counted towards progress so far
         self.missing: dict[int, int] = {}  # shard -> tensors it holds
         self._buf = bytearray()  # grows to at most _CHUNK bytes, reused for every tensor
         for shard in range(self.num_shards):
@@ -222,8 +225,20 @@ class _Verifier:
         self.damaged += 1
         print(f"DAMAGED {what}: {message}", file=self.out)
 
+    def _tick(self, n: int) -> None:
+        self._ticked += n
+        if self.progress is not None and n > 0:
+            self.progress.add(n)
+
     def entry(self, name: str, label: str, entry: BundleEntry) -> None:
-        """Checks one stored tensor (a whole variable or one slice of one)."""
+        """Checks one stored tensor (a whole variable or one slice of one); counts its bytes as done."""
+        start = self._ticked
+        try:
+            self._entry(name, label, entry)
+        finally:
+            self._tick(entry.size - (self._ticked - start))
+
+    def _entry(self, name: str, label: str, entry: BundleEntry) -> None:
         self.tensors += 1
         if entry.shard_id >= self.num_shards:
             self.damage(label, f"its entry names shard {entry.shard_id} of {self.num_shards}")
@@ -268,6 +283,7 @@ class _Verifier:
             read_exact(fd, view[:n], offset + done, path)
             running = crc.extend(running, view[:n])
             done += n
+            self._tick(n)
         expected = crc.unmask(entry.crc32c)
         if running != expected:
             raise ChecksumError(path, name, expected, running)
@@ -318,15 +334,45 @@ def _overlap(regions: list[list[tuple[int, int]]]) -> bool:
     return False
 
 
+def _stored_bytes(reader: BundleReader, variables: dict[str, BundleEntry]) -> int:
+    """The bytes verify reads: every whole tensor's and every stored slice's."""
+    total = 0
+    for name, entry in variables.items():
+        if not entry.slices:
+            total += entry.size
+            continue
+        for extents in entry.slices:
+            try:
+                total += reader.entry(_slices.encode_slice_key(name, extents)).size
+            except GpuSaverError:  # reported, in order, when the variable is checked
+                pass
+    return total
+
+
+def _reporter(args: argparse.Namespace, label: str) -> ProgressReporter | None:
+    """The progress display on stderr, unless ``--no-progress``."""
+    return None if args.no_progress else progress_reporter(label, sys.stderr)
+
+
 def _cmd_verify(args: argparse.Namespace, out: TextIO) -> int:
+    from gpusaver.progress import Progress
+
     start = time.perf_counter()
-    with BundleReader(resolve_prefix(args.path)) as reader:
-        reader.verify_index()
-        variables = reader.variables()
-        check = _Verifier(reader, out)
-        for name, entry in sorted(variables.items()):
-            check.variable(name, entry)
-        check.report_missing()
+    reporter = _reporter(args, "verify")
+    try:
+        with BundleReader(resolve_prefix(args.path)) as reader:
+            reader.verify_index()
+            variables = reader.variables()
+            counter = Progress(reporter, _stored_bytes(reader, variables)) if reporter is not None else None
+            check = _Verifier(reader, out, counter)
+            for name, entry in sorted(variables.items()):
+                check.variable(name, entry)
+            check.report_missing()
+            if counter is not None:
+                counter.finish()
+    finally:
+        if reporter is not None:
+            reporter.close()
     seconds = time.perf_counter() - start
     summary = (f"{check.tensors} tensor{'s' if check.tensors != 1 else ''} of {len(variables)} "
                f"variable{'s' if len(variables) != 1 else ''} in {check.num_shards} data "
@@ -338,6 +384,186 @@ def _cmd_verify(args: argparse.Namespace, out: TextIO) -> int:
     rate = f", {_human(check.bytes / seconds)}/s" if seconds > 0 and check.bytes else ""
     print(f"OK {reader.prefix}: {summary}; {_bytes(check.bytes)} verified "
           f"in {seconds:.3f} s{rate}", file=out)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------- diff
+def _shape_text(shape: Sequence[int]) -> str:
+    return "[" + ",".join(str(d) for d in shape) + "]"
+
+
+def _crc_text(entry: BundleEntry) -> str:
+    return f"0x{crc.unmask(entry.crc32c):08x}"
+
+
+def _slice_entry(reader: BundleReader, name: str, extents: list[tuple[int, int]]) -> BundleEntry:
+    try:
+        return reader.entry(_slices.encode_slice_key(name, extents))
+    except TensorNotFoundError:
+        raise CorruptCheckpointError(
+            f"slice {_slices.format_slice_spec(extents)} of {name!r} is listed but not stored in "
+            f"{reader.index_path!r}",
+            reader.index_path,
+        ) from None
+
+
+def _same_values(a: Any, b: Any) -> bool:
+    """Bit-exact equality of two tensors read whole (NaNs equal to themselves, -0.0 not to 0.0)."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.dtype == dtypes.OBJECT:
+        return a.reshape(-1).tolist() == b.reshape(-1).tolist()
+    import numpy as np
+
+    return bool(np.array_equal(a.reshape(-1).view(np.uint8), b.reshape(-1).view(np.uint8)))
+
+
+def _content_change(
+    ra: BundleReader, rb: BundleReader, name: str, ea: BundleEntry, eb: BundleEntry
+) -> dict[str, Any] | None:
+    """How the bytes of a tensor of equal dtype and shape differ (None: they do not).
+
+    By the crc32c and size in the index entries, of the tensor or of each of its
+    slices when both store the same slices; no data is read. Only tensors stored
+    in different slices, or checkpoints of different byte orders, are read (once
+    each, verified) and compared value by value.
+    """
+    record: dict[str, Any] = {"name": name, "a": None, "b": None, "slices": None, "compared": "crc32c"}
+    same_order = ra.big_endian == rb.big_endian
+    if not ea.slices and not eb.slices and same_order:
+        if (ea.size, ea.crc32c) == (eb.size, eb.crc32c):
+            return None
+        return {**record, "a": _crc_text(ea), "b": _crc_text(eb)}
+    layout_a = sorted(tuple(map(tuple, ext)) for ext in ea.slices)
+    layout_b = sorted(tuple(map(tuple, ext)) for ext in eb.slices)
+    if ea.slices and layout_a == layout_b and same_order:
+        differ = []
+        for extents in sorted(ea.slices):
+            pa, pb = _slice_entry(ra, name, extents), _slice_entry(rb, name, extents)
+            if (pa.size, pa.crc32c) != (pb.size, pb.crc32c):
+                differ.append(_slices.format_slice_spec(extents))
+        return {**record, "slices": differ} if differ else None
+    if _same_values(ra.get_tensor(name), rb.get_tensor(name)):
+        return None
+    return {**record, "compared": "values"}
+
+
+def _diff(ra: BundleReader, rb: BundleReader) -> dict[str, Any]:
+    va, vb = ra.variables(), rb.variables()
+
+    def brief(entry: BundleEntry, name: str) -> dict[str, Any]:
+        return {"name": name, "dtype": dtypes.dtype_name(entry.dtype), "shape": list(entry.shape)}
+
+    result: dict[str, Any] = {
+        "a": ra.prefix,
+        "b": rb.prefix,
+        "identical": True,
+        "only_in_a": [brief(va[n], n) for n in sorted(set(va) - set(vb))],
+        "only_in_b": [brief(vb[n], n) for n in sorted(set(vb) - set(va))],
+        "dtype": [],
+        "shape": [],
+        "bytes": [],
+        "same": 0,
+    }
+    for name in sorted(set(va) & set(vb)):
+        ea, eb = va[name], vb[name]
+        if ea.dtype != eb.dtype:
+            result["dtype"].append({"name": name, "a": dtypes.dtype_name(ea.dtype), "b": dtypes.dtype_name(eb.dtype)})
+        if ea.shape != eb.shape:
+            result["shape"].append({"name": name, "a": list(ea.shape), "b": list(eb.shape)})
+        if ea.dtype != eb.dtype or ea.shape != eb.shape:
+            continue
+        change = _content_change(ra, rb, name, ea, eb)
+        if change is None:
+            result["same"] += 1
+        else:
+            result["bytes"].append(change)
+    result["identical"] = not any(result[k] for k in ("only_in_a", "only_in_b", "dtype", "shape", "bytes"))
+    return result
+
+
+def _print_diff(info: dict[str, Any], out: TextIO) -> None:
+    print(f"a  {info['a']}", file=out)
+    print(f"b  {info['b']}", file=out)
+    rows = []
+    for side in ("a", "b"):
+        for v in info[f"only_in_{side}"]:
+            rows.append([f"only in {side}", v["name"], f"{v['dtype']} {_shape_text(v['shape'])}"])
+    for v in info["dtype"]:
+        rows.append(["dtype", v["name"], f"{v['a']} -> {v['b']}"])
+    for v in info["shape"]:
+        rows.append(["shape", v["name"], f"{_shape_text(v['a'])} -> {_shape_text(v['b'])}"])
+    for v in info["bytes"]:
+        if v["compared"] == "values":
+            detail = "values differ (stored in different slices or byte orders)"
+        elif v["slices"] is not None:
+            detail = f"slice{'s' if len(v['slices']) != 1 else ''} {' '.join(v['slices'])}"
+        else:
+            detail = f"crc32c {v['a']} -> {v['b']}"
+        rows.append(["bytes", v["name"], detail])
+    if rows:
+        print(file=out)
+        _table(rows, out)
+    print(file=out)
+    if info["identical"]:
+        print(f"IDENTICAL: {info['same']} variable{'s' if info['same'] != 1 else ''}", file=out)
+        return
+    counts = [
+        (len(info["only_in_a"]), "only in a"),
+        (len(info["only_in_b"]), "only in b"),
+        (len(info["dtype"]), "dtype"),
+        (len(info["shape"]), "shape"),
+        (len(info["bytes"]), "bytes"),
+    ]
+    parts = ", ".join(f"{n} {what}" for n, what in counts if n)
+    print(f"DIFFERENT: {parts}; {info['same']} identical", file=out)
+
+
+def _cmd_diff(args: argparse.Namespace, out: TextIO) -> int:
+    with BundleReader(resolve_prefix(args.a)) as ra, BundleReader(resolve_prefix(args.b)) as rb:
+        info = _diff(ra, rb)
+    if args.json:
+        json.dump(info, out, indent=2)
+        print(file=out)
+    else:
+        _print_diff(info, out)
+    return EXIT_OK if info["identical"] else EXIT_DAMAGED
+
+
+# ------------------------------------------------------------------ convert
+def _cmd_convert(args: argparse.Namespace, out: TextIO) -> int:
+    from gpusaver import convert
+
+    try:
+        way = convert.direction(args.src, args.dst)
+        if args.max_shard_size is not None:
+            if way != "to_safetensors":
+                raise InvalidArgumentError("--max-shard-size applies to writing safetensors, not a checkpoint")
+            convert.parse_size(args.max_shard_size)
+    except InvalidArgumentError as e:
+        print(f"gpusaver convert: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+    def warn(message: str) -> None:
+        print(f"gpusaver convert: warning: {message}", file=sys.stderr)
+
+    reporter = _reporter(args, "convert")
+    try:
+        if way == "to_safetensors":
+            result = convert._to_safetensors(
+                args.src, args.dst, args.max_shard_size, reporter, args.skip_unsupported, warn
+            )
+        else:
+            result = convert._from_safetensors(args.src, args.dst, reporter, args.skip_unsupported, warn)
+    finally:
+        if reporter is not None:
+            reporter.close()
+    for path in result.paths:
+        print(f"wrote {path}", file=out)
+    n, files = len(result.tensors), len(result.paths)
+    skipped = f", {len(result.skipped)} skipped" if result.skipped else ""
+    print(f"OK {args.src} -> {args.dst}: {n} tensor{'s' if n != 1 else ''}{skipped}, "
+          f"{_bytes(result.total_bytes)} in {files} file{'s' if files != 1 else ''}", file=out)
     return EXIT_OK
 
 
@@ -365,7 +591,8 @@ def _cmd_info(args: argparse.Namespace, out: TextIO) -> int:
 # --------------------------------------------------------------------- main
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="gpusaver", description="Inspect and verify TensorFlow V2 checkpoints; list GPUs."
+        prog="gpusaver",
+        description="Inspect, verify, compare and convert TensorFlow V2 checkpoints; list GPUs.",
     )
     parser.add_argument("--version", action="version", version=f"gpusaver {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -376,7 +603,35 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(run=_cmd_inspect)
     p = sub.add_parser("verify", help="check every checksum; exit 1 on damage")
     p.add_argument("path", metavar="PATH", help=path_help)
+    p.add_argument("--no-progress", action="store_true", help="show no progress on stderr")
     p.set_defaults(run=_cmd_verify)
+    p = sub.add_parser(
+        "diff",
+        help="compare two checkpoints by their stored crc32c; exit 0 identical, 1 different, 2 error",
+        description="Lists the variables only in A, only in B, of another dtype or shape, and those whose "
+        "bytes differ, comparing the crc32c stored in the indexes (slice by slice for partitioned "
+        "variables) without reading the data. Exit 0 when identical, 1 when they differ, 2 on errors.",
+    )
+    p.add_argument("a", metavar="A", help=path_help)
+    p.add_argument("b", metavar="B", help="the checkpoint to compare with, in any of the same forms")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(run=_cmd_diff, error_status=EXIT_USAGE)
+    p = sub.add_parser(
+        "convert",
+        help="convert a checkpoint to safetensors, or safetensors to a checkpoint",
+        description="SRC a checkpoint and DST a '.safetensors' file or a directory (Hugging Face's "
+        "sharded form): writes safetensors. SRC a '.safetensors' file, a '*.safetensors.index.json' or a "
+        "directory holding them: writes a checkpoint at prefix DST. Bit-exact; nothing is overwritten.",
+    )
+    p.add_argument("src", metavar="SRC", help="a checkpoint, or safetensors (file, index.json or directory)")
+    p.add_argument("dst", metavar="DST", help="a .safetensors file or a directory, or a checkpoint prefix")
+    p.add_argument("--max-shard-size", metavar="SIZE", default=None,
+                   help="most bytes per safetensors file, e.g. 5GB or 500MiB (default: one file; 5GB for a "
+                   "directory); shards are named model-00001-of-0000N.safetensors with an index.json")
+    p.add_argument("--skip-unsupported", action="store_true",
+                   help="leave out, with a warning, tensors the other format cannot hold (e.g. strings)")
+    p.add_argument("--no-progress", action="store_true", help="show no progress on stderr")
+    p.set_defaults(run=_cmd_convert)
     p = sub.add_parser("info", help="list the NVIDIA GPUs NVML sees")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(run=_cmd_info)
@@ -396,6 +651,7 @@ def main(argv: list[str] | None = None) -> int:
         return e.code if isinstance(e.code, int) else EXIT_USAGE
     out = sys.stdout
     where = f"gpusaver {args.command}"
+    failed = getattr(args, "error_status", EXIT_DAMAGED)  # diff: 1 means "different", errors are 2
     try:
         return int(args.run(args, out))
     except BrokenPipeError:  # e.g. piped into head
@@ -403,13 +659,13 @@ def main(argv: list[str] | None = None) -> int:
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silences the flush at exit
         except OSError:
             pass
-        return EXIT_DAMAGED
+        return failed
     except (CheckpointNotFoundError, FileNotFoundError, NotADirectoryError, PermissionError) as e:
         print(f"{where}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except (GpuSaverError, OSError) as e:
         print(f"{where}: error: {e}", file=sys.stderr)
-        return EXIT_DAMAGED
+        return failed
     except KeyboardInterrupt:
         print(f"{where}: interrupted", file=sys.stderr)
         return 130

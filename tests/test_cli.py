@@ -302,3 +302,106 @@ def test_checkpoint_written_by_tensorflow(tmp_path: Path, capsys: pytest.Capture
     rc, out, _ = run(capsys, "inspect", "--json", str(prefix))
     part = {v["name"]: v for v in json.loads(out)["variables"]}["part"]
     assert part["shape"] == [10, 4] and len(part["slices"]) == 2
+
+
+# ----------------------------------------------------------------- progress
+def lines_of(label: str, steps: int, **kwargs: float) -> list[str]:
+    """What the plain-line reporter writes for ``steps`` even steps to 1.5625 GiB."""
+    import io
+
+    from gpusaver._progress import progress_reporter
+
+    stream = io.StringIO()
+    total = 100 << 24
+    with progress_reporter(label, stream, **kwargs) as report:
+        for k in range(steps + 1):
+            report(total * k // steps, total)
+    return stream.getvalue().splitlines()
+
+
+def test_progress_lines_in_a_pipe() -> None:
+    import re
+
+    lines = lines_of("verify", 100, delay=0, interval=1e9)  # lines by the 10% step only
+    assert len(lines) == 10
+    assert lines[0] == "verify: 160.0 MiB of 1.6 GiB (10%)"
+    assert lines[-1] == "verify: 1.6 GiB of 1.6 GiB (100%)"
+    assert all(re.fullmatch(r"verify: [\d.]+ [KMG]iB of 1\.6 GiB \(\d*0%\)", line) for line in lines)
+    assert lines_of("convert", 100, delay=1e9) == []  # work over before the delay shows nothing
+    # by time alone (interval 0): a line for every call, the 0% one included, none repeated at close
+    assert len(lines_of("verify", 5, delay=0, interval=0, step=2.0)) == 6
+    # the state reached after the last line is written when the reporter closes
+    import io
+
+    from gpusaver._progress import progress_reporter
+
+    stream = io.StringIO()
+    report = progress_reporter("x", stream, delay=0, interval=1e9, step=0.5)
+    for done in (10, 60, 70):
+        report(done, 100)
+    assert stream.getvalue() == "x: 60 B of 100 B (60%)\n"
+    report.close()
+    report(80, 100)  # after close: ignored
+    assert stream.getvalue() == "x: 60 B of 100 B (60%)\nx: 70 B of 100 B (70%)\n"
+
+
+def _pty_output() -> str:
+    """What the reporter writes on a terminal (a pseudo-terminal here)."""
+    import pty
+    import select
+
+    from gpusaver._progress import progress_reporter
+
+    import fcntl
+    import struct
+    import termios
+
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a new pty is 0 columns wide
+    stream = os.fdopen(slave, "w")
+    try:
+        report = progress_reporter("convert", stream, delay=0)
+        for k in range(11):
+            report(k * 1024 * 1024, 10 * 1024 * 1024)
+        report.close()
+        stream.flush()
+    finally:
+        stream.close()
+    chunks = []
+    while select.select([master], [], [], 0.5)[0]:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:  # the other side is closed
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    return b"".join(chunks).decode("utf-8", "replace")
+
+
+def test_progress_bar_on_a_terminal() -> None:
+    pytest.importorskip("tqdm")
+    out = _pty_output()
+    assert "convert" in out and "100%" in out
+    assert "\r" in out  # tqdm redraws its line
+    assert "10.0M/10.0M" in out  # bytes, 1024-based
+
+
+def test_progress_on_a_terminal_without_tqdm(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "tqdm", None)  # as if not installed
+    out = _pty_output()
+    assert out.replace("\r\n", "\n").splitlines()[-1] == "convert: 10.0 MiB of 10.0 MiB (100%)"
+
+
+def test_verify_shows_progress_on_stderr(single: Path, monkeypatch: pytest.MonkeyPatch,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    from gpusaver import _progress
+
+    monkeypatch.setattr(_progress, "DEFAULT_DELAY", 0.0)
+    rc, out, err = run(capsys, "verify", str(single))
+    assert rc == 0 and out.startswith("OK ")
+    size = sum(v["size"] for v in json.loads(run(capsys, "inspect", "--json", str(single))[1])["variables"])
+    assert err.splitlines()[-1] == f"verify: {size} B of {size} B (100%)"
+    rc, out, err = run(capsys, "verify", "--no-progress", str(single))
+    assert rc == 0 and err == ""
