@@ -30,6 +30,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import gpusaver  # noqa: E402
 
+try:  # property tests check behaviour, never speed: no per-example deadline, no "too slow" health check
+    from hypothesis import HealthCheck, settings
+
+    settings.register_profile(
+        "gpusaver", deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+    )
+    settings.load_profile("gpusaver")
+except ImportError:  # hypothesis is a test extra
+    pass
+
 
 @functools.lru_cache(maxsize=None)
 def _gpu_unavailable() -> str | None:

@@ -18,6 +18,11 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 
 pytestmark = pytest.mark.slow
 
+#: Seconds before a benchmark run counts as hung. Only a hang guard, far above the run's
+#: time on a busy machine (the full run took 22 s on 2 loaded cores, 47 s with two CPU
+#: hogs beside it): how fast the machine is must not decide the test.
+HANG_GUARD = 1200
+
 
 def test_bench_runs_every_workload_and_prints_targets(tmp_path: pathlib.Path) -> None:
     out_json, out_txt = tmp_path / "b.json", tmp_path / "b.txt"
@@ -26,7 +31,7 @@ def test_bench_runs_every_workload_and_prints_targets(tmp_path: pathlib.Path) ->
         "--size-gib", "0.02", "--many-count", "300", "--repeat", "1", "--peers", "raw,gpusaver,numpy",
         "--dir", str(tmp_path / "disk"), "--json", str(out_json), "--text", str(out_txt),
     ]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=HANG_GUARD, cwd=REPO)
     assert done.returncode == 0, done.stderr[-4000:]
     report = json.loads(out_json.read_text())
     results = report["results"]
@@ -45,7 +50,7 @@ def test_bench_runs_every_workload_and_prints_targets(tmp_path: pathlib.Path) ->
 def test_gpu_bench_dry_run() -> None:
     done = subprocess.run(
         [sys.executable, str(REPO / "benchmarks" / "gpu_bench.py"), "--dry-run"],
-        capture_output=True, text=True, timeout=300, cwd=REPO,
+        capture_output=True, text=True, timeout=HANG_GUARD, cwd=REPO,
     )
     assert done.returncode == 0, done.stderr[-4000:]
     assert "gpusaver" in done.stdout

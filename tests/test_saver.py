@@ -453,7 +453,7 @@ def test_device_groups_are_written_concurrently(n_devices: int, tmp_path: Path) 
     # would time out at the barrier and fail the save.
     class Rendezvous(PosixFileOps):
         def __init__(self) -> None:
-            self.barrier = threading.Barrier(n_devices, timeout=10)
+            self.barrier = threading.Barrier(n_devices, timeout=300)  # a hang guard, not a speed bound
             self.threads: set[str] = set()
 
         def create(self, path: str) -> int:

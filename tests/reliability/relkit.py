@@ -31,6 +31,9 @@ WORKER = os.path.join(HERE, "crashworker.py")
 CRASH_EXIT = 86
 #: Exit status of a worker whose target event never happened.
 NOT_REACHED_EXIT = 87
+#: Seconds after which a wait for a worker gives up. Only a hang guard: no test
+#: relies on anything finishing within it, so a slow or busy machine never hits it.
+HANG_GUARD = 300.0
 
 # --------------------------------------------------------------------- values
 #: name -> (device, dtype, shape). Four virtual devices, so sharded saves write four shards.
@@ -192,13 +195,50 @@ def age_everything(directory: str, seconds: float = 7200.0) -> None:
 
 def read_log(path: str) -> list[int]:
     """The steps a worker logged (complete lines only)."""
+    return [int(x) for x in _complete_lines(path)]
+
+
+def read_times(path: str) -> list[float]:
+    """The seconds from a worker's start to the return of each of its saves (``job_loop``'s ``times``)."""
+    return [float(x) for x in _complete_lines(path)]
+
+
+def _complete_lines(path: str) -> list[str]:
     try:
         with open(path, "rb") as f:
             text = f.read().decode()
     except FileNotFoundError:
         return []
-    lines = text.split("\n")
-    return [int(x) for x in lines[:-1] if x]
+    return [x for x in text.split("\n")[:-1] if x]
+
+
+# ----------------------------------------------------------- synchronisation
+def exited(pid: int) -> bool:
+    """Whether process ``pid`` has ended (a zombie not yet reaped counts as ended)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except FileNotFoundError:
+        return True
+    return stat[stat.rindex(b")") + 2 :].split()[0] in (b"Z", b"X")
+
+
+def wait_until(condition: Callable[[], bool], pid: int | None = None, what: str = "the condition",
+               timeout: float = HANG_GUARD) -> bool:
+    """Polls ``condition`` until it holds: True. False as soon as worker ``pid`` has ended without it.
+
+    Polling replaces a fixed sleep: the wait is as long as the event takes, on any
+    machine. ``timeout`` is only a hang guard (:data:`HANG_GUARD`); reaching it fails.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        if condition():
+            return True
+        if pid is not None and exited(pid):
+            return condition()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not happen within the {timeout:.0f} s hang guard")
+        time.sleep(0.002)
 
 
 # ------------------------------------------------------------------ file ops
@@ -389,7 +429,10 @@ def job_loop(job: Mapping[str, Any]) -> int:
 
     Resumes after the newest of the last logged step and the latest checkpoint,
     adopting the checkpoints the state file lists (as a restarted trainer does).
+    With ``times``, also appends to that file, as each save returns and before its
+    step is logged, the seconds since the job started (read by :func:`read_times`).
     """
+    started = time.monotonic()
     directory, specs = job["dir"], SPECS[job["scale"]]
     arrays = zeros(specs)
     saver = make_saver(arrays, specs, max_to_keep=job.get("max_to_keep", 3), durable=job.get("durable", True))
@@ -399,15 +442,20 @@ def job_loop(job: Mapping[str, Any]) -> int:
     logged = read_log(job["log"])
     step = max(logged[-1] if logged else -1, _latest_step(directory)) + 1
     fd = os.open(job["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    times = os.open(job["times"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644) if "times" in job else None
     saves = 0
     while job.get("max_saves") is None or saves < job["max_saves"]:
         fill(arrays, specs, step)
         saver.save(os.path.join(directory, "model"), global_step=step)
+        if times is not None:  # before the log line, so a logged step always has its time
+            os.write(times, f"{time.monotonic() - started:.6f}\n".encode())  # a SIGKILL keeps the page cache
         os.write(fd, f"{step}\n".encode())
         os.fsync(fd)
         saves += 1
         step += 1
     os.close(fd)
+    if times is not None:
+        os.close(times)
     return 0
 
 
@@ -425,43 +473,45 @@ def job_crash(job: Mapping[str, Any]) -> int:
     return NOT_REACHED_EXIT
 
 
-class _SlowOps(PosixFileOps):
-    """Sleeps at each shard phase, so temp directories live while others clean up."""
+class _HoldOps(PosixFileOps):
+    """Sleeps ``pause`` at each shard phase, so temp directories live longer while others clean up
+    (more overlap, never relied on); while ``armed``, holds the save at ``shard:written:0``
+    (its temp directory live) after creating ``ready``, until ``gate`` exists.
+    """
 
-    def __init__(self, pause: float) -> None:
-        self.pause = pause
+    def __init__(self, pause: float = 0.0, gate: str | None = None, ready: str | None = None) -> None:
+        self.pause, self.gate, self.ready = pause, gate, ready
+        self.armed = False
 
     def phase(self, name: str) -> None:
-        if name.startswith("shard:written") or name == "merge:start":
+        if self.armed and name == "shard:written:0":
+            assert self.gate is not None and self.ready is not None
+            self.armed = False
+            with open(self.ready, "w"):
+                pass
+            parent = os.getppid()
+            # No time limit: the test opens the gate in a ``finally``. The guards only
+            # keep a worker whose test died from polling for ever.
+            deadline = time.monotonic() + HANG_GUARD
+            while not os.path.exists(self.gate) and os.getppid() == parent and time.monotonic() < deadline:
+                time.sleep(0.005)
+        if self.pause and (name.startswith("shard:written") or name == "merge:start"):
             time.sleep(self.pause)
 
 
-class _GateOps(PosixFileOps):
-    """Holds the save at ``shard:written:0`` until ``gate`` exists (at most 30 s)."""
-
-    def __init__(self, gate: str, ready: str) -> None:
-        self.gate, self.ready = gate, ready
-
-    def phase(self, name: str) -> None:
-        if name == "shard:written:0":
-            with open(self.ready, "w"):
-                pass
-            deadline = time.monotonic() + 30
-            while not os.path.exists(self.gate) and time.monotonic() < deadline:
-                time.sleep(0.005)
-
-
 def job_concurrent(job: Mapping[str, Any]) -> int:
-    """Saves ``steps`` checkpoints of prefix ``name`` with its own state file and salt."""
+    """Saves ``steps`` checkpoints of prefix ``name`` with its own state file and salt.
+
+    With ``gate`` and ``ready``, the save of step ``hold_step`` (default 0) holds at
+    ``shard:written:0`` (see :class:`_HoldOps`); ``pause`` sleeps at each shard phase.
+    """
     directory, specs, name, salt = job["dir"], SPECS[job["scale"]], job["name"], job["salt"]
     arrays = zeros(specs)
-    if "gate" in job:
-        ops: PosixFileOps = _GateOps(job["gate"], job["ready"])
-    else:
-        ops = _SlowOps(job.get("pause", 0.0))
+    ops = _HoldOps(job.get("pause", 0.0), job.get("gate"), job.get("ready"))
     saver = make_saver(arrays, specs, max_to_keep=job.get("max_to_keep", 2), fileops=ops)
     for step in range(job["steps"]):
         fill(arrays, specs, step, salt)
+        ops.armed = "gate" in job and step == job.get("hold_step", 0)
         saver.save(os.path.join(directory, name), global_step=step, latest_filename=f"state_{name}")
     return 0
 
@@ -551,20 +601,30 @@ class ForkServer:
         """Forks a worker running ``job``; returns its pid."""
         return int(self._request({"op": "spawn", "job": dict(job)})["pid"])
 
-    def wait(self, pid: int, timeout: float = 60.0) -> int:
+    def wait(self, pid: int, timeout: float = HANG_GUARD) -> int:
         """Reaps worker ``pid``: its exit code, or minus the signal that ended it.
 
-        A worker still running after ``timeout`` seconds is killed (and the
-        result is then ``-SIGKILL``), so a hung save cannot hang the tests.
+        A worker still running after ``timeout`` seconds (a hang guard, see
+        :data:`HANG_GUARD`) is killed and ``TimeoutError`` raised, so a hung save
+        cannot hang the tests, and is never mistaken for a save that ended.
         """
-        timer = threading.Timer(timeout, _kill_quietly, (pid,))
+        fired = threading.Event()
+
+        def guard() -> None:
+            fired.set()
+            _kill_quietly(pid)
+
+        timer = threading.Timer(timeout, guard)
         timer.start()
         try:
-            return int(self._request({"op": "wait", "pid": pid})["code"])
+            code = int(self._request({"op": "wait", "pid": pid})["code"])
         finally:
             timer.cancel()
+        if fired.is_set():
+            raise TimeoutError(f"worker {pid} still ran after the {timeout:.0f} s hang guard; killed:\n{self.log()}")
+        return code
 
-    def run(self, job: Mapping[str, Any], timeout: float = 60.0) -> int:
+    def run(self, job: Mapping[str, Any], timeout: float = HANG_GUARD) -> int:
         return self.wait(self.spawn(job), timeout)
 
     @staticmethod
@@ -586,6 +646,9 @@ class ForkServer:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            if pipe is not None:
+                pipe.close()
         self._log.close()
 
 

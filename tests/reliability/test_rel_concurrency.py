@@ -2,9 +2,12 @@
 shards never mix, and stale temp directories are cleaned up safely.
 
 * Four processes save distinct prefixes (each with its own state file) at the
-  same time, pausing inside each save so that every save's clean-up of stale
-  temp directories runs while the others' are live; all commit, and a reader
-  polling meanwhile only ever sees complete checkpoints holding its own values.
+  same time, pausing inside each save so that saves' clean-ups of stale temp
+  directories run while the others' are live; all commit, and a reader polling
+  meanwhile only ever sees complete checkpoints holding its own values. Half way,
+  each holds its save (temp directory live) until the reader has read all four
+  prefixes and checked that a clean-up keeps the four live temp directories, so
+  the reads and the overlap happen however the processes are scheduled.
 * A save held in the middle keeps its temp directory through another process's
   saves and explicit ``clean_stale_temp_dirs`` calls, even when it looks old.
 * Two threads of one process save different prefixes concurrently.
@@ -46,35 +49,57 @@ def _check_prefix(directory: str, name: str, salt: int, steps: int) -> list[str]
 
 
 def test_processes_saving_distinct_prefixes_all_commit(tmp_path, forkserver: relkit.ForkServer) -> None:
-    directory = str(tmp_path)
-    names, steps = ["p0", "p1", "p2", "p3"], 8
+    directory = str(tmp_path / "ckpt")
+    os.mkdir(directory)
+    names, steps, hold = ["p0", "p1", "p2", "p3"], 8, 4
+    gate = str(tmp_path / "gate")
+    ready = {n: str(tmp_path / f"ready_{n}") for n in names}
     pids = [forkserver.spawn({"kind": "concurrent", "dir": directory, "scale": "small", "name": n, "salt": j,
-                              "steps": steps, "pause": 0.003}) for j, n in enumerate(names)]
+                              "steps": steps, "pause": 0.003, "gate": gate, "ready": ready[n], "hold_step": hold})
+            for j, n in enumerate(names)]
     seen: list[str] = []
-    reads = 0
-    deadline = time.monotonic() + 60
-    done = set()
-    while len(done) < len(names) and time.monotonic() < deadline:
-        for j, n in enumerate(names):
-            latest = gs.latest_checkpoint(directory, f"state_{n}")
-            if latest is None:
-                continue
-            reads += 1
-            try:
-                bad = relkit.restore_mismatches(latest, SPECS, relkit.step_of(latest), j)
-            except gs.GpuSaverError as e:
-                # A slow reader may lose the race with retention (max_to_keep=2): fine only
-                # if two newer checkpoints were committed meanwhile.
-                newest = relkit.step_of(gs.latest_checkpoint(directory, f"state_{n}"))
-                bad = [] if newest >= relkit.step_of(latest) + 2 else [repr(e)]
-            if bad:
-                seen.append(f"reader saw {latest} holding other values in {bad}")
-            if relkit.step_of(latest) == steps - 1:
-                done.add(n)
+    reads = reads_while_held = 0
+    held_temp_dirs: list[str] = []
+    cleaned_while_held: list[str] | None = None
+    deadline = time.monotonic() + relkit.HANG_GUARD  # a hang guard, never reached by a slow machine
+    done: set[str] = set()
+    try:
+        while len(done) < len(names):
+            assert time.monotonic() < deadline, f"the savers did not finish:\n{forkserver.log()}"
+            gone = {n for n, pid in zip(names, pids) if relkit.exited(pid)}
+            all_held = not os.path.exists(gate) and all(os.path.exists(ready[n]) for n in names)
+            for j, n in enumerate(names):
+                latest = gs.latest_checkpoint(directory, f"state_{n}")
+                if latest is None:
+                    continue
+                reads += 1
+                reads_while_held += all_held
+                try:
+                    bad = relkit.restore_mismatches(latest, SPECS, relkit.step_of(latest), j)
+                except gs.GpuSaverError as e:
+                    # A slow reader may lose the race with retention (max_to_keep=2): fine only
+                    # if two newer checkpoints were committed meanwhile.
+                    newest = relkit.step_of(gs.latest_checkpoint(directory, f"state_{n}"))
+                    bad = [] if newest >= relkit.step_of(latest) + 2 else [repr(e)]
+                if bad:
+                    seen.append(f"reader saw {latest} holding other values in {bad}")
+                if relkit.step_of(latest) == steps - 1:
+                    done.add(n)
+            if all_held:
+                # Every saver is inside a save with its temp directory live: a clean-up keeps them all.
+                held_temp_dirs = relkit.debris(directory)["temp_dirs"]
+                cleaned_while_held = clean_stale_temp_dirs(directory)
+                open(gate, "w").close()
+            if gone - done:
+                break  # a saver ended early: its exit code says why
+    finally:
+        open(gate, "w").close()
     codes = [forkserver.wait(pid) for pid in pids]
     assert codes == [0] * len(names), forkserver.log()
     assert not seen, "\n".join(seen)
-    assert reads > len(names)
+    # The reader read every prefix while all four saves were held half way, and again at the end.
+    assert reads_while_held == len(names) and reads > len(names), (reads_while_held, reads)
+    assert len(held_temp_dirs) == len(names) and cleaned_while_held == [], (held_temp_dirs, cleaned_while_held)
     problems = [p for j, n in enumerate(names) for p in _check_prefix(directory, n, j, steps)]
     assert not problems, "\n".join(problems)
     keep = {f"state_{n}" for n in names}
@@ -93,10 +118,7 @@ def test_a_live_save_keeps_its_temp_dir_through_other_saves(tmp_path, forkserver
     held = forkserver.spawn({"kind": "concurrent", "dir": directory, "scale": "small", "name": "held", "salt": 1,
                              "steps": 1, "gate": gate, "ready": ready})
     try:
-        deadline = time.monotonic() + 30
-        while not os.path.exists(ready):
-            assert time.monotonic() < deadline, forkserver.log()
-            time.sleep(0.005)
+        assert relkit.wait_until(lambda: os.path.exists(ready), held, "the held save"), forkserver.log()
         temp_dirs = relkit.debris(directory)["temp_dirs"]
         assert len(temp_dirs) == 1
         with open(os.path.join(directory, temp_dirs[0], "OWNER")) as f:
@@ -162,7 +184,8 @@ def _temp_dir(directory: str, owner: str | None, age: float = 0.0) -> str:
 def test_stale_temp_dir_rules(tmp_path) -> None:
     directory = str(tmp_path)
     host = socket.gethostname()
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    # A live process until killed, however long the test takes (it blocks reading its stdin).
+    sleeper = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
     try:
         live = f"{host} {sleeper.pid} {_start_time(sleeper.pid)}\n"
         keep = {
@@ -189,6 +212,7 @@ def test_stale_temp_dir_rules(tmp_path) -> None:
     finally:
         sleeper.kill()
         sleeper.wait()
+        sleeper.stdin.close()
 
 
 @pytest.mark.parametrize("record", ["", "garbage\n", f"{socket.gethostname()} notapid 5\n"],
