@@ -25,7 +25,6 @@ The CPU reference for every kernel is in :mod:`gpusaver._kernels_ref`.
 from __future__ import annotations
 
 import contextlib
-import os
 import pathlib
 import threading
 from collections.abc import Iterator, Sequence
@@ -33,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Union
 
 import numpy as np
 
+from gpusaver import config
 from gpusaver._kernels_ref import SHIFT_LEVELS, chunk_starts, crc32c_tables
 from gpusaver.errors import BackendUnavailableError, InvalidArgumentError, InvalidArgumentTypeError
 
@@ -70,7 +70,6 @@ CRC_CHUNK_BYTES = 4 * 1024
 
 _MAX_GRID = 1 << 16  # blocks; the kernels loop (grid-stride) beyond it
 _NVRTC_OPTIONS = ("-std=c++17",)
-_SYNC_ENV = "GPUSAVER_KERNEL_SYNC"
 
 DeviceRange = tuple[int, int]
 """A device byte range given as ``(device pointer, number of bytes)``."""
@@ -231,7 +230,7 @@ def _on(device_id: int, stream: Any) -> Iterator[Any]:
 
 def _finish(stream: Any) -> None:
     """Synchronises after a launch when GPUSAVER_KERNEL_SYNC is set."""
-    if os.environ.get(_SYNC_ENV, "") not in ("", "0"):
+    if config.get("kernel_sync"):
         stream.synchronize()
 
 

@@ -13,7 +13,6 @@ at import; tests switch :data:`lib` directly with :func:`use`).
 
 from __future__ import annotations
 
-import os
 from types import ModuleType
 from typing import Any
 
@@ -26,7 +25,9 @@ _API = 2
 
 
 def _load() -> tuple[ModuleType | None, str]:
-    if os.environ.get("GPUSAVER_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+    from gpusaver import config
+
+    if not config.get("native"):
         return None, "disabled by GPUSAVER_NATIVE"
     try:
         from gpusaver import _native  # type: ignore[attr-defined]

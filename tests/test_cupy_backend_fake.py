@@ -24,7 +24,7 @@ import pytest
 
 import fakecupy
 import gpusaver as gs
-from gpusaver import backends, nvml
+from gpusaver import config, backends, nvml
 from gpusaver.backends import cupy_backend
 from gpusaver.fileops import PosixFileOps
 from gpusaver.format import BundleReader, BundleWriter
@@ -64,23 +64,22 @@ class CheckedRing(cupy_backend.PinnedRing):
 
 @pytest.fixture(params=["deferred", "eager"])
 def fake(request, monkeypatch):
-    """A fake machine with two GPUs, installed as ``cupy``; GPUSAVER_BACKEND=cupy."""
+    """A fake machine with two GPUs, installed as ``cupy``; the backend setting is ``cupy``."""
     machine = fakecupy.FakeCuda(device_count=2, deferred=request.param == "deferred")
     fakecupy.install(monkeypatch, machine)
-    monkeypatch.setenv("GPUSAVER_BACKEND", "cupy")
-    monkeypatch.delenv("GPUSAVER_KERNEL_SYNC", raising=False)
+    overrides = config.set(
+        backend="cupy", kernel_sync=False, slot_bytes=SLOT, device_small_bytes=SMALL, slots=SLOTS
+    )
     monkeypatch.setattr(backends, "_cupy_backend", None)
     monkeypatch.setattr(backends, "_cupy_error", None)
-    monkeypatch.setattr(cupy_backend, "SLOT_BYTES", SLOT)
-    monkeypatch.setattr(cupy_backend, "SMALL_BYTES", SMALL)
-    monkeypatch.setattr(cupy_backend, "SLOTS", SLOTS)
-    # PinnedRing's defaults were bound when it was defined: the backend would
-    # otherwise still allocate SLOTS=4 buffers of 32 MiB.
-    monkeypatch.setattr(cupy_backend, "PinnedRing", CheckedRing)
+    monkeypatch.setattr(cupy_backend, "PinnedRing", CheckedRing)  # a ring that checks its own use
     bus_ids: list[str] = []
     monkeypatch.setattr(nvml, "by_pci_bus_id", lambda bus_id: bus_ids.append(bus_id))  # no NVML GPU: None
     machine.bus_ids = bus_ids
-    yield machine
+    try:
+        yield machine
+    finally:
+        overrides.__exit__(None, None, None)
     machine.check()
     backend = backends._cupy_backend
     if backend is not None:

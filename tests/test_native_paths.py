@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 import gpusaver as gs
-from gpusaver import native
+from gpusaver import config, native
 from gpusaver._proto.tensor_bundle_pb2 import BundleEntryProto
 from gpusaver.errors import (
     ChecksumError,
@@ -41,8 +41,8 @@ pytestmark = pytest.mark.usefixtures("host_path")
 
 KIB = 1 << 10
 MIB = 1 << 20
-PACK_LIMIT = 64 * KIB  # writer._PACK_LIMIT and reader._UNPACK_LIMIT
-CHUNK = 4 * MIB  # writer._PACK_BYTES and reader._CHUNK_BYTES
+PACK_LIMIT = config.get("pack_limit")  # packed on save and unpacked on restore below this (64 KiB)
+CHUNK = config.get("pack_bytes")  # pack staging buffers and restore chunks (4 MiB)
 
 # --------------------------------------------------------------------- helpers
 

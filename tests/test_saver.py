@@ -23,7 +23,7 @@ import pytest
 
 import gpusaver as gs
 from gpusaver._proto.saver_pb2 import SaverDef
-from gpusaver.backends import numpy_backend
+from gpusaver import config
 from gpusaver.errors import (
     CheckpointWriteError,
     ChecksumError,
@@ -383,10 +383,11 @@ def test_unsharded_save_writes_one_data_file(n_devices: int, tmp_path: Path) -> 
 
 @pytest.mark.parametrize("n_devices", N_DEVICES)
 def test_non_contiguous_arrays_round_trip_and_restore_through_views(
-    xp: ModuleType, n_devices: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    xp: ModuleType, n_devices: int, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     # Small chunks make the staging of non-contiguous arrays take many steps.
-    monkeypatch.setattr(numpy_backend, "CHUNK_BYTES", 64)
+    overrides = config.set(host_chunk_bytes=64)
+    request.addfinalizer(lambda: overrides.__exit__(None, None, None))
     rng = np.random.default_rng(5)
     bases = {f"base{i}": xp.asarray(rng.standard_normal((12, 9)).astype(np.float32)) for i in range(2 * n_devices)}
     views = {}

@@ -12,7 +12,6 @@ CuPy is imported lazily, only here and in the CuPy backend.
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 from typing import Any
@@ -31,15 +30,14 @@ _cupy_error: str | None = None
 
 
 def backend_setting() -> str:
-    """The value of ``GPUSAVER_BACKEND`` (default ``auto``).
+    """The ``backend`` setting (``GPUSAVER_BACKEND``; default ``auto``): see :mod:`gpusaver.config`.
 
     Raises:
-        ValueError: a value other than auto, cupy or numpy.
+        InvalidArgumentError: a value other than auto, cupy or numpy.
     """
-    value = os.environ.get("GPUSAVER_BACKEND", "auto").strip().lower() or "auto"
-    if value not in _CHOICES:
-        raise InvalidArgumentError(f"GPUSAVER_BACKEND={value!r} is not one of {', '.join(_CHOICES)}")
-    return value
+    from gpusaver import config
+
+    return config.get("backend")
 
 
 def _probe_cupy() -> Any:

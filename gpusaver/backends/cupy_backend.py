@@ -28,7 +28,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from gpusaver import nvml
+from gpusaver import config, nvml
 from gpusaver.devices import DeviceSpec
 from gpusaver.errors import (
     ChecksumError,
@@ -40,14 +40,11 @@ from gpusaver.errors import (
 from gpusaver.format import BundleReader, BundleWriter, crc
 from gpusaver.format.reader import read_exact
 
-__all__ = ["CupyBackend", "probe", "PinnedRing", "SLOT_BYTES", "SLOTS", "SMALL_BYTES"]
+__all__ = ["CupyBackend", "probe", "PinnedRing"]
 
-#: Size of one pinned host buffer (and of the device staging slab).
-SLOT_BYTES = 32 << 20
-#: Pinned buffers per device.
-SLOTS = 4
-#: Tensors below this size are packed together.
-SMALL_BYTES = 1 << 20
+# The pinned buffers' size and count (slot_bytes, slots; also the device staging slab's size) are
+# settings (gpusaver.config), read when a device is first used; the packing limit
+# (device_small_bytes) is read at each save and restore.
 
 
 def probe() -> str | None:
@@ -69,8 +66,8 @@ class PinnedRing:
     """A fixed set of pinned host buffers, handed out and given back in any order."""
 
     def __init__(self, cupy: Any, slots: int | None = None, slot_bytes: int | None = None) -> None:
-        slots = SLOTS if slots is None else slots
-        slot_bytes = SLOT_BYTES if slot_bytes is None else slot_bytes
+        slots = config.get("slots") if slots is None else slots
+        slot_bytes = config.get("slot_bytes") if slot_bytes is None else slot_bytes
         if slots < 2:
             raise InvalidArgumentError("the pinned ring needs at least 2 buffers (one copying while one is written)")
         self.slot_bytes = slot_bytes
@@ -105,7 +102,7 @@ class _DeviceState:
         with cupy.cuda.Device(device_id):
             self.stream = cupy.cuda.Stream(non_blocking=True)
             self.ring = PinnedRing(cupy)
-            self.slab = cupy.empty(SLOT_BYTES, dtype=cupy.uint8)
+            self.slab = cupy.empty(self.ring.slot_bytes, dtype=cupy.uint8)
         self.lock = threading.Lock()  # one save or restore per device at a time
 
 
@@ -186,10 +183,11 @@ class CupyBackend:
             crc_iter = iter(crcs)
             batch: list[tuple[str, Any, int | None]] = []
             batch_bytes = 0
+            small_limit = config.get("device_small_bytes")
             for (name, arr), contiguous in zip(tensors, arrays):
                 checksum = next(crc_iter) if contiguous is not None and arr.nbytes else (0 if arr.nbytes == 0 else None)
-                if contiguous is not None and arr.nbytes < SMALL_BYTES:
-                    if batch_bytes + arr.nbytes > SLOT_BYTES:
+                if contiguous is not None and arr.nbytes < small_limit:
+                    if batch_bytes + arr.nbytes > state.ring.slot_bytes:
                         self._write_packed(batch, writer, state)
                         batch, batch_bytes = [], 0
                     batch.append((name, arr, checksum))
@@ -246,7 +244,7 @@ class CupyBackend:
         if not arr.flags.c_contiguous:
             rows = arr.shape[0] if arr.ndim else 1
             row_bytes = max(1, arr.nbytes // max(rows, 1))
-            step = max(1, SLOT_BYTES // row_bytes)
+            step = max(1, state.ring.slot_bytes // row_bytes)
             for start in range(0, rows, step):
                 part = cp.ascontiguousarray(arr[start : start + step] if arr.ndim else arr)
                 yield from self._chunks(part, state)
@@ -254,8 +252,8 @@ class CupyBackend:
         base, total = int(arr.data.ptr), int(arr.nbytes)
         pending: collections.deque = collections.deque()
         try:
-            for off in range(0, total, SLOT_BYTES):
-                n = min(SLOT_BYTES, total - off)
+            for off in range(0, total, state.ring.slot_bytes):
+                n = min(state.ring.slot_bytes, total - off)
                 slot = state.ring.acquire()
                 try:
                     cp.cuda.runtime.memcpyAsync(
@@ -294,6 +292,7 @@ class CupyBackend:
         with state.lock, cp.cuda.Device(device_id), self._ordered(state):
             small: list[tuple[str, Any]] = []
             small_bytes = 0
+            small_limit = config.get("device_small_bytes")
             try:
                 for name, arr in tensors:
                     entry = reader.entry(name)
@@ -301,8 +300,8 @@ class CupyBackend:
                         arr[...] = cp.asarray(reader.get_tensor(name).reshape(arr.shape))
                     elif not arr.flags.c_contiguous:
                         self._restore_strided(reader, name, arr, state)
-                    elif arr.nbytes < SMALL_BYTES and not sequential:
-                        if small_bytes + arr.nbytes > SLOT_BYTES:
+                    elif arr.nbytes < small_limit and not sequential:
+                        if small_bytes + arr.nbytes > state.ring.slot_bytes:
                             self._restore_small(reader, small, state)
                             small, small_bytes = [], 0
                         small.append((name, arr))
@@ -364,7 +363,7 @@ class CupyBackend:
         cp = self._cp
         rows = arr.shape[0] if arr.ndim else 1
         row_bytes = arr.nbytes // rows if rows else 0
-        if arr.ndim == 0 or row_bytes > SLOT_BYTES:
+        if arr.ndim == 0 or row_bytes > state.ring.slot_bytes:
             tmp = cp.empty(arr.shape, dtype=arr.dtype)
             self._restore_large(reader, name, tmp, state)
             arr[...] = tmp
@@ -375,7 +374,7 @@ class CupyBackend:
             raise CorruptCheckpointError(
                 f"tensor {name!r} in {path!r} has {size} bytes stored; its shape and dtype need {arr.nbytes}", path
             )
-        step = max(1, SLOT_BYTES // row_bytes)
+        step = max(1, state.ring.slot_bytes // row_bytes)
         running = 0
         for start in range(0, rows, step):
             stop = min(rows, start + step)
@@ -410,8 +409,8 @@ class CupyBackend:
         running = 0
         in_flight: collections.deque = collections.deque()
         try:
-            for off in range(0, size, SLOT_BYTES):
-                n = min(SLOT_BYTES, size - off)
+            for off in range(0, size, state.ring.slot_bytes):
+                n = min(state.ring.slot_bytes, size - off)
                 if len(in_flight) >= 2:
                     slot_done, event = in_flight.popleft()
                     event.synchronize()
@@ -446,7 +445,7 @@ class CupyBackend:
         dtype = reader.dtype(name)
         if dtype == np.dtype(object):
             raise InvalidArgumentTypeError(f"tensor {name!r} holds strings, which CuPy cannot hold; read it without device=")
-        first_use = 0 if device_id in self._states else SLOT_BYTES  # the staging slab
+        first_use = 0 if device_id in self._states else config.get("slot_bytes")  # the staging slab
         self.check_free_memory(
             DeviceSpec(device_type="GPU", index=device_id), entry.num_elements * dtype.itemsize + first_use
         )
@@ -480,10 +479,12 @@ class CupyBackend:
     def check_restore_memory(self, device: DeviceSpec, tensors: Sequence[tuple[str, Any]], reader: BundleReader) -> None:
         """The slab (first use only) plus temporaries: partitioned arrays, and strided ones
         whose single row does not fit the slab."""
-        need = 0 if device.index in self._states else SLOT_BYTES
+        state = self._states.get(device.index)
+        slot_bytes = state.ring.slot_bytes if state is not None else config.get("slot_bytes")
+        need = 0 if state is not None else slot_bytes
         for name, arr in tensors:
             rows = arr.shape[0] if arr.ndim else 1
-            wide = not arr.flags.c_contiguous and (arr.ndim == 0 or (rows and arr.nbytes // rows > SLOT_BYTES))
+            wide = not arr.flags.c_contiguous and (arr.ndim == 0 or (rows and arr.nbytes // rows > slot_bytes))
             if wide or reader.entry(name).slices:
                 need += int(arr.nbytes)
         self.check_free_memory(device, need)

@@ -6,17 +6,14 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from gpusaver import native
+from gpusaver import config, native
 from gpusaver.backends.base import TensorList
 from gpusaver.devices import DeviceSpec
 from gpusaver.errors import ChecksumError, InvalidArgumentError
 from gpusaver.format import BundleReader, BundleWriter
 from gpusaver.format.tensors import byte_view
 
-__all__ = ["NumpyBackend", "CHUNK_BYTES"]
-
-#: A non-contiguous array is staged through contiguous copies of about this size.
-CHUNK_BYTES = 16 << 20
+__all__ = ["NumpyBackend"]
 
 
 def _row_chunks(arr: np.ndarray) -> Iterator[tuple[memoryview, None]]:
@@ -25,7 +22,7 @@ def _row_chunks(arr: np.ndarray) -> Iterator[tuple[memoryview, None]]:
         yield byte_view(np.ascontiguousarray(arr)), None
         return
     row_bytes = max(1, arr[0].size * arr.dtype.itemsize)
-    step = max(1, CHUNK_BYTES // row_bytes)
+    step = max(1, config.get("host_chunk_bytes") // row_bytes)  # contiguous copies of about this size
     for start in range(0, arr.shape[0], step):
         yield byte_view(np.ascontiguousarray(arr[start : start + step])), None
 

@@ -14,7 +14,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from gpusaver import native
+from gpusaver import config, native
 from gpusaver._parallel import run_parallel
 from gpusaver.errors import (
     CheckpointNotFoundError,
@@ -35,17 +35,11 @@ from gpusaver.paths import local_path, open_regular, read_regular
 __all__ = ["BundleReader", "read_exact"]
 
 _IOV_MAX = 1024
-#: Reads go in segments of this size, checksummed while still in the CPU cache.
-_SEGMENT_BYTES = 1 << 20
-#: Reads of at least this many bytes are split across threads.
-_PARALLEL_BYTES = 64 << 20
-#: With the C extension, tensors below this size are read in chunks of about
-#: _CHUNK_BYTES (gaps under _GAP_BYTES included) and unpacked into their arrays.
-_UNPACK_LIMIT = 64 << 10
-_CHUNK_BYTES = 4 << 20
-_GAP_BYTES = 64 << 10
-#: Chunked reads of at least this many bytes are split across threads.
-_PARALLEL_CHUNKED = 8 << 20
+# The sizes are settings (gpusaver.config), read when a read starts: reads go in segments of
+# segment_bytes, checksummed while still in the CPU cache; reads of parallel_read_bytes and more
+# are split across threads; with the C extension, tensors below pack_limit are read in chunks of
+# about pack_bytes (gaps under gap_bytes included) and unpacked into their arrays, on several
+# threads from parallel_chunked_bytes.
 
 
 class EntryColumns:
@@ -108,16 +102,17 @@ def _read_runs(runs: list[Run], crcs: list[int]) -> None:
     making a second pass over memory, so verifying costs little beyond the read.
     """
     extend = crc.extend
+    seg_max = config.get("segment_bytes")
     for fd, start, path, views, index in runs:
         segment: list[tuple[int, Any]] = []
         seg_bytes, pos = 0, start
         for view in views:
             n = len(view)
-            for lo in range(0, n, _SEGMENT_BYTES) if n > _SEGMENT_BYTES else (0,):
-                piece = view[lo : lo + _SEGMENT_BYTES] if n > _SEGMENT_BYTES else view
+            for lo in range(0, n, seg_max) if n > seg_max else (0,):
+                piece = view[lo : lo + seg_max] if n > seg_max else view
                 segment.append((index, piece))
                 seg_bytes += len(piece)
-                if seg_bytes >= _SEGMENT_BYTES or len(segment) >= _IOV_MAX:
+                if seg_bytes >= seg_max or len(segment) >= _IOV_MAX:
                     _scatter_read(fd, [p for _, p in segment], pos, path)
                     for i, p in segment:
                         crcs[i] = extend(crcs[i], p)
@@ -130,10 +125,14 @@ def _read_runs(runs: list[Run], crcs: list[int]) -> None:
                 crcs[i] = extend(crcs[i], p)
 
 
-def _read_workers(total: int, threshold: int = _PARALLEL_BYTES) -> int:
-    """Threads for a read of ``total`` bytes: one per CPU (at most 4) from ``threshold`` bytes up."""
-    if total < threshold:
+def _read_workers(total: int, threshold: int | None = None) -> int:
+    """Threads for a read of ``total`` bytes: from ``threshold`` bytes up (default: the
+    ``parallel_read_bytes`` setting), the ``reader_threads`` setting or one per CPU, at most 4."""
+    if total < (config.get("parallel_read_bytes") if threshold is None else threshold):
         return 1
+    configured = config.get("reader_threads")
+    if configured:
+        return int(configured)
     try:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -521,8 +520,9 @@ class BundleReader:
         lib = native.lib
         assert lib is not None
         sizes = cols.sizes
-        big = which[sizes[which] >= _UNPACK_LIMIT]
-        small = which[sizes[which] < _UNPACK_LIMIT]
+        unpack_limit = config.get("pack_limit")
+        big = which[sizes[which] >= unpack_limit]
+        small = which[sizes[which] < unpack_limit]
         failures: list[tuple[int, ChecksumError]] = []
         if len(big):
             from gpusaver.format.tensors import byte_view
@@ -543,23 +543,25 @@ class BundleReader:
         """Reads small tensors in chunks, verified and copied by the C extension; returns the damaged ones."""
         lib = native.lib
         sizes = cols.sizes
+        chunk_bytes, gap = config.get("pack_bytes"), config.get("gap_bytes")
+        staging_bytes = chunk_bytes + config.get("pack_limit")  # a chunk plus the tensor that crosses its end
         order = small[np.lexsort((cols.offsets[small], cols.shards[small]))].astype(np.int64)
         starts = cols.offsets[order]
         ends = starts + sizes[order]
         shards = cols.shards[order]
         brk = np.ones(len(order), bool)
-        brk[1:] = (shards[1:] != shards[:-1]) | (starts[1:] > ends[:-1] + _GAP_BYTES) | (starts[1:] < ends[:-1])
+        brk[1:] = (shards[1:] != shards[:-1]) | (starts[1:] > ends[:-1] + gap) | (starts[1:] < ends[:-1])
         seg_start = starts[brk][np.cumsum(brk) - 1]
-        chunk = (ends - seg_start - 1) // _CHUNK_BYTES
+        chunk = (ends - seg_start - 1) // chunk_bytes
         brk[1:] |= chunk[1:] != chunk[:-1]
         cuts = np.append(np.flatnonzero(brk), len(order))
         jobs = [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:])]
         total = int(ends[-1] - starts[0])
-        workers = min(_read_workers(total, _PARALLEL_CHUNKED), len(jobs))
+        workers = min(_read_workers(total, config.get("parallel_chunked_bytes")), len(jobs))
         failures: list[tuple[int, ChecksumError]] = []
 
         def run(part: list[tuple[int, int]]) -> None:
-            staging = bytearray(_CHUNK_BYTES + _UNPACK_LIMIT)
+            staging = bytearray(staging_bytes)
             view = memoryview(staging)
             for a, b in part:
                 fd, _, path = self._data_file(int(shards[a]))

@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable, Sequence
 
 import numpy as np
 
-from gpusaver import native
+from gpusaver import config, native
 from gpusaver.errors import CheckpointWriteError, InvalidArgumentError, InvalidArgumentTypeError, write_error
 from gpusaver.fileops import POSIX, FileOps
 from gpusaver.format import crc, dtypes, slices as _slices
@@ -32,13 +32,9 @@ from gpusaver.paths import local_path
 
 __all__ = ["BundleWriter", "os_error"]
 
-_BATCH_BYTES = 4 << 20  # flush a batch of small tensors at this many bytes ...
-_BATCH_COUNT = 1024  # ... or this many buffers
-_SMALL = 1 << 20  # tensors below this size are batched
 _QUEUE_DEPTH = 16
-_SEGMENT = 1 << 20  # large buffers are checksummed and written a segment at a time
-_PACK_LIMIT = 64 << 10  # with the C extension, tensors below this size are packed ...
-_PACK_BYTES = 4 << 20  # ... into staging buffers of about this size, one per writer thread
+# The sizes (small_bytes, batch_bytes, batch_count, segment_bytes, pack_limit, pack_bytes) and the
+# thread count are settings (gpusaver.config), read when a writer is made.
 
 
 def os_error(e: OSError, what: str, path: str | None) -> CheckpointWriteError:
@@ -104,7 +100,11 @@ class _Run:
 
 
 def _writer_count() -> int:
-    """Writer threads of a bundle: one per CPU, at most 4 (writes and crc32c release the GIL)."""
+    """Writer threads of a bundle: the ``writer_threads`` setting, or one per CPU, at most 4
+    (writes and crc32c release the GIL)."""
+    configured = config.get("writer_threads")
+    if configured:
+        return int(configured)
     try:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -132,6 +132,8 @@ class _WriterPool:
     ) -> None:
         self._fileops = fileops
         self._progress = progress
+        self._segment = config.get("segment_bytes")
+        self._staging_bytes = config.get("pack_bytes") + config.get("pack_limit")
         self._thread_init = thread_init
         self._fd = fd
         self._path = path
@@ -179,19 +181,20 @@ class _WriterPool:
 
     def _write(self, offset: int, pieces: "list[Piece] | _Pack") -> None:
         crcs, extend, fd, clock, pwrite = self._crcs, crc.extend, self._fd, time.perf_counter, self._pwrite
+        seg = self._segment
         checksum = write = 0.0
         t0 = clock()
         if isinstance(pieces, _Pack):
             staging = getattr(self._local, "staging", None)
             if staging is None:
-                staging = self._local.staging = bytearray(_PACK_BYTES + _PACK_LIMIT)
+                staging = self._local.staging = bytearray(self._staging_bytes)
             n = pieces.lib.pack(pieces.arrays, pieces.start, pieces.stop, staging, pieces.crcs)
             checksum = clock() - t0
             write = pwrite(fd, [memoryview(staging)[:n]], offset)
-        elif len(pieces) == 1 and len(pieces[0][1]) > _SEGMENT:
+        elif len(pieces) == 1 and len(pieces[0][1]) > seg:
             slot, view = pieces[0]
-            for lo in range(0, len(view), _SEGMENT):
-                segment = view[lo : lo + _SEGMENT]
+            for lo in range(0, len(view), seg):
+                segment = view[lo : lo + seg]
                 t0 = clock()
                 if slot >= 0:
                     crcs[slot] = extend(crcs[slot], segment)
@@ -270,6 +273,11 @@ class BundleWriter:
     ) -> None:
         self.prefix = local_path(prefix)
         self._fileops = fileops or POSIX
+        self._small = config.get("small_bytes")
+        self._batch_limit = config.get("batch_bytes")
+        self._batch_count = config.get("batch_count")
+        self._pack_limit = config.get("pack_limit")
+        self._pack_bytes = config.get("pack_bytes")
         self._durable = durable
         # key -> (dtype, shape, offset, size, crc slot); encoded when the index is written
         self._entries: dict[bytes, tuple[int, tuple[int, ...], int, int, int]] = {}
@@ -325,17 +333,17 @@ class BundleWriter:
     def _write(self, view: memoryview, slot: int) -> int:
         """Queues ``view`` (checksummed into ``slot`` unless -1) at the current offset; returns that offset."""
         n = len(view)
-        if n >= _SMALL:
+        if n >= self._small:
             # The pending batch ends at the current offset: queue it before moving past it.
             self._flush_batch()
         offset = self._offset
         self._offset += n
         if n == 0:
             return offset
-        if n < _SMALL:
+        if n < self._small:
             self._batch.append((slot, view))
             self._batch_bytes += n
-            if self._batch_bytes >= _BATCH_BYTES or len(self._batch) >= _BATCH_COUNT:
+            if self._batch_bytes >= self._batch_limit or len(self._batch) >= self._batch_count:
                 self._flush_batch()
         else:
             self._writer.submit(offset, [(slot, view)], None)
@@ -433,12 +441,12 @@ class BundleWriter:
         self._runs.append(run)
         self._run_keys.update(keys)
         n = len(keys)
-        big = np.flatnonzero(sizes >= _PACK_LIMIT)
+        big = np.flatnonzero(sizes >= self._pack_limit)
         start = 0
         for stop in list(big) + [n]:
-            if stop > start:  # small tensors: packed jobs of about _PACK_BYTES each
+            if stop > start:  # small tensors: packed jobs of about pack_bytes each
                 ends = np.cumsum(sizes[start:stop])
-                group = (ends - 1) // _PACK_BYTES
+                group = (ends - 1) // self._pack_bytes
                 cuts = [start] + list(np.flatnonzero(group[1:] != group[:-1]) + 1 + start) + [stop]
                 for a, b in zip(cuts, cuts[1:]):
                     self._writer.submit(int(run.offsets[a]), _Pack(self._lib, arrays, a, b, run.crcs))
@@ -481,7 +489,7 @@ class BundleWriter:
             if n:
                 batch.append((slot, view))
                 batch_bytes += n
-                if batch_bytes >= _BATCH_BYTES or len(batch) >= _BATCH_COUNT:
+                if batch_bytes >= self._batch_limit or len(batch) >= self._batch_count:
                     self._writer.submit(offset - batch_bytes, batch)
                     batch, batch_bytes = [], 0
         self._batch, self._batch_bytes, self._offset = batch, batch_bytes, offset
