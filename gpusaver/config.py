@@ -58,13 +58,13 @@ def _flag(text: str) -> bool:
         return True
     if value in ("0", "false", "no", "off", ""):
         return False
-    raise ValueError(f"{text!r} is not a yes/no value (1/0, true/false, yes/no, on/off)")
+    raise InvalidArgumentError(f"{text!r} is not a yes/no value (1/0, true/false, yes/no, on/off)")
 
 
 def _backend(text: str) -> str:
     value = text.strip().lower() or "auto"
     if value not in ("auto", "cupy", "numpy"):
-        raise ValueError(f"{text!r} is not one of auto, cupy, numpy")
+        raise InvalidArgumentError(f"{text!r} is not one of auto, cupy, numpy")
     return value
 
 
@@ -72,7 +72,7 @@ def _count(minimum: int) -> Callable[[str], int]:
     def parse(text: str) -> int:
         value = int(str(text).strip(), 0)
         if value < minimum:
-            raise ValueError(f"{value} is below the minimum {minimum}")
+            raise InvalidArgumentError(f"{value} is below the minimum {minimum}")
         return value
 
     return parse

@@ -10,12 +10,10 @@ are accepted where TensorFlow has them and documented as such in the README.
 from __future__ import annotations
 
 import errno
-import logging
 import math
 import numbers
 import os
 import re
-import time
 from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import numpy as np
@@ -25,7 +23,6 @@ from gpusaver._proto.saver_pb2 import SaverDef
 from gpusaver.backends.base import TensorList
 from gpusaver.errors import (
     CheckpointPermissionError,
-    CheckpointWriteError,
     DTypeMismatchError,
     ShapeMismatchError,
     TensorNotFoundError,
@@ -33,7 +30,6 @@ from gpusaver.errors import (
     InvalidArgumentTypeError,
     InvalidCheckpointPathError,
     StatePathConflictError,
-    write_error,
 )
 from gpusaver.fileops import POSIX, FileOps
 from gpusaver.frameworks import ordered_with_framework
@@ -46,12 +42,13 @@ from gpusaver.pipeline import (
     restore_checkpoint,
     save_checkpoint,
 )
-from gpusaver.tempdirs import TempDir, make_temp_dir
+from gpusaver.retention import Retention
+from gpusaver.tempdirs import TempDir
 from gpusaver.variables import ResolvedVariable, resolve_var_list
 
 __all__ = ["Saver"]
 
-logger = logging.getLogger(__name__)
+
 
 
 def _stored_bytes(reader: BundleReader, name: str, entry: Any) -> int:
@@ -181,9 +178,7 @@ class Saver:
         self._durable = durable
         self._fileops = fileops or POSIX
         self._on_phase = on_phase
-        self._last_checkpoints: list[tuple[str, float]] = []
-        self._checkpoints_to_be_deleted: list[tuple[str, float]] = []
-        self._next_checkpoint_time = time.time() + self._keep_hours * 3600
+        self._retention = Retention(self._max_to_keep, self._keep_hours)
 
     # ----------------------------------------------------------- properties
     @property
@@ -199,7 +194,7 @@ class Saver:
     @property
     def last_checkpoints(self) -> list[str]:
         """Prefixes of the checkpoints this saver still keeps, oldest first."""
-        return [p for p, _ in self._last_checkpoints]
+        return self._retention.prefixes
 
     def set_last_checkpoints(self, last_checkpoints: list[str]) -> None:
         """Replaces the list of kept checkpoints.
@@ -210,13 +205,13 @@ class Saver:
         """
         if not isinstance(last_checkpoints, list):
             raise InvalidArgumentTypeError("last_checkpoints must be a list")
-        self._last_checkpoints = [(os.fspath(p), math.inf) for p in last_checkpoints]
+        self._retention.kept = [(os.fspath(p), math.inf) for p in last_checkpoints]
 
     def set_last_checkpoints_with_time(self, last_checkpoints_with_time: list[tuple[str, float]]) -> None:
         """Replaces the list of kept checkpoints, as ``(prefix, timestamp)`` pairs."""
         if not isinstance(last_checkpoints_with_time, list):
             raise InvalidArgumentTypeError("last_checkpoints_with_time must be a list of (path, time) pairs")
-        self._last_checkpoints = [(str(p), float(t)) for p, t in last_checkpoints_with_time]
+        self._retention.kept = [(str(p), float(t)) for p, t in last_checkpoints_with_time]
 
     def recover_last_checkpoints(self, checkpoint_paths: list[str]) -> None:
         """Adopts existing checkpoints (e.g. after a restart), timed by their files' mtimes.
@@ -295,36 +290,25 @@ class Saver:
         clean_stale_temp_dirs(parent_local, self._fileops)
 
         doomed: list[tuple[str, TempDir]] = []
-        before = (list(self._last_checkpoints), list(self._checkpoints_to_be_deleted), self._next_checkpoint_time)
 
         def record() -> None:
-            self._record_last_checkpoint(prefix)
-            # Checkpoints retention will drop get a tombstone first: a crash after the
-            # state file no longer lists them, but before they are gone, is finished later.
-            try:
-                for path in self._select_for_deletion(prefix, parent_local):
-                    tombstone = make_temp_dir(
-                        paths.local_path(path), self._fileops, deleting=True, state_file=latest_filename
-                    )
-                    doomed.append((path, tombstone))
+            def write_state(kept: list[str]) -> None:
                 cm.update_checkpoint_state(
                     parent,
                     prefix,
-                    all_model_checkpoint_paths=self.last_checkpoints,
+                    all_model_checkpoint_paths=kept,
                     latest_filename=latest_filename,
                     save_relative_paths=self._save_relative_paths,
                     durable=self._durable,
                     fileops=self._fileops,
                     _check_collision=False,  # checked above, against the files this save writes
                 )
-            except BaseException as e:
-                for _, tombstone in doomed:  # nothing was dropped: no deletion to finish
-                    tombstone.remove(self._fileops)
-                doomed.clear()
-                self._last_checkpoints, self._checkpoints_to_be_deleted, self._next_checkpoint_time = before
-                if isinstance(e, OSError) and not isinstance(e, CheckpointWriteError):
-                    raise write_error(e.errno, f"recording checkpoint {prefix!r} failed: {e}", prefix) from e
-                raise
+
+            doomed.extend(
+                self._retention.record(
+                    prefix, write_state, directory=parent_local, state_file=latest_filename, ops=self._fileops
+                )
+            )
             self._fileops.phase("state:written")
 
         counter = Progress(progress, self._nbytes()) if progress is not None else None
@@ -346,7 +330,7 @@ class Saver:
         finally:
             # Once the state file no longer lists them, dropped checkpoints go, whatever happens.
             while doomed:
-                self._delete_old_checkpoint(*doomed.pop(0), meta_graph_suffix)
+                Retention.delete(*doomed.pop(0), meta_graph_suffix, self._fileops)
         return prefix
 
     def _check_state_collision(self, local: str, latest_filename: str, global_step: Any, write_state: bool) -> None:
@@ -366,55 +350,6 @@ class Saver:
                 f"'latest_filename' collides with 'save_path': {latest_filename!r} and {local!r}; "
                 "use a different save path or latest_filename"
             )
-
-    def _record_last_checkpoint(self, prefix: str) -> None:
-        if not self._max_to_keep:
-            return
-        # The same checkpoint saved again (however spelled) moves to the end.
-        mine = paths.checkpoint_identity(prefix)
-        self._last_checkpoints = [p for p in self._last_checkpoints if paths.checkpoint_identity(p[0]) != mine]
-        self._last_checkpoints.append((prefix, time.time()))
-        if len(self._last_checkpoints) > self._max_to_keep:
-            self._checkpoints_to_be_deleted.append(self._last_checkpoints.pop(0))
-
-    def _select_for_deletion(self, saved: str, directory: str) -> list[str]:
-        """The checkpoints retention drops now (TensorFlow's rule: keep one per n hours).
-
-        Never the checkpoint this save wrote, nor one still kept under another
-        spelling; and only checkpoints in the state file's ``directory``: others
-        are logged and kept.
-        """
-        keep = {paths.checkpoint_identity(p) for p, _ in self._last_checkpoints}
-        keep.add(paths.checkpoint_identity(saved))
-        home = paths.directory_identity(directory)
-        doomed = []
-        while self._checkpoints_to_be_deleted:
-            path, stamp = self._checkpoints_to_be_deleted.pop(0)
-            if stamp > self._next_checkpoint_time:
-                self._next_checkpoint_time += self._keep_hours * 3600
-                continue
-            if paths.checkpoint_identity(path) in keep:
-                continue  # saved again since, under this or another name
-            if paths.directory_identity(os.path.dirname(paths.local_path(path))) != home:
-                logger.warning(
-                    "retention keeps checkpoint %s: it is outside the state file's directory %s", path, directory or "."
-                )
-                continue
-            doomed.append(path)
-        return doomed
-
-    def _delete_old_checkpoint(self, path: str, tombstone: TempDir, meta_graph_suffix: str) -> None:
-        try:
-            try:
-                cm.remove_checkpoint_literally(
-                    paths.local_path(path), meta_graph_suffix=meta_graph_suffix, fileops=self._fileops
-                )
-            except OSError as e:  # the new checkpoint is committed; like TensorFlow, carry on
-                logger.warning("could not delete old checkpoint %s: %s", path, e)
-                return
-            self._fileops.phase(f"retention:removed:{path}")
-        finally:
-            tombstone.remove(self._fileops)
 
     # -------------------------------------------------------------- restore
     def restore(

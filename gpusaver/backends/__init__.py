@@ -18,7 +18,7 @@ from typing import Any
 
 from gpusaver.backends.base import Backend
 from gpusaver.backends.numpy_backend import NumpyBackend
-from gpusaver.errors import BackendUnavailableError, InvalidArgumentError, UnsupportedDTypeError
+from gpusaver.errors import BackendUnavailableError, UnsupportedDTypeError
 
 __all__ = ["Backend", "NumpyBackend", "NUMPY", "backend_setting", "gpu_backend", "backend_for", "array_module"]
 

@@ -525,7 +525,7 @@ def test_retention_never_deletes_outside_the_state_files_directory(
     )
     saver, _ = _saver(4, max_to_keep=1)
     saver.recover_last_checkpoints(gs.get_checkpoint_state(str(home)).all_model_checkpoint_paths)
-    with caplog.at_level(logging.WARNING, logger="gpusaver.saver"):
+    with caplog.at_level(logging.WARNING, logger="gpusaver"):
         for step in (4, 5, 6, 7, 8):  # one old checkpoint dropped per save, as in TensorFlow
             saver.save(str(home / "model"), global_step=step)
     assert relkit.snapshot(str(elsewhere)) == before
