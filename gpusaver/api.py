@@ -93,7 +93,14 @@ def save(tree: Mapping[str, Any], path: "str | os.PathLike[str]", *, progress: P
     path = os.fspath(path)
     parent = os.path.dirname(local_path(path))
     if parent:
-        os.makedirs(parent, exist_ok=True)
+        try:
+            os.makedirs(parent, exist_ok=True)
+        except FileExistsError:
+            raise InvalidArgumentError(f"cannot save {path!r}: a part of {parent!r} is a file, not a directory") from None
+        except OSError as e:
+            from gpusaver.errors import write_error
+
+            raise write_error(e.errno, f"cannot create the directory {parent!r} for {path!r}: {e.strerror}", parent) from e
     saver = Saver(flat, sharded=True, max_to_keep=None)
     saved = saver.save(path, write_state=False, progress=progress)
     assert saved is not None
@@ -143,22 +150,36 @@ def load(
     flat = flatten(like)
     variables = {name: Variable(value, name) for name, value in flat.items()}
     mutable = {n: v for n, v in variables.items() if v.immutable is None}
-    fresh: dict[str, Any] = {}
-    if mutable:
-        Saver(mutable, max_to_keep=None).restore(prefix, strict=strict, cast=cast, progress=progress)
     immutable = [n for n, v in variables.items() if v.immutable is not None]
-    if immutable:
-        with load_checkpoint(prefix) as reader:
-            for name in immutable:
-                if not reader.has_tensor(name):
-                    if strict:
-                        from gpusaver.errors import TensorNotFoundError
-
-                        raise TensorNotFoundError(f"variable {name!r} not found in checkpoint {prefix!r}", name)
-                    fresh[name] = flat[name]
-                    continue
-                fresh[name] = _like(flat[name], variables[name], reader.get_tensor(name), cast)
+    fresh: dict[str, Any] = {}
+    with load_checkpoint(prefix) as reader:
+        # Every immutable leaf is checked before any mutable one changes.
+        present = [n for n in immutable if _check_leaf(reader, variables[n], strict, cast)]
+        if mutable:
+            Saver(mutable, max_to_keep=None).restore(prefix, strict=strict, cast=cast, progress=progress)
+        for name in present:
+            fresh[name] = _like(flat[name], variables[name], reader.get_tensor(name), cast)
     return unflatten({**flat, **fresh}, like)
+
+
+def _check_leaf(reader: Any, variable: Any, strict: bool, cast: bool) -> bool:
+    """Whether the checkpoint has an immutable leaf's value, checked to fit; False when absent and not strict."""
+    from gpusaver.errors import DTypeMismatchError, ShapeMismatchError, TensorNotFoundError
+
+    name = variable.name
+    if not reader.has_tensor(name):
+        if strict:
+            raise TensorNotFoundError(f"variable {name!r} not found in checkpoint {reader.prefix!r}", name)
+        return False
+    stored_dtype = reader.get_variable_to_dtype_map()[name]
+    stored_shape = tuple(reader.get_variable_to_shape_map()[name])
+    want = variable.dtype
+    if stored_dtype != want and (not cast or (stored_dtype.kind == "O") != (want.kind == "O")):
+        why = "strings and numbers do not convert" if cast else "cast=True converts it"
+        raise DTypeMismatchError(f"{name!r} is {want} but checkpoint {reader.prefix!r} stores {stored_dtype} ({why})")
+    if stored_shape != variable.shape:
+        raise ShapeMismatchError(f"{name!r} has shape {list(variable.shape)}, the checkpoint {list(stored_shape)}")
+    return True
 
 
 def _load_dict(prefix: str, device: int | None, progress: ProgressCallback | None) -> dict[str, Any]:
@@ -181,15 +202,8 @@ def _load_dict(prefix: str, device: int | None, progress: ProgressCallback | Non
 
 def _like(old: Any, variable: Any, value: np.ndarray, cast: bool) -> Any:
     """A new immutable leaf of ``old``'s kind holding ``value``."""
-    from gpusaver.errors import DTypeMismatchError, ShapeMismatchError
-
-    want = variable.dtype
-    if value.dtype != want:
-        if not cast:
-            raise DTypeMismatchError(f"{variable.name!r} is {want} but the checkpoint stores {value.dtype}")
-        value = value.astype(want)
-    if tuple(value.shape) != variable.shape:
-        raise ShapeMismatchError(f"{variable.name!r} has shape {list(variable.shape)}, the checkpoint {list(value.shape)}")
+    if value.dtype != variable.dtype:  # checked by _check_leaf: cast=True, both numbers
+        value = value.astype(variable.dtype)
     if variable.kind == "jax":
         import jax
 

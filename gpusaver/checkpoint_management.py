@@ -362,7 +362,7 @@ def get_checkpoint_mtimes(checkpoint_prefixes: Iterable[StrPath]) -> list[float]
             if matches:
                 try:
                     mtimes.append(os.stat(matches[0]).st_mtime_ns / 1e9)
-                except FileNotFoundError:
+                except OSError:  # gone meanwhile, a dangling link or a symlink loop: no checkpoint there
                     continue
                 break
     return mtimes

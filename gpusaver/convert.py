@@ -646,6 +646,10 @@ def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+#: The most dimensions a tensor may have (TensorFlow's limit).
+_MAX_RANK = 254
+
+
 def _read_header(path: str) -> list[_In]:
     """The tensors of a safetensors file, in the order of their data, checked.
 
@@ -673,8 +677,8 @@ def _read_header(path: str) -> list[_In]:
         os.close(fd)
     try:
         header = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, ValueError) as e:
-        raise _corrupt(path, f"its header is not a JSON object ({e})") from None
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise _corrupt(path, f"its header is not a JSON object ({type(e).__name__}: {str(e)[:200]})") from None
     if not isinstance(header, dict):
         raise _corrupt(path, "its header is not a JSON object")
     data_size = size - 8 - n
@@ -689,8 +693,9 @@ def _read_header(path: str) -> list[_In]:
         code, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
         if not isinstance(code, str):
             raise _corrupt(path, f"tensor {name!r} has no dtype")
-        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
-            raise _corrupt(path, f"tensor {name!r} has an invalid shape {shape!r}")
+        if (not isinstance(shape, list) or len(shape) > _MAX_RANK or not all(_is_count(d) for d in shape)
+                or not all(d < 1 << 62 for d in shape) or int(np.prod(shape, dtype=object)) >= 1 << 62):
+            raise _corrupt(path, f"tensor {name!r} has an invalid shape {str(shape)[:200]}")
         if (not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets)
                 or offsets[0] > offsets[1] or offsets[1] > data_size):
             raise _corrupt(path, f"tensor {name!r} has data_offsets {offsets!r} outside the {data_size} bytes of data")
@@ -702,6 +707,9 @@ def _read_header(path: str) -> list[_In]:
                                f"{offsets[1] - offsets[0]}")
         tensors.append(_In(name, code, tuple(shape), 8 + n + offsets[0], 8 + n + offsets[1]))
     tensors.sort(key=lambda t: (t.begin, t.end))
+    for before, after in zip(tensors, tensors[1:]):  # as the safetensors library: no two tensors share bytes
+        if after.begin < before.end:
+            raise _corrupt(path, f"tensors {before.name!r} and {after.name!r} overlap in the data")
     return tensors
 
 
@@ -720,13 +728,13 @@ def _read_index(path: str) -> dict[str, str]:
         os.close(fd)
     try:
         index = json.loads(raw.decode("utf-8"), object_pairs_hook=_no_duplicates)
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise CorruptCheckpointError(f"safetensors index {path!r} is not valid JSON ({e})", path) from None
     weight_map = index.get("weight_map") if isinstance(index, dict) else None
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise CorruptCheckpointError(f"safetensors index {path!r} has no 'weight_map' of tensor names to files", path)
     for file in set(weight_map.values()):
-        if file in ("", ".", "..") or os.path.basename(file) != file or "\\" in file:
+        if file in ("", ".", "..") or os.path.basename(file) != file or "\\" in file or "\x00" in file:
             raise CorruptCheckpointError(
                 f"safetensors index {path!r} names the file {file!r}: shards must be files beside the index", path
             )

@@ -143,6 +143,8 @@ def adapt(value: Any, name: str | None = None) -> Adapted:
     if module in ("jax", "jaxlib"):
         return _from_jax(value, name)
     if isinstance(value, (bool, int, float, complex, np.generic)):
+        if isinstance(value, int) and not isinstance(value, bool) and not -(1 << 63) <= value < 1 << 64:
+            raise UnsupportedDTypeError(f"variable {name!r} is the integer {value}, beyond 64 bits")
         arr = np.asarray(value)
         if arr.dtype.kind in "SU":
             arr = arr.astype(object)

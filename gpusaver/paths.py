@@ -135,6 +135,8 @@ def open_regular(path: str, what: str) -> int:
     except OSError as e:
         if e.errno in (errno.ENXIO, errno.EOPNOTSUPP):  # a socket, or a FIFO without writers on some systems
             raise CorruptCheckpointError(f"{what} {path!r} is not a regular file", path) from None
+        if e.errno == errno.ELOOP:
+            raise CorruptCheckpointError(f"{what} {path!r} is a symlink loop, not a regular file", path) from None
         raise
     try:
         mode = os.fstat(fd).st_mode

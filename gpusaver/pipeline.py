@@ -45,7 +45,7 @@ from gpusaver.format.entry import encode_header
 from gpusaver.format.merge import commit_merged
 from gpusaver.format.naming import index_filename
 from gpusaver.format.slices import encode_slice_key
-from gpusaver.tempdirs import clean_stale_temp_dirs, make_temp_dir, roll_back_unrecorded
+from gpusaver.tempdirs import COMMITTING, clean_stale_temp_dirs, make_temp_dir, roll_back_unrecorded
 from gpusaver.format.writer import os_error
 from gpusaver.variables import ResolvedVariable
 
@@ -178,6 +178,10 @@ def save_checkpoint(
                 runs = [w.index_items(shard_id=j, header=False) for j, w in enumerate(writers)]
                 items = runs[0] if n == 1 else list(heapq.merge(*runs))
                 file_ids = {w.data_path: j for j, w in enumerate(writers)}
+                if progress is not None:  # every byte is written: reported before the commit, so a
+                    progress.finish()  # callback that raises fails the save with nothing committed
+                # Marks the temp dir: from here on this save may replace <prefix>'s files.
+                ops.close(ops.create(os.path.join(temp.path, COMMITTING)))
                 try:
                     commit_merged(ops, prefix, encode_header(n), items, file_ids, durable=durable)
                 except BaseException:

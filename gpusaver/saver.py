@@ -44,7 +44,7 @@ from gpusaver.pipeline import (
 )
 from gpusaver.retention import Retention
 from gpusaver.tempdirs import TempDir
-from gpusaver.variables import ResolvedVariable, resolve_var_list
+from gpusaver.variables import ResolvedVariable, check_restorable, resolve_var_list
 
 __all__ = ["Saver"]
 
@@ -325,8 +325,6 @@ class Saver:
                     state_file=latest_filename if write_state else None,
                     progress=counter,
                 )
-            if counter is not None:
-                counter.finish()
         finally:
             # Once the state file no longer lists them, dropped checkpoints go, whatever happens.
             while doomed:
@@ -405,6 +403,7 @@ class Saver:
         for v in self._variables:
             if v.immutable is not None:
                 raise InvalidArgumentError(f"variable {v.name!r} cannot be restored in place: {v.immutable}")
+        check_restorable(self._variables)
         with _gc.paused(), ordered_with_framework(self._sources, writes=True):
             return self._restore(local, strict, cast, progress)
 

@@ -33,6 +33,7 @@ import glob
 import os
 import re
 import socket
+import threading
 import time
 import uuid
 from urllib.parse import quote, unquote
@@ -48,6 +49,9 @@ TEMP_RE = re.compile(r"^(?P<base>.+)_temp_(?P<id>[0-9a-f]{32})$")
 #: Temporary files of an atomic write (the state file; a standalone BundleWriter), removed once old.
 _STATE_TMP_RE = re.compile(r"^.+(\.tmp[0-9a-f]{32}|\.(index|data-\d+-of-\d+)\.tempstate[0-9a-f]+)$")
 OWNER = "OWNER"
+#: Created in a save's temp directory just before its commit begins (the old index is removed
+#: first): without it, a dead save never touched its prefix's checkpoint files.
+COMMITTING = "COMMITTING"
 #: The last field of an owner record whose liveness is its flock.
 _LOCKED = "flock"
 #: Seconds after which a temp directory (or state temp file) with no readable owner is stale.
@@ -109,16 +113,42 @@ class _Owner:
         return "dead"  # the pid was reused by another process
 
 
+#: The lock descriptors this process holds, so that a forked child closes its copies: the
+#: lock then dies with the process that took it, not with its longest-lived child.
+_held: "dict[int, TempDir]" = {}
+_held_lock = threading.Lock()
+
+
+def _forget_locks_in_child() -> None:
+    for fd, temp in list(_held.items()):
+        temp._fd = None
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _held.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_locks_in_child)
+
+
 class TempDir:
     """A temp directory this process owns, locked until :meth:`remove` or :meth:`release`."""
 
     def __init__(self, path: str, lock_fd: int | None) -> None:
         self.path = path
         self._fd = lock_fd
+        if lock_fd is not None:
+            with _held_lock:
+                _held[lock_fd] = self
 
     def release(self) -> None:
         """Drops the lock and leaves the directory: a later save treats it as stale and finishes it."""
-        fd, self._fd = self._fd, None
+        with _held_lock:
+            fd, self._fd = self._fd, None
+            if fd is not None:
+                _held.pop(fd, None)
         if fd is not None:
             os.close(fd)
 
@@ -204,19 +234,31 @@ def recorded(prefix: str, state_file: str | None) -> bool:
 
 
 def _finish_for_dead_owner(
-    ops: FileOps, prefix: str, deleting: bool, state_file: str | None, known_owner: bool = True
+    ops: FileOps, prefix: str, kind: str, state_file: str | None
 ) -> bool:
-    """Finishes what a dead save or deletion of ``prefix`` left; True when nothing is left to do."""
+    """Finishes what a dead save or deletion of ``prefix`` left; True when nothing is left to do.
+
+    ``kind``: ``delete`` (a tombstone), ``committing`` (a save that had begun its
+    commit, see :data:`COMMITTING`), ``writing`` (a save that had not: the
+    checkpoint files of ``prefix``, if any, are an earlier save's and stay),
+    ``unknown`` (no readable owner record: only temporary files go), or
+    ``rollback`` (a live save that failed after its commit takes it back).
+    """
     index = index_filename(prefix)
     for leftover in glob.glob(glob.escape(index) + ".tempstate*"):
         _remove_quietly(ops, leftover)
-    committed = os.path.lexists(index)
-    if committed and (not known_owner or recorded(prefix, state_file)):
-        # A save that finished but for removing its temp dir; a deletion whose state
-        # file never stopped listing the checkpoint; or who knows: keep it.
+    if kind in ("writing", "unknown"):
         return True
-    # A deletion cut short, a save that never committed, or one that committed but
-    # was not recorded (it never returned): its files go, index first.
+    committed = os.path.lexists(index)
+    if committed and recorded(prefix, state_file):
+        # A save that finished but for removing its temp dir, or a deletion whose
+        # state file never stopped listing the checkpoint: keep it.
+        return True
+    if committed and kind == "committing" and state_file is None:
+        return True  # a save that records nothing: its index rename was its commit
+    # A deletion cut short, a commit cut short (the old index went first, so these
+    # files are the new save's), or a commit that was never recorded (the save never
+    # returned): the files go, index first.
     ok = True
     for path in ([index] if committed else []) + sorted(glob.glob(data_file_glob(prefix))):
         try:
@@ -236,7 +278,7 @@ def roll_back_unrecorded(prefix: str, state_file: str | None, ops: FileOps) -> b
     could not be removed (the caller then leaves its temp directory, unlocked,
     for the next save to finish).
     """
-    return _finish_for_dead_owner(ops, prefix, False, state_file, True)
+    return _finish_for_dead_owner(ops, prefix, "rollback", state_file)
 
 
 def _try_lock(owner_path: str) -> tuple[str, int | None]:
@@ -253,6 +295,35 @@ def _try_lock(owner_path: str) -> tuple[str, int | None]:
             return "alive", None
         return "alive", None  # locks unsupported here: never guess
     return "dead", fd
+
+
+#: What a save or deletion puts in its temp directory.
+_OURS_RE = re.compile(
+    r"^(OWNER|OWNER\.tmp|COMMITTING|part-\d{5}-of-\d{5}(\.index|\.data-\d{5}-of-\d{5})?(\.tempstate[0-9a-f]+)?)$"
+)
+
+
+def _looks_like_ours(path: str) -> bool:
+    """A temp-named directory without a valid owner record is ours only if everything in it is
+    what a save puts there (a crash in the middle of removing it leaves such a directory); a
+    user's directory that happens to have such a name is never touched."""
+    try:
+        names = os.listdir(path)
+    except OSError:
+        return False
+    return all(_OURS_RE.match(n) for n in names)
+
+
+def _is_our_temp_file(name: str, path: str) -> bool:
+    """An old ``*.tmp<32 hex>`` file is a state file's temporary only if it reads as a state file;
+    ``.tempstate`` files of an index or data file are a bundle writer's."""
+    if ".tempstate" in name:
+        return True
+    try:
+        text = read_regular(path, "temporary state file", _OWNER_LIMIT).decode("utf-8")
+    except (OSError, CorruptCheckpointError, UnicodeDecodeError):
+        return False
+    return text == "" or text.lstrip().startswith(("model_checkpoint_path", "all_model_checkpoint_paths"))
 
 
 def clean_stale_temp_dirs(directory: str, fileops: FileOps | None = None) -> list[str]:
@@ -273,7 +344,7 @@ def clean_stale_temp_dirs(directory: str, fileops: FileOps | None = None) -> lis
         path = os.path.join(directory, name)
         if _STATE_TMP_RE.match(name):
             try:
-                if now - os.lstat(path).st_mtime >= ORPHAN_AGE:
+                if now - os.lstat(path).st_mtime >= ORPHAN_AGE and _is_our_temp_file(name, path):
                     _remove_quietly(ops, path)
             except OSError:
                 pass
@@ -290,6 +361,10 @@ def clean_stale_temp_dirs(directory: str, fileops: FileOps | None = None) -> lis
         except OSError:
             continue
         if not owner.valid:
+            # Ours only if it holds an owner record we could not read, or the one being
+            # written when a save died: a user's directory of that name is never touched.
+            if not _looks_like_ours(path):
+                continue
             try:
                 state = "dead" if now - os.stat(path).st_mtime >= ORPHAN_AGE else "alive"
             except OSError:
@@ -309,10 +384,15 @@ def clean_stale_temp_dirs(directory: str, fileops: FileOps | None = None) -> lis
             continue
         try:
             base = os.path.join(directory, m.group("base"))
-            if owner.valid:
-                _finish_for_dead_owner(ops, base, owner.deleting, owner.state_file)
-            else:  # who knows what it was: debris goes, a committed checkpoint stays
-                _finish_for_dead_owner(ops, base, False, None, known_owner=False)
+            if not owner.valid:
+                kind = "unknown"
+            elif owner.deleting:
+                kind = "delete"
+            elif os.path.lexists(os.path.join(path, COMMITTING)) or not owner.locked:
+                kind = "committing"  # (records of older versions carry no marker: as they were judged)
+            else:
+                kind = "writing"
+            _finish_for_dead_owner(ops, base, kind, owner.state_file if owner.valid else None)
             try:
                 ops.rmtree(path)
                 removed.append(path)

@@ -186,6 +186,44 @@ def _byte_bounds(array: Any) -> tuple[bool, int, int] | None:
     return gpu, lo, hi + itemsize
 
 
+def check_restorable(variables: "list[ResolvedVariable]") -> None:
+    """Refuses a restore into a variable whose elements share memory (a broadcast or expanded view).
+
+    Such a variable can be saved, but not restored: its elements cannot each
+    receive their own value.
+
+    Raises:
+        InvalidArgumentError: naming the variable.
+    """
+    for v in variables:
+        if _overlaps_itself(v.array):
+            raise InvalidArgumentError(
+                f"variable {v.name!r} overlaps itself (strides {tuple(v.array.strides)} for shape "
+                f"{tuple(v.array.shape)}: a broadcast or expanded view), so a restore cannot give each element "
+                "its own value; restore into a contiguous array (ascontiguousarray / .contiguous())"
+            )
+
+
+def _overlaps_itself(array: Any) -> bool:
+    """Whether two elements of ``array`` may share memory (stride 0, or strides too small for the
+    extents below them, as ``expand``/``broadcast_to``/``as_strided`` make).
+
+    The test is exact for every layout NumPy, CuPy and torch make by slicing, transposing
+    and reshaping; a stranger one it cannot prove disjoint counts as overlapping.
+    """
+    shape = tuple(array.shape)
+    if 0 in shape:
+        return False
+    itemsize = int(array.dtype.itemsize)
+    dims = sorted((abs(int(st)), int(n)) for n, st in zip(shape, tuple(array.strides)) if int(n) > 1)
+    reach = itemsize  # bytes spanned by one element and the smaller dimensions
+    for stride, n in dims:
+        if stride < reach:
+            return True
+        reach = stride * (n - 1) + reach
+    return False
+
+
 def _overlap(a: Any, b: Any) -> bool:
     """Whether two arrays whose byte bounds intersect share a byte of memory."""
     if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):

@@ -533,3 +533,168 @@ def test_retention_never_deletes_outside_the_state_files_directory(
     assert gs.latest_checkpoint(str(home)) == str(home / "model-8")
     # Three adopted entries outside, then model-4 and model-5, were dropped: only the latter deleted.
     assert [s for s in range(4, 9) if gs.checkpoint_exists(str(home / f"model-{s}"))] == [6, 7, 8]
+
+
+# ------------------------------------------------ found by the second attacker's pass
+def test_a_save_killed_before_its_commit_never_costs_the_older_checkpoint_of_that_prefix(tmp_path: Path) -> None:
+    # gpusaver.save writes no state file: the older "model" is complete but recorded nowhere.
+    directory = tmp_path / "ck"
+    gs.save({"w": np.full(1 << 20, 1.0)}, directory / "model")
+    done = _run_python(
+        """
+        import os, signal, sys, numpy as np, gpusaver as gs
+        die = lambda d, t: d > t // 2 and os.kill(os.getpid(), signal.SIGKILL)  # killed mid-write
+        gs.save({"w": np.full(1 << 20, 2.0)}, sys.argv[1] + "/model", progress=die)
+        """,
+        str(directory),
+    )
+    assert done.returncode == -9, done.stderr
+    assert relkit.debris(str(directory))["temp_dirs"], "the kill left no temp dir: the test tests nothing"
+    gs.save({"step": 1}, directory / "trainer_state")  # the restarted job's first save cleans up
+    assert relkit.debris(str(directory))["temp_dirs"] == []
+    assert gs.load(directory / "model")["w"][0] == 1.0
+
+
+def test_the_cleaner_never_touches_a_users_files_that_look_like_temporaries(tmp_path: Path) -> None:
+    import time
+    import uuid
+
+    ck = tmp_path / "ck"
+    ck.mkdir()
+    user_dir = ck / f"eval_temp_{uuid.uuid4().hex}"
+    gs.save({"w": np.arange(3.0)}, user_dir / "best")
+    notes = ck / f"notes.tmp{uuid.uuid4().hex}"
+    notes.write_text("mine")
+    old = time.time() - 3600
+    for p in (user_dir, notes):
+        os.utime(p, (old, old))
+    gs.Saver({"w": np.zeros(2)}).save(str(ck / "model"), global_step=1)
+    assert notes.read_text() == "mine"
+    assert gs.load(user_dir / "best")["w"].tolist() == [0.0, 1.0, 2.0]
+
+
+def test_a_variable_overlapping_itself_saves_but_is_never_restored_into(tmp_path: Path) -> None:
+    import torch
+    from numpy.lib.stride_tricks import as_strided
+
+    prefix = gs.save({"m": np.arange(12.0).reshape(3, 4)}, tmp_path / "ck")
+    expanded = torch.zeros(1, 4, dtype=torch.float64).expand(3, 4)
+    strided = as_strided(np.zeros(9), (3, 4), (8, 8))
+    for dst in (expanded, strided):
+        gs.Saver({"m": dst}).save(str(tmp_path / "saved"))  # saving one is fine
+        with pytest.raises(gs.InvalidArgumentError, match="overlaps itself"):
+            gs.load(prefix, like={"m": dst})
+    assert not expanded.any() and not strided.any()
+
+
+def test_a_progress_callback_that_raises_at_the_end_commits_nothing(tmp_path: Path) -> None:
+    s = gs.Saver({"n": np.array([b"short"] * 1000, dtype=object), "w": np.arange(10.0)}, max_to_keep=1)
+    first = s.save(str(tmp_path / "m"), global_step=1)
+
+    def cb(done: int, total: int) -> None:
+        if done == total:
+            raise RuntimeError("the progress bar crashed at 100%")
+
+    with pytest.raises(RuntimeError, match="100%"):
+        s.save(str(tmp_path / "m"), global_step=2, progress=cb)
+    assert gs.latest_checkpoint(str(tmp_path)) == first and gs.checkpoint_exists(first)
+    assert not gs.checkpoint_exists(str(tmp_path / "m-2"))
+    assert relkit.debris(str(tmp_path))["temp_dirs"] == []
+
+
+def test_load_like_checks_every_leaf_before_changing_any(tmp_path: Path) -> None:
+    prefix = gs.save({"w": np.arange(3.0), "step": 7, "s": "text"}, tmp_path / "m")
+    for like, error in (
+        ({"missing": 1.5}, gs.TensorNotFoundError),
+        ({"s": 1.0}, gs.DTypeMismatchError),
+        ({"step": "x"}, gs.DTypeMismatchError),
+        ({"step": np.zeros(2)}, gs.ShapeMismatchError),
+    ):
+        w = np.zeros(3)
+        with pytest.raises(error):
+            gs.load(prefix, like={"w": w, **like}, cast=True)
+        assert not w.any(), f"{like}: an array changed before the error"
+
+
+def _safetensors_file(path: Path, header: bytes, data: bytes = b"") -> None:
+    import struct
+
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"a": {"dtype": "F32", "shape": [' + b",".join([b"1"] * 300) + b'], "data_offsets": [0, 4]}}',
+        b'{"a": {"dtype": "F32", "shape": [0, 9223372036854775808], "data_offsets": [0, 0]}}',
+        b'{"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}, '
+        b'"b": {"dtype": "F32", "shape": [2], "data_offsets": [4, 12]}}',
+    ],
+    ids=["deep-json", "rank-300", "dim-2**63", "overlapping"],
+)
+def test_hostile_safetensors_headers_are_typed_errors(tmp_path: Path, header: bytes) -> None:
+    from gpusaver import convert
+
+    src = tmp_path / "evil.safetensors"
+    _safetensors_file(src, header, bytes(16))
+    with pytest.raises(gs.CorruptCheckpointError):
+        convert.from_safetensors(str(src), str(tmp_path / "out" / "model"))
+    assert not (tmp_path / "out" / "model.index").exists()
+
+
+def test_a_null_byte_in_a_safetensors_index_is_a_typed_error(tmp_path: Path) -> None:
+    import json
+
+    from gpusaver import convert
+
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "x\u0000.safetensors"}}))
+    with pytest.raises(gs.CorruptCheckpointError):
+        convert.from_safetensors(str(tmp_path), str(tmp_path / "out"))
+
+
+def test_more_untyped_errors_the_second_pass_found(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(gs.InvalidArgumentError):
+        gs.save({"a": np.ones(3)}, tmp_path / "afile" / "model")
+    with pytest.raises(gs.UnsupportedDTypeError, match="64 bits"):
+        gs.save({"a": 2**70}, tmp_path / "big")
+    prefix = gs.save({"a": np.ones(3)}, tmp_path / "loop")
+    os.remove(prefix + ".index")
+    os.symlink(prefix + ".index", prefix + ".index")
+    for call in (lambda: gs.load(prefix), lambda: gs.Saver({"a": np.zeros(3)}).restore(prefix)):
+        with pytest.raises(gs.CorruptCheckpointError, match="symlink loop"):
+            call()
+    assert gs.get_checkpoint_mtimes([prefix]) == []
+
+
+def test_a_child_forked_during_a_save_does_not_keep_a_dead_saves_lock(tmp_path: Path) -> None:
+    directory = tmp_path / "ck"
+    directory.mkdir()
+    done = _run_python(
+        """
+        import os, signal, subprocess, sys, time, numpy as np, gpusaver as gs
+        def fork_then_die(d, t):
+            if d > t // 2:
+                child = os.fork()
+                if child == 0:  # a worker forked mid-save outlives its parent
+                    os.closerange(0, 3)  # (so that nobody waits for its pipes)
+                    time.sleep(300); os._exit(0)
+                with open(sys.argv[2], "w") as f:
+                    f.write(str(child))
+                os.kill(os.getpid(), signal.SIGKILL)
+        gs.save({"w": np.full(1 << 20, 2.0)}, sys.argv[1] + "/model", progress=fork_then_die)
+        """,
+        str(directory), str(tmp_path / "child.pid"),
+    )
+    assert done.returncode == -9, done.stderr
+    child = int((tmp_path / "child.pid").read_text())
+    try:
+        os.kill(child, 0)  # alive: it holds a copy of the dead save's lock descriptor, unless closed at fork
+        assert relkit.debris(str(directory))["temp_dirs"]
+        gs.save({"x": 1}, directory / "other")  # the child lives on: the dead save's dir still goes
+        assert relkit.debris(str(directory))["temp_dirs"] == []
+    finally:
+        import signal
+
+        os.kill(child, signal.SIGKILL)

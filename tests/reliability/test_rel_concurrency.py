@@ -165,12 +165,14 @@ def _start_time(pid: int) -> str:
     return stat[stat.rindex(b")") + 2 :].split()[19].decode()
 
 
-def _temp_dir(directory: str, owner: str | None, age: float = 0.0) -> str:
+def _temp_dir(directory: str, owner: str | None, age: float = 0.0,
+              files: tuple[str, ...] = ("part-00000-of-00001.data-00000-of-00001",)) -> str:
     name = f"model-1_temp_{uuid.uuid4().hex}"
     path = os.path.join(directory, name)
     os.mkdir(path)
-    with open(os.path.join(path, "part-00000-of-00001.data-00000-of-00001"), "wb") as f:
-        f.write(b"x")
+    for file in files:
+        with open(os.path.join(path, file), "wb") as f:
+            f.write(b"x")
     if owner is not None:
         with open(os.path.join(path, "OWNER"), "w") as f:
             f.write(owner)
@@ -193,10 +195,14 @@ def test_stale_temp_dir_rules(tmp_path) -> None:
             _temp_dir(directory, f"{host} {os.getpid()} {_start_time(os.getpid())}\n"): "this process",
             _temp_dir(directory, f"another-host-{uuid.uuid4().hex[:6]} 1 1\n", age=7200): "another host",
             _temp_dir(directory, None): "no owner, young",
+            # A temp-like name whose contents are not a save's is not ours (a user's directory).
+            _temp_dir(directory, None, age=7200, files=("best.index", "notes.txt")): "a user's directory, old",
         }
         go = {
             _temp_dir(directory, f"{host} {sleeper.pid} 1\n"): "pid reused (other start time)",
-            _temp_dir(directory, None, age=7200): "no owner, old",
+            _temp_dir(directory, None, age=7200): "its owner record gone (a removal cut short), old",
+            _temp_dir(directory, None, age=7200, files=("OWNER.tmp",)): "died writing its owner record, old",
+            _temp_dir(directory, None, age=7200, files=()): "empty, old",
         }
         os.mkdir(os.path.join(directory, "model-1_temp_notahexid"))
         with open(os.path.join(directory, f"model-1_temp_{uuid.uuid4().hex}"), "w") as f:
