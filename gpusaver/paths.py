@@ -21,6 +21,7 @@ from gpusaver.errors import CorruptCheckpointError
 
 __all__ = [
     "local_path",
+    "spelling_for_state",
     "checkpoint_identity",
     "same_checkpoint",
     "directory_identity",
@@ -46,6 +47,26 @@ def local_path(path: "str | os.PathLike[str]") -> str:
             rest = rest[len("localhost") :]
         return rest
     return p
+
+
+def _style(path: str) -> str:
+    if path.startswith(_FILE_SCHEME):
+        return "uri"
+    return "abs" if os.path.isabs(path) else "rel"
+
+
+def spelling_for_state(path: str, state_dir: str) -> str:
+    """``path`` as a state file in ``state_dir`` should list it, so that reading it back finds it.
+
+    TensorFlow stores paths as given, rewriting cwd-relative ones relative to a
+    relative directory; so a cwd-relative path under an absolute directory, or
+    a ``file://`` URI under a relative one, would be read back as another path.
+    A path spelled in the directory's own style is kept (the bytes TensorFlow
+    writes); one in another style is stored absolute.
+    """
+    if _style(path) == _style(state_dir):
+        return path
+    return os.path.abspath(local_path(path))
 
 
 def directory_identity(directory: str) -> Hashable:

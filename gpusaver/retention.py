@@ -119,7 +119,12 @@ class Retention:
         try:
             for path in self._select(prefix, directory):
                 doomed.append((path, make_temp_dir(paths.local_path(path), ops, deleting=True, state_file=state_file)))
-            write_state(self.prefixes)
+            kept = self.prefixes
+            # TensorFlow appends the new path unless it is the last one listed; "is" means identity here,
+            # so the same checkpoint under another spelling is not listed twice in a row.
+            if kept and kept[-1] != prefix and paths.same_checkpoint(kept[-1], prefix):
+                kept = kept[:-1] + [prefix]
+            write_state(kept)
         except BaseException as e:
             for _, tombstone in doomed:  # nothing was dropped: no deletion to finish
                 tombstone.remove(ops)

@@ -296,7 +296,7 @@ class Saver:
                 cm.update_checkpoint_state(
                     parent,
                     prefix,
-                    all_model_checkpoint_paths=kept,
+                    all_model_checkpoint_paths=[paths.spelling_for_state(p, parent) for p in kept],
                     latest_filename=latest_filename,
                     save_relative_paths=self._save_relative_paths,
                     durable=self._durable,
