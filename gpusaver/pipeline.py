@@ -264,7 +264,11 @@ def _check_restore_each(reader: BundleReader, variables: Sequence[ResolvedVariab
     try:
         entries = reader.entries([v.name for v in variables])
     except TensorNotFoundError as e:
-        raise TensorNotFoundError(f"variable {e.name!r} not found in checkpoint {reader.prefix!r}", e.name) from None
+        raise TensorNotFoundError(
+            f"variable {e.name!r} not found in checkpoint {reader.prefix!r}; restore(..., strict=False) "
+            "restores the others",
+            e.name,
+        ) from None
     for v, entry in zip(variables, entries):
         stored = dtypes.to_numpy(entry.dtype, path=reader.index_path, tensor=v.name)
         mine = np.dtype(v.backend.dtype(v.array))

@@ -60,6 +60,41 @@ def _stored_bytes(reader: BundleReader, name: str, entry: Any) -> int:
     return sum(int(reader.entry(encode_slice_key(name, extents)).size) for extents in entry.slices)
 
 
+class _Unexpected(list):  # type: ignore[type-arg]
+    """The stored variables nobody asked for, listed from the index when first looked at
+    (a strict restore of many tensors does not pay for a list nobody reads)."""
+
+    def __init__(self, reader: BundleReader, mine: set[str]) -> None:
+        super().__init__()
+        self._source: tuple[BundleReader, set[str]] | None = (reader, mine)
+
+    def _fill(self) -> None:
+        if self._source is not None:
+            reader, mine = self._source
+            self._source = None
+            self.extend(sorted(k for k in reader.variable_names() if k not in mine))
+
+    def __iter__(self) -> Any:
+        self._fill()
+        return super().__iter__()
+
+    def __len__(self) -> int:
+        self._fill()
+        return super().__len__()
+
+    def __getitem__(self, i: Any) -> Any:
+        self._fill()
+        return super().__getitem__(i)
+
+    def __eq__(self, other: object) -> bool:
+        self._fill()
+        return list.__eq__(self, other)
+
+    def __repr__(self) -> str:
+        self._fill()
+        return super().__repr__()
+
+
 class RestoreResult(NamedTuple):
     """What :meth:`Saver.restore` restored: the variables the checkpoint lacks, and
     the checkpoint's variables no variable asked for (as torch's ``load_state_dict``)."""
@@ -179,6 +214,7 @@ class Saver:
         self._fileops = fileops or POSIX
         self._on_phase = on_phase
         self._retention = Retention(self._max_to_keep, self._keep_hours)
+        self._restorable = False
 
     # ----------------------------------------------------------- properties
     @property
@@ -400,10 +436,12 @@ class Saver:
         local = paths.local_path(prefix)
         if not os.path.lexists(local + ".index"):  # literally: every prefix save() returned restores
             raise InvalidCheckpointPathError(f"The passed save_path is not a valid checkpoint: {prefix}", prefix)
-        for v in self._variables:
-            if v.immutable is not None:
-                raise InvalidArgumentError(f"variable {v.name!r} cannot be restored in place: {v.immutable}")
-        check_restorable(self._variables)
+        if not self._restorable:  # the variables never change: checked once
+            for v in self._variables:
+                if v.immutable is not None:
+                    raise InvalidArgumentError(f"variable {v.name!r} cannot be restored in place: {v.immutable}")
+            check_restorable(self._variables)
+            self._restorable = True
         with _gc.paused(), ordered_with_framework(self._sources, writes=True):
             return self._restore(local, strict, cast, progress)
 
@@ -420,8 +458,15 @@ class Saver:
     ) -> RestoreResult:
         reader = BundleReader(prefix)
         try:
-            stored = reader.variables()
             mine = {v.name for v in self._variables}
+            if strict and not cast and progress is None:
+                # The fast path: check_restore names a missing variable; nothing else needs the list.
+                check_restore(reader, self._variables, self._reshape, self._all_tensors())
+                for g in self._groups:
+                    g.backend.check_restore_memory(g.device, g.tensors(), reader)
+                restore_checkpoint(reader, self._groups, sequential=self._restore_sequentially)
+                return RestoreResult([], _Unexpected(reader, mine))
+            stored = reader.variables()
             missing = [v.name for v in self._variables if v.name not in stored]
             unexpected = sorted(k for k in stored if k not in mine)
             if missing and strict:

@@ -320,6 +320,13 @@ class BundleReader:
                 hidden.add(_slices.encode_slice_key(key, extents))
         return {k.decode("utf-8", "replace"): e for k, e in all_entries.items() if k not in hidden}
 
+    def variable_names(self) -> list[str]:
+        """Every variable's name, from the index's keys alone (no entry is decoded; slices hidden)."""
+        try:
+            return [k.decode("utf-8", "replace") for k, _ in self._table if k and not k.startswith(b"\x00")]
+        except Malformed as e:
+            raise self._corrupt(e) from None
+
     def keys(self) -> list[str]:
         """Variable names, sorted."""
         return sorted(self.variables())
