@@ -18,7 +18,7 @@ import resource
 import sys
 import subprocess
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -33,25 +33,56 @@ MIXED_SMALL = 4000
 #: many: tensors of (10, 16) float32 = 640 bytes.
 MANY_SHAPE = (10, 16)
 MANY_COUNT = 100_000
+#: gpt2m: GPT-2 medium's layer shapes (Radford et al. 2019; Hugging Face's ``gpt2-medium``).
+GPT2M_LAYERS = 24
+GPT2M_D_MODEL = 1024
+GPT2M_D_FF = 4096
+GPT2M_VOCAB = 50257
+GPT2M_CONTEXT = 1024
+WORKLOADS = ("mixed", "many", "gpt2m")
 
 
 @dataclass(frozen=True)
 class Workload:
-    """A named list of float32 tensor shapes."""
+    """A named list of tensor shapes, float32 unless ``dtypes`` says otherwise.
+
+    ``shapes`` stays a tuple of ``(name, shape)`` pairs (``gpu_bench.py`` reads
+    it so); ``dtypes``, when given, holds one NumPy dtype name per tensor
+    (``"bfloat16"`` is ml_dtypes' type).
+    """
 
     name: str
     shapes: tuple[tuple[str, tuple[int, ...]], ...]
+    dtypes: tuple[str, ...] | None = None
+
+    def dtype(self, i: int) -> np.dtype:
+        return _np_dtype(self.dtypes[i] if self.dtypes else "float32")
 
     @property
     def nbytes(self) -> int:
-        return sum(int(np.prod(s, dtype=np.int64)) * 4 for _, s in self.shapes)
+        return sum(int(np.prod(s, dtype=np.int64)) * self.dtype(i).itemsize for i, (_, s) in enumerate(self.shapes))
 
     @property
     def count(self) -> int:
         return len(self.shapes)
 
     def describe(self) -> str:
-        return f"{self.count:,} float32 tensors, {self.nbytes / GiB:.3f} GiB ({self.nbytes:,} bytes)"
+        if not self.dtypes or set(self.dtypes) == {"float32"}:
+            kinds = "float32 tensors"
+        else:
+            per: dict[str, int] = {}
+            for d in self.dtypes:
+                per[d] = per.get(d, 0) + 1
+            kinds = "tensors (" + ", ".join(f"{n:,} {d}" for d, n in per.items()) + ")"
+        return f"{self.count:,} {kinds}, {self.nbytes / GiB:.3f} GiB ({self.nbytes:,} bytes)"
+
+
+def _np_dtype(name: str) -> np.dtype:
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return np.dtype(ml_dtypes.bfloat16)
+    return np.dtype(name)
 
 
 def mixed_workload(size_gib: float = 1.0, small: int = MIXED_SMALL, large: int = MIXED_LARGE) -> Workload:
@@ -84,39 +115,183 @@ def many_workload(count: int = MANY_COUNT) -> Workload:
     return Workload("many", tuple((f"t/{i:06d}", MANY_SHAPE) for i in range(count)))
 
 
+def gpt2m_shapes(scale: float = 1.0) -> list[tuple[str, tuple[int, ...]]]:
+    """GPT-2 medium's parameters by Hugging Face's names (``lm_head`` is tied to ``wte``).
+
+    ``scale`` multiplies every width (d_model, d_ff, vocabulary, context; each
+    at least 8), keeping the 24 layers and so the tensor count: the parameter
+    count goes about as ``scale**2``. At 1.0: 354,823,168 parameters in 292 tensors.
+    """
+    def dim(n: int) -> int:
+        return n if scale == 1.0 else max(8, int(round(n * scale)))
+
+    d, ff, vocab, ctx = dim(GPT2M_D_MODEL), dim(GPT2M_D_FF), dim(GPT2M_VOCAB), dim(GPT2M_CONTEXT)
+    out: list[tuple[str, tuple[int, ...]]] = [("transformer.wte.weight", (vocab, d)), ("transformer.wpe.weight", (ctx, d))]
+    for i in range(GPT2M_LAYERS):
+        h = f"transformer.h.{i}."
+        out += [
+            (h + "ln_1.weight", (d,)), (h + "ln_1.bias", (d,)),
+            (h + "attn.c_attn.weight", (d, 3 * d)), (h + "attn.c_attn.bias", (3 * d,)),
+            (h + "attn.c_proj.weight", (d, d)), (h + "attn.c_proj.bias", (d,)),
+            (h + "ln_2.weight", (d,)), (h + "ln_2.bias", (d,)),
+            (h + "mlp.c_fc.weight", (d, ff)), (h + "mlp.c_fc.bias", (ff,)),
+            (h + "mlp.c_proj.weight", (ff, d)), (h + "mlp.c_proj.bias", (d,)),
+        ]
+    out += [("transformer.ln_f.weight", (d,)), ("transformer.ln_f.bias", (d,))]
+    return out
+
+
+def gpt2m_workload(scale: float = 1.0) -> Workload:
+    """A GPT-2-medium training state: bf16 parameters and Adam's two fp32 moments per parameter.
+
+    Three tensors per parameter tensor: ``model/<name>`` (bfloat16),
+    ``optimizer/exp_avg/<name>`` and ``optimizer/exp_avg_sq/<name>`` (float32),
+    10 bytes per parameter: 3.55 GB (3.30 GiB) in 876 tensors at ``scale=1``.
+    """
+    params = gpt2m_shapes(scale)
+    shapes = [(f"model/{n}", s) for n, s in params]
+    shapes += [(f"optimizer/exp_avg/{n}", s) for n, s in params]
+    shapes += [(f"optimizer/exp_avg_sq/{n}", s) for n, s in params]
+    dtypes = ("bfloat16",) * len(params) + ("float32",) * (2 * len(params))
+    return Workload("gpt2m", tuple(shapes), dtypes)
+
+
+def workload(name: str, size_gib: float = 1.0, many_count: int = MANY_COUNT, gpt2m_scale: float = 1.0) -> Workload:
+    if name == "mixed":
+        return mixed_workload(size_gib)
+    if name == "many":
+        return many_workload(many_count)
+    if name == "gpt2m":
+        return gpt2m_workload(gpt2m_scale)
+    raise ValueError(f"unknown workload {name!r} (choose from {', '.join(WORKLOADS)})")
+
+
 _POOL_ELEMS = 1 << 22  # 16 MiB of random float32, tiled into the tensors
 
 
-def build_arrays(workload: Workload, fill: str = "data") -> dict[str, np.ndarray]:
-    """The workload's arrays, every page touched.
+def _pools() -> dict[str, np.ndarray]:
+    pool = np.random.default_rng(0).standard_normal(2 * _POOL_ELEMS, dtype=np.float32)
+    return {"float32": pool, "bfloat16": pool.astype(_np_dtype("bfloat16"))}
 
-    ``fill="data"``: deterministic random values, each tensor starting at its
-    own offset in a random pool (so misplaced bytes are caught). ``fill="blank"``:
-    -1.0 everywhere, the target of an in-place restore.
+
+def fill_data(arrays: Sequence[np.ndarray], pools: dict[str, np.ndarray] | None = None) -> None:
+    """Deterministic random values, tensor ``i`` starting at its own offset in a random pool
+    (so a misplaced byte shows)."""
+    pools = pools or _pools()
+    for i, arr in enumerate(arrays):
+        pool = pools["bfloat16" if arr.dtype == _np_dtype("bfloat16") else "float32"]
+        flat = arr.reshape(-1)
+        start = (i * 7919) % _POOL_ELEMS
+        for lo in range(0, flat.size, _POOL_ELEMS):
+            hi = min(flat.size, lo + _POOL_ELEMS)
+            flat[lo:hi] = pool[start : start + hi - lo]
+
+
+def data_mismatches(workload: Workload, arrays: Sequence[Any], pools: dict[str, np.ndarray] | None = None) -> list[str]:
+    """Names of the tensors whose bytes are not what :func:`fill_data` writes (any dtype that comes
+    back is compared byte for byte: bfloat16 as ``|V2`` or an int16 view too)."""
+    pools = pools or _pools()
+    bad = [f"{len(arrays)} arrays read, {workload.count} saved"] if len(arrays) != workload.count else []
+    for i, ((name, shape), arr) in enumerate(zip(workload.shapes, arrays)):
+        dt = workload.dtype(i)
+        want = pools["bfloat16" if dt == _np_dtype("bfloat16") else "float32"]
+        n, size = int(np.prod(shape, dtype=np.int64)), dt.itemsize
+        got = np.ascontiguousarray(arr).reshape(-1).view(np.uint8)
+        start = (i * 7919) % _POOL_ELEMS
+        if got.size != n * size or not all(
+            np.array_equal(got[lo * size : min(n, lo + _POOL_ELEMS) * size],
+                           want[start : start + min(n, lo + _POOL_ELEMS) - lo].view(np.uint8))
+            for lo in range(0, n, _POOL_ELEMS)
+        ):
+            bad.append(name)
+    return bad
+
+
+def build_arrays(workload: Workload, fill: str = "data") -> dict[str, np.ndarray]:
+    """The workload's arrays in this process's own memory, every page touched.
+
+    ``fill="data"``: see :func:`fill_data`. ``fill="blank"``: -1 everywhere,
+    the target of an in-place restore. (``bench.py``'s peer runs use
+    :class:`SharedArrays` instead.)
     """
-    arrays: dict[str, np.ndarray] = {}
-    pool = np.random.default_rng(0).standard_normal(2 * _POOL_ELEMS, dtype=np.float32) if fill == "data" else None
-    for i, (name, shape) in enumerate(workload.shapes):
-        arr = np.empty(shape, np.float32)
-        if pool is None:
-            arr.fill(-1.0)
-        else:
-            flat = arr.reshape(-1)
-            start = (i * 7919) % _POOL_ELEMS
-            for lo in range(0, flat.size, _POOL_ELEMS):
-                hi = min(flat.size, lo + _POOL_ELEMS)
-                flat[lo:hi] = pool[start : start + hi - lo]
-        arrays[name] = arr
+    arrays = {name: np.empty(shape, workload.dtype(i)) for i, (name, shape) in enumerate(workload.shapes)}
+    if fill == "data":
+        fill_data(list(arrays.values()))
+    else:
+        for arr in arrays.values():
+            arr.fill(-1)
     return arrays
 
 
-def digest(arrays: Iterable[Any]) -> str:
-    """A content digest of the arrays in order (blake2b of their bytes)."""
-    h = hashlib.blake2b(digest_size=16)
-    for arr in arrays:
-        a = np.ascontiguousarray(arr)
-        h.update(memoryview(a.reshape(-1).view(np.uint8)))
-    return h.hexdigest()
+# --------------------------------------------------------------- shared memory
+def layout(workload: Workload) -> tuple[list[int], int]:
+    """Byte offsets of the workload's tensors in one buffer, and its size.
+
+    Each tensor starts on a 64-byte boundary (what TensorFlow needs to use an
+    array without copying it), one of 1 MiB or more on a 4 KiB one.
+    """
+    offsets, pos = [], 0
+    for i, (_, shape) in enumerate(workload.shapes):
+        n = int(np.prod(shape, dtype=np.int64)) * workload.dtype(i).itemsize
+        align = 4096 if n >= MiB else 64
+        pos = (pos + align - 1) // align * align
+        offsets.append(pos)
+        pos += n
+    return offsets, max(4096, (pos + 4095) // 4096 * 4096)
+
+
+class SharedArrays:
+    """The workload's arrays in one memfd (shared memory), mapped into every process that uses them.
+
+    ``bench.py`` builds the arrays once in the parent; each child maps the
+    same pages (``MAP_POPULATE``, so no page fault lands in a timed call and
+    the pages count in the child's resident memory before any timing), so
+    every peer saves the same bytes from the same memory, in-place restores
+    read into that memory, and memory does not grow with the number of peers.
+    Pass ``fd`` to a child with ``subprocess.Popen(pass_fds=...)`` and open it
+    there with ``SharedArrays(wl, fd=fd)``.
+    """
+
+    def __init__(self, workload: Workload, fd: int | None = None, name: str = "bench") -> None:
+        import mmap
+
+        self.workload = workload
+        self.offsets, self.size = layout(workload)
+        if fd is None:
+            fd = os.memfd_create(f"gpusaver-{name}", 0)  # inheritable through pass_fds
+            os.ftruncate(fd, self.size)
+        self.fd = fd
+        self.mm = mmap.mmap(fd, self.size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+        self.arrays: dict[str, np.ndarray] = {}
+        for i, ((tname, shape), off) in enumerate(zip(workload.shapes, self.offsets)):
+            dt = workload.dtype(i)
+            count = int(np.prod(shape, dtype=np.int64))
+            self.arrays[tname] = np.frombuffer(self.mm, dt, count=count, offset=off).reshape(shape)
+
+    def fill(self, what: str) -> None:
+        """``data``: :func:`fill_data`; ``blank``: every byte 0xFF (NaN in every float type)."""
+        if what == "data":
+            fill_data(list(self.arrays.values()))
+        else:
+            np.frombuffer(self.mm, np.uint8).fill(0xFF)
+
+    def close(self) -> None:
+        self.arrays.clear()
+        try:
+            self.mm.close()
+        except BufferError:  # a view is still alive somewhere; the mapping goes with the process
+            pass
+
+
+# ------------------------------------------------------------------ statistics
+def summary(times: Sequence[float]) -> dict[str, Any]:
+    """Median, minimum, maximum and range (max - min) of the timed calls, in seconds."""
+    if not times:
+        return {}
+    s = sorted(times)
+    n = len(s)
+    median = s[n // 2] if n % 2 else (s[n // 2 - 1] + s[n // 2]) / 2
+    return {"median_s": median, "best_s": s[0], "max_s": s[-1], "spread_s": s[-1] - s[0], "runs": n}
 
 
 # --------------------------------------------------------------------- memory
@@ -387,6 +562,8 @@ def fmt(x: float | None, digits: int = 3) -> str:
         return "-"
     if x >= 100:
         return f"{x:.0f}"
+    if 0 < x < 0.001:
+        return f"{x:.2g}"
     if x >= 10:
         return f"{x:.1f}"
     return f"{x:.{digits}f}" if x < 1 else f"{x:.2f}"
@@ -412,4 +589,5 @@ def other_cpu(start: tuple[float, float], wall: float) -> dict[str, float]:
     busy, mine = cpu_snapshot()
     other = max(0.0, (busy - start[0]) - (mine - start[1]))
     cpus = os.cpu_count() or 1
-    return {"other_cpu_s": other, "other_cpu_share": other / (wall * cpus) if wall > 0 else 0.0}
+    # /proc/stat counts in ticks (10 ms): for calls shorter than a few ticks the share is coarse; capped at 1
+    return {"other_cpu_s": other, "other_cpu_share": min(1.0, other / (wall * cpus)) if wall > 0 else 0.0}
