@@ -7,7 +7,7 @@ Run (a GPU machine with CuPy; PyTorch and safetensors are optional peers)::
     python benchmarks/gpu_bench.py --dry-run     # the same code on NumPy and virtual CPU devices, tiny sizes
 
 For each GPU count k, every GPU holds the same workload (``--workload``,
-``--size-gib`` per GPU) and, with k GPUs at once, the script times (best of
+``--size-gib`` per GPU) and, with k GPUs at once, the script times (median of
 ``--repeat``):
 
 * ``pinned D2H`` / ``pinned H2D``: one contiguous copy of each GPU's bytes into
@@ -220,29 +220,53 @@ def best_of(repeat: int, op: Callable[[], Any], before: Callable[[], Any] | None
     return times
 
 
-def _write_file(path: str, buf: np.ndarray, durable: bool) -> None:
+def _io_threads() -> int:
+    from gpusaver import config
+
+    return config.get("writer_threads") or min(4, os.cpu_count() or 1)
+
+
+def _regions(nbytes: int, parts: int) -> list[tuple[int, int]]:
+    step = -(-nbytes // parts)
+    return [(o, min(step, nbytes - o)) for o in range(0, nbytes, step)] or [(0, 0)]
+
+
+def _write_file(path: str, buf: np.ndarray, durable: bool, threads: int = 1) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
         view = memoryview(buf).cast("B")
-        done = 0
-        while done < len(view):
-            done += os.write(fd, view[done : done + (1 << 30)])
+
+        def region(i: int) -> None:
+            start, size = regions[i]
+            done = 0
+            while done < size:
+                n = min(size - done, 1 << 30)
+                done += os.pwrite(fd, view[start + done : start + done + n], start + done)
+
+        regions = _regions(len(view), threads)
+        on_threads(len(regions), region)
         if durable:
             os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def _read_file(path: str, buf: np.ndarray) -> None:
+def _read_file(path: str, buf: np.ndarray, threads: int = 1) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         view = memoryview(buf).cast("B")
-        done = 0
-        while done < len(view):
-            got = os.preadv(fd, [view[done : done + (1 << 30)]], done)
-            if got <= 0:
-                raise OSError(f"{path}: short file")
-            done += got
+
+        def region(i: int) -> None:
+            start, size = regions[i]
+            done = 0
+            while done < size:
+                got = os.preadv(fd, [view[start + done : start + done + min(size - done, 1 << 30)]], start + done)
+                if got <= 0:
+                    raise OSError(f"{path}: short file")
+                done += got
+
+        regions = _regions(len(view), threads)
+        on_threads(len(regions), region)
     finally:
         os.close(fd)
 
@@ -262,10 +286,12 @@ def bench_count(dev: Any, k: int, wl: bl.Workload, args: argparse.Namespace, roo
     durable = args.durable == "on"
 
     def add(peer: str, op: str, times: list[float], **extra: Any) -> None:
-        best = min(times)
-        rows.append(dict(gpus=k, peer=peer, op=op, times=times, best_s=best, bytes=total,
-                         gbps=total / best / 1e9, gbps_per_device=total / best / 1e9 / k, **extra))
-        print(f"  {k} device(s): {peer} {op}: {best:.3f} s, {total / best / 1e9:.2f} GB/s", file=sys.stderr, flush=True)
+        med, best = float(np.median(times)), min(times)
+        rows.append(dict(gpus=k, peer=peer, op=op, times=times, median_s=med, min_s=best,
+                         spread_s=max(times) - best, bytes=total, gbps=total / med / 1e9,
+                         gbps_per_device=total / med / 1e9 / k, **extra))
+        print(f"  {k} device(s): {peer} {op}: median {med:.3f} s (min {best:.3f}, range {max(times) - best:.3f}), "
+              f"{total / med / 1e9:.2f} GB/s", file=sys.stderr, flush=True)
 
     def evict() -> None:
         bl.evict(bl.files_under(root), args.cache)
@@ -277,11 +303,16 @@ def bench_count(dev: Any, k: int, wl: bl.Workload, args: argparse.Namespace, roo
     add("pinned", "H2D", best_of(args.repeat, lambda: on_threads(k, lambda i: (dev.h2d(i, hosts[i], flats[i]), dev.sync(i)))))
     del flats
     raw_paths = [os.path.join(root, f"raw-{i}.bin") for i in range(k)]
-    add("raw file", "write", best_of(args.repeat, lambda: on_threads(k, lambda i: _write_file(raw_paths[i], hosts[i], durable)),
-                                     before=lambda: [os.remove(p) for p in raw_paths if os.path.exists(p)]),
-        durable=durable)
-    add("raw file", "read", best_of(args.repeat, lambda: on_threads(k, lambda i: _read_file(raw_paths[i], hosts[i])), before=evict),
-        cache=args.cache)
+    # The raw limit: the faster of one thread per file and N threads per file (N = gpusaver's writer threads),
+    # each writing (reading) its own contiguous region with pwrite (preadv).
+    n = _io_threads()
+    remove = lambda: [os.remove(p) for p in raw_paths if os.path.exists(p)]  # noqa: E731
+    w1 = best_of(args.repeat, lambda: on_threads(k, lambda i: _write_file(raw_paths[i], hosts[i], durable, 1)), before=remove)
+    wn = best_of(args.repeat, lambda: on_threads(k, lambda i: _write_file(raw_paths[i], hosts[i], durable, n)), before=remove)
+    add("raw file", "write", min(w1, wn, key=np.median), durable=durable, threads=1 if np.median(w1) <= np.median(wn) else n)
+    r1 = best_of(args.repeat, lambda: on_threads(k, lambda i: _read_file(raw_paths[i], hosts[i], 1)), before=evict)
+    rn = best_of(args.repeat, lambda: on_threads(k, lambda i: _read_file(raw_paths[i], hosts[i], n)), before=evict)
+    add("raw file", "read", min(r1, rn, key=np.median), cache=args.cache, threads=1 if np.median(r1) <= np.median(rn) else n)
     for p in raw_paths:
         os.remove(p)
     del hosts
@@ -354,8 +385,8 @@ def bench_count(dev: Any, k: int, wl: bl.Workload, args: argparse.Namespace, roo
         out = r["op"] in outward
         pinned = _row(rows, "pinned", "D2H" if out else "H2D")
         raw = _row(rows, "raw file", "write" if out else "read")
-        r["x_pinned"] = r["best_s"] / pinned["best_s"] if pinned and r["peer"] != "pinned" else None
-        r["x_raw"] = r["best_s"] / raw["best_s"] if raw and r["peer"] not in ("pinned", "raw file") else None
+        r["x_pinned"] = r["median_s"] / pinned["median_s"] if pinned and r["peer"] != "pinned" else None
+        r["x_raw"] = r["median_s"] / raw["median_s"] if raw and r["peer"] not in ("pinned", "raw file") else None
     return rows
 
 
@@ -394,7 +425,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--workload", choices=("mixed", "many"), default="mixed", help="the workload on every device")
     p.add_argument("--size-gib", type=float, default=None, help="mixed: GiB per device (default 4; dry run 1/64)")
     p.add_argument("--many-count", type=int, default=None, help="many: tensors per device (default 100000; dry run 2000)")
-    p.add_argument("--repeat", type=int, default=3, help="timed calls per measurement; the best counts")
+    p.add_argument("--repeat", type=int, default=3, help="timed calls per measurement; the median counts")
     p.add_argument("--dir", default=os.path.join(_HERE, ".scratch"), help="where files are written")
     p.add_argument("--durable", choices=("on", "off"), default="on", help="fsync gpusaver's and the raw writes")
     p.add_argument("--cache", choices=("cold", "drop", "warm"), default="cold",
@@ -422,10 +453,13 @@ def report(rows: list[dict[str, Any]]) -> str:
             notes.append("verified")
         if r.get("cache"):
             notes.append(f"cache {r['cache']}")
-        table_rows.append([str(r["gpus"]), r["peer"], r["op"], bl.fmt(r["best_s"]), f"{r['gbps']:.2f}",
-                           f"{r['gbps_per_device']:.2f}", bl.fmt(r["x_pinned"]), bl.fmt(r["x_raw"]), ", ".join(notes)])
-    return bl.table(["gpus", "peer", "op", "best s", "GB/s", "GB/s/dev", "x pinned", "x raw", "notes"], table_rows,
-                    "rllrrrrrl")
+        if r.get("threads"):
+            notes.append(f"{r['threads']} thread(s)")
+        table_rows.append([str(r["gpus"]), r["peer"], r["op"], bl.fmt(r["median_s"]), bl.fmt(r["min_s"]),
+                           bl.fmt(r["spread_s"]), f"{r['gbps']:.2f}", f"{r['gbps_per_device']:.2f}",
+                           bl.fmt(r["x_pinned"]), bl.fmt(r["x_raw"]), ", ".join(notes)])
+    return bl.table(["gpus", "peer", "op", "median s", "min s", "range s", "GB/s", "GB/s/dev", "x pinned", "x raw",
+                     "notes"], table_rows, "rllrrrrrrrl")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -442,7 +476,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     head += bl.header_lines(info)
     head += [f"devices   {dev.kind}: {', '.join(info['devices'])}",
              f"workload  {args.workload} per device: {wl.describe()}; files in {args.dir} ({bl.fs_type(args.dir)})",
-             f"method    best of {args.repeat}; GB/s = 10^9 bytes of all k devices per second; x pinned = time / the "
+             f"method    median of {args.repeat} (min and range beside it); GB/s = 10^9 bytes of all k devices per second; x pinned = time / the "
              "pinned copy's (D2H for saves, H2D for restores); x raw = time / the raw file write's (read's)"]
     print("\n".join(head), flush=True)
     rows: list[dict[str, Any]] = []

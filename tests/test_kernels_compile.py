@@ -161,7 +161,7 @@ def test_source_dir_found_in_installed_layout(tmp_path: pathlib.Path) -> None:
     shutil.copytree(REPO / "gpusaver", tmp_path / "gpusaver", ignore=ignore)
     shutil.copytree(KERNEL_DIR, tmp_path / "gpusaver" / "kernels", ignore=ignore)
     code = "import gpusaver._kernels as k; print(k.kernel_source_dir())"
-    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *os.environ.get("PYTHONPATH", "").split(os.pathsep)])}
     result = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
