@@ -51,6 +51,7 @@ def smoke(cp) -> int:
                     "large": rng.standard_normal((1000, 700), dtype=cp.float32),  # 2.7 slots of 1 MiB
                     "strided": rng.standard_normal((64, 40), dtype=cp.float64)[:, ::3],
                 }
+                os.makedirs(os.path.join(root, f"gpu{dev}"), exist_ok=True)
                 prefix = os.path.join(root, f"gpu{dev}", "ckpt")
                 gpusaver.Saver([gpusaver.Variable(a, name=n) for n, a in src.items()]).save(prefix)
                 dst = {n: cp.full(a.shape, -7, a.dtype) for n, a in src.items()}

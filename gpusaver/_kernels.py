@@ -45,6 +45,7 @@ __all__ = [
     "KERNELS",
     "PACK_CHUNK_BYTES",
     "DeviceRange",
+    "Ranges",
     "clear_cache",
     "crc32c_ranges",
     "get_function",
@@ -76,7 +77,28 @@ DeviceRange = tuple[int, int]
 
 Source = Union["cupy.ndarray", DeviceRange]
 
+
+class Ranges:
+    """Many device byte ranges as two arrays, for :func:`pack` and :func:`unpack` without a Python
+    object per range: ``ptrs[i]`` is the device address of range ``i``, ``sizes[i]`` its length."""
+
+    __slots__ = ("ptrs", "sizes")
+
+    def __init__(self, ptrs: Any, sizes: Any) -> None:
+        self.ptrs = np.ascontiguousarray(ptrs, dtype=np.uint64).reshape(-1)
+        signed = np.asarray(sizes, dtype=np.int64).reshape(-1)
+        if self.ptrs.size != signed.size:
+            raise InvalidArgumentError(f"{self.ptrs.size} pointers but {signed.size} sizes")
+        if np.any(signed < 0):
+            raise InvalidArgumentError("range sizes must be >= 0")
+        self.sizes = signed.astype(np.uint64)
+
+    def __len__(self) -> int:
+        return int(self.ptrs.size)
+
 _lock = threading.Lock()
+# One lock per (source, device): several GPUs compile their modules at the same time.
+_compile_locks: dict[tuple[str, int], threading.Lock] = {}
 _modules: dict[tuple[str, int], tuple[Any, dict[str, Any]]] = {}
 _tables: dict[tuple[int, int], Any] = {}
 
@@ -134,6 +156,8 @@ def _load(name: str, device_id: int | None) -> tuple[Any, dict[str, Any]]:
     if loaded is not None:
         return loaded
     with _lock:
+        compile_lock = _compile_locks.setdefault(key, threading.Lock())
+    with compile_lock:
         loaded = _modules.get(key)
         if loaded is None:
             source = (kernel_source_dir() / f"{name}.cu").read_text(encoding="utf-8")
@@ -196,6 +220,7 @@ def clear_cache() -> None:
     with _lock:
         _modules.clear()
         _tables.clear()
+        _compile_locks.clear()
 
 
 def _crc_tables(device_id: int, chunk_bytes: int) -> cupy.ndarray:
@@ -240,6 +265,8 @@ def _grid(threads: int) -> tuple[int]:
 
 def _ranges(items: Sequence[Source], device_id: int, what: str) -> tuple[np.ndarray, np.ndarray]:
     """Returns (pointers, sizes) as uint64 arrays for arrays or (ptr, nbytes)."""
+    if isinstance(items, Ranges):
+        return items.ptrs, items.sizes
     cupy = _cupy()
     ptrs = np.empty(len(items), dtype=np.uint64)
     sizes = np.empty(len(items), dtype=np.uint64)
@@ -378,7 +405,8 @@ def pack(
 
     Args:
         sources: C-contiguous CuPy arrays (all their bytes) or
-            ``(device pointer, nbytes)`` ranges, on the staging buffer's device.
+            ``(device pointer, nbytes)`` ranges, on the staging buffer's device;
+            or one :class:`Ranges` holding them all.
         staging: the destination: a C-contiguous CuPy array (its bytes), or a
             ``(pointer, nbytes)`` range the device can write (device memory or
             mapped pinned host memory).
@@ -413,7 +441,7 @@ def unpack(
         staging: the source bytes: a C-contiguous CuPy array or a
             ``(pointer, nbytes)`` range the device can read.
         destinations: C-contiguous CuPy arrays (each receives ``nbytes``) or
-            ``(device pointer, nbytes)`` ranges; they must not overlap.
+            ``(device pointer, nbytes)`` ranges, or one :class:`Ranges`; they must not overlap.
         offsets: byte offset in ``staging`` of each destination's bytes.
         stream: the stream to run on; default: the device's current stream.
         device_id: the device, when ``staging`` is a raw range; default: the

@@ -36,12 +36,15 @@ class Adapted:
         kind: ``numpy``, ``cupy``, ``torch``, ``jax``, ``scalar`` or ``other``.
         device: ``/gpu:k`` for device memory, else None (the host).
         immutable: why a restore cannot write into it (None when it can).
+        dtype: the value's own dtype where ``array`` only stands in for it with a same-size integer
+            dtype (a CUDA bfloat16 or float8 tensor: CuPy has no such dtype); None otherwise.
     """
 
     array: Any
     kind: str
     device: str | None = None
     immutable: str | None = None
+    dtype: np.dtype | None = None
 
 
 def framework_of(value: Any) -> str:
@@ -90,14 +93,11 @@ def _from_torch(t: Any, name: str | None) -> Adapted:
             raise UnsupportedDTypeError(f"variable {name!r}: torch dtype {t.dtype} cannot be saved: {e}") from None
         return Adapted(arr, "torch")
     if t.device.type == "cuda":
-        if special is not None:
-            raise UnsupportedDTypeError(
-                f"variable {name!r} is a CUDA tensor of {t.dtype}, which CuPy cannot hold yet; "
-                "save a CPU copy, or a same-size integer view (t.view(torch.int16)) and view it back on restore"
-            )
         cp = _cupy()
         index = t.device.index if t.device.index is not None else 0
         with cp.cuda.Device(index):
+            if special is not None:  # CuPy has no bfloat16/float8: its integer view, with the real dtype beside it
+                return Adapted(cp.from_dlpack(t.view(special[0])), "torch", f"/gpu:{index}", dtype=special[1])
             arr = cp.from_dlpack(t)
         return Adapted(arr, "torch", f"/gpu:{index}")
     raise UnsupportedDTypeError(f"variable {name!r} is a torch tensor on {t.device}; gpusaver saves CPU and CUDA tensors")

@@ -508,7 +508,7 @@ class Saver:
     def _dtype_differs(v: ResolvedVariable, entry: Any) -> bool:
         from gpusaver.format import dtypes
 
-        mine = np.dtype(v.backend.dtype(v.array))
+        mine = v.dtype
         return entry.dtype != dtypes.from_numpy(mine.newbyteorder("=") if mine.kind != "O" else mine, tensor=v.name)
 
     def _check_cast(self, v: ResolvedVariable, entry: Any, reader: BundleReader) -> np.ndarray:
@@ -521,7 +521,7 @@ class Saver:
             )
         if not getattr(getattr(v.array, "flags", None), "writeable", True):
             raise InvalidArgumentError(f"variable {v.name!r} is read-only and cannot be restored in place")
-        mine = np.dtype(v.backend.dtype(v.array))
+        mine = v.dtype
         value = reader.get_tensor(v.name)
         if (value.dtype.kind == "O") != (mine.kind == "O"):
             raise DTypeMismatchError(
@@ -531,6 +531,27 @@ class Saver:
         return value.astype(mine).reshape(shape)
 
     # --------------------------------------------------------------- protos
+    def close(self) -> None:
+        """Releases the pinned host buffers and device staging of this Saver's GPUs.
+
+        They are shared by every Saver on the same GPU and made again on the next save or restore;
+        close when training is done to give the pinned memory back. ``with Saver(...) as saver:``
+        closes on exit.
+        """
+        gpus = sorted({g.device.index for g in self._groups if g.device.is_gpu})
+        if gpus:
+            from gpusaver import backends
+
+            backend = backends._cupy_backend
+            if backend is not None:
+                backend.close(gpus)
+
+    def __enter__(self) -> "Saver":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
     def as_saver_def(self) -> SaverDef:
         """The SaverDef describing this saver (tensor names as TensorFlow's Saver names them)."""
         return SaverDef(

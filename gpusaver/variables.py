@@ -56,10 +56,12 @@ class Variable:
         self.array = array
         self.kind = adapted.kind
         self.immutable = adapted.immutable
+        #: the value's dtype where ``array`` holds a same-size integer stand-in (CUDA bfloat16, float8)
+        self.logical_dtype = adapted.dtype
 
     @property
     def dtype(self) -> np.dtype:
-        return np.dtype(self.array.dtype)
+        return self.logical_dtype if self.logical_dtype is not None else np.dtype(self.array.dtype)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -85,6 +87,14 @@ class ResolvedVariable:
     backend: Any
     source: Any = None
     immutable: str | None = None
+    logical_dtype: np.dtype | None = None
+
+    @property
+    def dtype(self) -> np.dtype:
+        """The dtype saved and expected on restore (``array``'s own unless it is a stand-in)."""
+        if self.logical_dtype is not None:
+            return self.logical_dtype
+        return np.dtype(self.backend.dtype(self.array))
 
 
 def _as_variable(name: str | None, value: Any) -> Variable:
@@ -147,21 +157,22 @@ def resolve_var_list(var_list: Mapping[str, Any] | Iterable[Any]) -> list[Resolv
         seen_names[v.name] = v
         seen_arrays[id(v.value)] = v.name
         backend = backends.backend_for(v.array, v.name)
-        kind = np.dtype(backend.dtype(v.array)).kind
+        mine = v.logical_dtype if v.logical_dtype is not None else np.dtype(backend.dtype(v.array))
+        kind = mine.kind
         if kind in "SU":
             raise UnsupportedDTypeError(
                 f"variable {v.name!r} is a fixed-width NumPy string array ({v.array.dtype}), which cannot "
                 "hold every string a restore may bring back; use an object array of bytes "
                 "(np.array([...], dtype=object))"
             )
-        dtypes.from_numpy(backend.dtype(v.array), tensor=v.name)  # a clear error for unsupported dtypes
-        if np.dtype(backend.dtype(v.array)).kind == "O":
+        dtypes.from_numpy(mine, tensor=v.name)  # a clear error for unsupported dtypes
+        if kind == "O":
             for item in v.array.reshape(-1).tolist():
                 if not isinstance(item, (bytes, str)):
                     raise InvalidArgumentTypeError(
                         f"string variable {v.name!r} holds a {type(item).__name__}; object arrays must hold bytes or str"
                     )
-        out.append(ResolvedVariable(v.name, v.array, v.device, backend, v.value, v.immutable))
+        out.append(ResolvedVariable(v.name, v.array, v.device, backend, v.value, v.immutable, v.logical_dtype))
     check_no_overlap(out)
     return out
 
@@ -196,6 +207,9 @@ def check_restorable(variables: "list[ResolvedVariable]") -> None:
         InvalidArgumentError: naming the variable.
     """
     for v in variables:
+        flags = getattr(v.array, "flags", None)
+        if flags is not None and flags.c_contiguous:
+            continue  # a C-contiguous array never overlaps itself
         if _overlaps_itself(v.array):
             raise InvalidArgumentError(
                 f"variable {v.name!r} overlaps itself (strides {tuple(v.array.strides)} for shape "

@@ -540,6 +540,7 @@ class FakeCuda:
         self.deferred = deferred
         self.total = [total_bytes] * device_count
         self._capacity = [free_bytes] * device_count  # used + free
+        self.pool_cached = [0] * device_count  # part of the free bytes held by CuPy's pool
         self.used = [0] * device_count
         self.lock = threading.RLock()
         self.violations: list[str] = []
@@ -596,10 +597,12 @@ class FakeCuda:
     def _all_streams(self) -> list[Any]:
         return list(self.null_streams) + list(self._streams.values())
 
-    def set_free(self, device: int, nbytes: int) -> None:
-        """Makes ``memGetInfo`` on ``device`` report ``nbytes`` free from now on."""
+    def set_free(self, device: int, nbytes: int, *, cached: int = 0) -> None:
+        """Makes ``memGetInfo`` on ``device`` report ``nbytes`` free from now on, and CuPy's memory
+        pool hold ``cached`` more bytes in free blocks (usable, but not free to the driver)."""
         with self.lock:
-            self._capacity[device] = self.used[device] + nbytes
+            self._capacity[device] = self.used[device] + nbytes + cached
+            self.pool_cached[device] = cached
 
     def pci_bus_id(self, device: int) -> str:
         return "0000:%02X:00.0" % (0x1B + 0x20 * device)
@@ -688,7 +691,13 @@ class FakeCuda:
 
     def mem_get_info(self, device: int) -> tuple[int, int]:
         with self.lock:
-            return max(0, self._capacity[device] - self.used[device]), self.total[device]
+            free = self._capacity[device] - self.used[device] - self.pool_cached[device]
+            return max(0, free), self.total[device]
+
+    def pool_free_bytes(self, device: int) -> int:
+        """``cupy.get_default_memory_pool().free_bytes()``: cached blocks, until allocations use them."""
+        with self.lock:
+            return min(self.pool_cached[device], max(0, self._capacity[device] - self.used[device]))
 
     def _alloc_device(self, nbytes: int, device: int) -> _Owner:
         if not 0 <= device < self.device_count:
@@ -1049,7 +1058,23 @@ class FakeCuda:
                     "fake cupy compiles no CUDA code; the tests replace gpusaver._kernels' launchers"
                 )
 
-        for f in (empty, zeros, empty_like, zeros_like, asarray, array, ascontiguousarray, asnumpy, get_array_module):
+        class MemoryPool:
+            def free_bytes(self) -> int:
+                return rt.pool_free_bytes(rt.current_device())
+
+            def free_all_blocks(self) -> None:
+                return None
+
+        pool, pinned_pool = MemoryPool(), MemoryPool()
+
+        def get_default_memory_pool() -> Any:
+            return pool
+
+        def get_default_pinned_memory_pool() -> Any:
+            return pinned_pool
+
+        for f in (empty, zeros, empty_like, zeros_like, asarray, array, ascontiguousarray, asnumpy, get_array_module,
+                  get_default_memory_pool, get_default_pinned_memory_pool):
             setattr(cp, f.__name__, f)
         cp.RawModule = RawModule
 

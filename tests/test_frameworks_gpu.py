@@ -51,6 +51,8 @@ def test_cuda_tensors_restore_in_place_bit_exact(tmp_path: Path, name: str) -> N
         "strided": _random(dtype, (6, 8), 4)[::2, 1::3],
     }
     want = {k: _bits(v) for k, v in tensors.items()}
+    (tmp_path / "gpu").mkdir()
+    (tmp_path / "cpu").mkdir()
     with gs.config.set(slot_bytes=1 << 20):
         saver = gs.Saver(tensors)
         prefix = saver.save(str(tmp_path / "gpu" / "m"))

@@ -32,6 +32,8 @@ class TensorList(list):  # type: ignore[type-arg]
 
     def __init__(self, pairs: Iterable[Tensor]) -> None:
         super().__init__(pairs)
+        #: position -> the dtype to save where the array holds a same-size integer stand-in for it
+        self.logical: dict[int, np.dtype] = {}
 
     @cached_property
     def names(self) -> list[str]:

@@ -23,12 +23,15 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import itertools
 import threading
 from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from gpusaver import config, nvml
+from gpusaver import config, native, nvml
+from gpusaver._parallel import run_parallel
+from gpusaver.backends.base import TensorList
 from gpusaver.devices import DeviceSpec
 from gpusaver.errors import (
     ChecksumError,
@@ -37,8 +40,8 @@ from gpusaver.errors import (
     InvalidArgumentError,
     InvalidArgumentTypeError,
 )
-from gpusaver.format import BundleReader, BundleWriter, crc
-from gpusaver.format.reader import read_exact
+from gpusaver.format import BundleReader, BundleWriter, crc, dtypes
+from gpusaver.format.reader import _read_workers, read_exact
 
 __all__ = ["CupyBackend", "probe", "PinnedRing"]
 
@@ -75,6 +78,7 @@ class PinnedRing:
         self._views = [np.frombuffer(m, dtype=np.uint8, count=slot_bytes) for m in self._mems]
         self._free = collections.deque(range(slots))
         self._cond = threading.Condition()
+        self._generation = 0  # bumped by release_all: hand-backs from before it are ignored
 
     def acquire(self) -> int:
         """Blocks until a buffer is free; returns its slot number."""
@@ -85,8 +89,31 @@ class PinnedRing:
 
     def release(self, slot: int) -> None:
         with self._cond:
-            self._free.append(slot)
-            self._cond.notify()
+            if slot not in self._free:
+                self._free.append(slot)
+                self._cond.notify()
+
+    def releaser(self, slot: int) -> Any:
+        """A callback handing ``slot`` back later (from a writer thread); a no-op after release_all."""
+        generation = self._generation
+
+        def release() -> None:
+            with self._cond:  # re-entrant
+                if generation == self._generation:
+                    self.release(slot)
+
+        return release
+
+    def release_all(self) -> None:
+        """Every buffer free again (after an error nothing can still be copying into them)."""
+        with self._cond:
+            self._generation += 1
+            self._free = collections.deque(range(len(self._mems)))
+            self._cond.notify_all()
+
+    @property
+    def slots(self) -> int:
+        return len(self._mems)
 
     def view(self, slot: int) -> np.ndarray:
         return self._views[slot]
@@ -99,17 +126,75 @@ class _DeviceState:
     """Per-GPU resources, created on first use and kept: stream, pinned ring, staging slab."""
 
     def __init__(self, cupy: Any, device_id: int) -> None:
+        self.device_id = device_id
         with cupy.cuda.Device(device_id):
             self.stream = cupy.cuda.Stream(non_blocking=True)
             self.ring = PinnedRing(cupy)
             self.slab = cupy.empty(self.ring.slot_bytes, dtype=cupy.uint8)
         self.lock = threading.Lock()  # one save or restore per device at a time
 
+    def release(self) -> None:
+        """Hands the pinned buffers and the staging slab back to CuPy's pools."""
+        self.stream.synchronize()
+        self.slab = None
+        self.ring = None
 
-def _overlapping(arrays: list[Any]) -> bool:
-    """Whether any two of these C-contiguous device arrays share bytes."""
-    spans = sorted((int(a.device.id), int(a.data.ptr), int(a.data.ptr) + int(a.nbytes)) for a in arrays if a.nbytes)
-    return any(a[0] == b[0] and b[1] < a[2] for a, b in zip(spans, spans[1:]))
+
+_CHECK_BYTES_PER_TENSOR = 32
+_CHECK_BYTES = 4096
+
+
+def _quietly(fn: Any) -> None:
+    """Calls ``fn`` while another error is on its way out; its own error would only hide that one."""
+    try:
+        fn()
+    except Exception:  # noqa: BLE001
+        pass
+
+
+def _overlapping(ptrs: np.ndarray, nbytes: np.ndarray) -> bool:
+    """Whether any two of these byte ranges of one device (C-contiguous arrays) share bytes."""
+    keep = nbytes > 0
+    starts, sizes = ptrs[keep].astype(np.uint64), nbytes[keep].astype(np.uint64)
+    order = np.argsort(starts, kind="stable")
+    starts, ends = starts[order], starts[order] + sizes[order]
+    return bool(np.any(starts[1:] < ends[:-1]))
+
+
+class _Columns:
+    """Where each tensor of a restore lies: ``ok`` (a plain entry inside its data file), shard, offset,
+    size and unmasked crc32c, as arrays (decoded by the C extension when it is built)."""
+
+    __slots__ = ("ok", "shards", "offsets", "sizes", "crcs")
+
+    @classmethod
+    def of(cls, reader: BundleReader, listed: TensorList) -> "_Columns":
+        self = cls()
+        cols = reader.columns(listed.keys) if not reader.big_endian else None
+        if cols is not None:
+            self.ok = cols.ok.astype(bool)
+            self.shards, self.offsets, self.sizes = cols.shards.astype(np.int64), cols.offsets, cols.sizes
+            self.crcs = cols.crcs.astype(np.uint32)
+        else:
+            entries = [reader.entry(name) for name in listed.names]
+            n = len(entries)
+            self.ok = np.fromiter((not e.slices and not reader.big_endian for e in entries), bool, n)
+            self.shards = np.fromiter((e.shard_id for e in entries), np.int64, n)
+            self.offsets = np.fromiter((e.offset for e in entries), np.int64, n)
+            self.sizes = np.fromiter((e.size for e in entries), np.int64, n)
+            self.crcs = crc.unmask_array(np.fromiter((e.crc32c for e in entries), np.uint32, n))
+        # Entries past the end of their data file (or naming a missing one) take the general path,
+        # which raises the precise error.
+        ends = self.offsets + self.sizes
+        for shard in np.unique(self.shards[self.ok]).tolist():
+            in_shard = self.shards == shard
+            try:
+                size = reader.data_file_size(int(shard))
+            except CorruptCheckpointError:
+                self.ok &= ~in_shard
+                continue
+            self.ok &= ~(in_shard & (ends > size))
+        return self
 
 
 class CupyBackend:
@@ -148,6 +233,21 @@ class CupyBackend:
                 state = self._states[device_id] = _DeviceState(self._cp, device_id)
             return state
 
+    def close(self, devices: Sequence[int] | None = None) -> None:
+        """Releases the pinned host buffers and the device staging slab of these GPUs (default: all).
+
+        They are made again on the next save or restore. Waits for a save or restore in flight on them.
+        """
+        with self._states_lock:
+            ids = list(self._states) if devices is None else [d for d in devices if d in self._states]
+            states = [self._states.pop(d) for d in ids]
+        for state in states:
+            with state.lock, self._cp.cuda.Device(state.device_id):
+                state.release()
+        pinned = getattr(self._cp, "get_default_pinned_memory_pool", None)
+        if states and pinned is not None:
+            pinned().free_all_blocks()
+
     @contextlib.contextmanager
     def _ordered(self, state: _DeviceState) -> Iterator[None]:
         """Runs the block on the backend's stream, after all work queued on the caller's.
@@ -172,71 +272,130 @@ class CupyBackend:
 
     # ----------------------------------------------------------------- save
     def save_group(self, tensors: Sequence[tuple[str, Any]], writer: BundleWriter) -> None:
+        """Saves one GPU's tensors: crc32c of all of them in one launch, small ones packed on the device
+        into pinned runs (one copy and one write each), large ones copied in pinned chunks while the
+        writer threads write the previous ones."""
         if not tensors:
             return
         cp = self._cp
-        device_id = int(tensors[0][1].device.id)
+        listed = tensors if isinstance(tensors, TensorList) else TensorList(tensors)
+        arrays = listed.arrays
+        device_id = int(arrays[0].device.id)
         state = self._state(device_id)
         with state.lock, cp.cuda.Device(device_id), self._ordered(state):
-            arrays = [a if a.flags.c_contiguous else None for _, a in tensors]
-            crcs = self._device_crcs([a for a in arrays if a is not None and a.nbytes], state)
-            crc_iter = iter(crcs)
-            batch: list[tuple[str, Any, int | None]] = []
-            batch_bytes = 0
-            small_limit = config.get("device_small_bytes")
-            for (name, arr), contiguous in zip(tensors, arrays):
-                checksum = next(crc_iter) if contiguous is not None and arr.nbytes else (0 if arr.nbytes == 0 else None)
-                if contiguous is not None and arr.nbytes < small_limit:
-                    if batch_bytes + arr.nbytes > state.ring.slot_bytes:
-                        self._write_packed(batch, writer, state)
-                        batch, batch_bytes = [], 0
-                    batch.append((name, arr, checksum))
-                    batch_bytes += arr.nbytes
-                    continue
-                self._write_packed(batch, writer, state)
-                batch, batch_bytes = [], 0
-                writer.add_raw(name, arr.dtype, arr.shape, self._chunks(arr, state), crc32c=checksum)
-            self._write_packed(batch, writer, state)
+            n = len(arrays)
+            # One pass over the arrays' attributes; the rest is vectorised.
+            contiguous = np.fromiter((a.flags.c_contiguous for a in arrays), bool, n)
+            nbytes = np.fromiter((a.nbytes for a in arrays), np.int64, n)
+            ptrs = np.fromiter((a.data.ptr for a in arrays), np.uint64, n)
+            crcs = np.zeros(n, np.uint32)  # crc32c of no bytes is 0
+            todo = np.flatnonzero(contiguous & (nbytes > 0))
+            if len(todo):
+                crcs[todo] = self._device_crcs(ptrs[todo], nbytes[todo], state)
+            small = contiguous & (nbytes < config.get("device_small_bytes"))
+            start = 0
+            for stop in [*np.flatnonzero(~small).tolist(), n]:
+                if stop > start:
+                    self._save_small(listed, start, stop, nbytes, ptrs, crcs, writer, state)
+                if stop < n:
+                    name, arr = listed[stop]
+                    checksum = int(crcs[stop]) if contiguous[stop] else None
+                    dtype = listed.logical.get(stop, arr.dtype)
+                    writer.add_raw(name, dtype, arr.shape, self._chunks(arr, state), crc32c=checksum)
+                start = stop + 1
             state.stream.synchronize()
 
-    def _device_crcs(self, arrays: list[Any], state: _DeviceState) -> list[int]:
-        if not arrays:
-            return []
+    def _device_crcs(self, ptrs: np.ndarray, sizes: np.ndarray, state: _DeviceState) -> np.ndarray:
         from gpusaver import _kernels
 
-        out = _kernels.crc32c_ranges(arrays, stream=state.stream)
-        return [int(c) for c in out.get(stream=state.stream)]
+        out = _kernels.crc32c_ranges(ptrs, sizes, stream=state.stream, device_id=state.device_id)
+        return np.asarray(out.get(stream=state.stream), np.uint32)
 
-    def _write_packed(self, batch: list[tuple[str, Any, int | None]], writer: BundleWriter, state: _DeviceState) -> None:
-        """Packs small tensors with one kernel, copies them with one D2H copy, writes each."""
-        if not batch:
-            return
+    def _save_small(
+        self,
+        listed: TensorList,
+        start: int,
+        stop: int,
+        nbytes: np.ndarray,
+        ptrs: np.ndarray,
+        crcs: np.ndarray,
+        writer: BundleWriter,
+        state: _DeviceState,
+    ) -> None:
+        """Tensors ``start:stop`` (all small and contiguous), in runs of at most one pinned buffer."""
+        ends = np.cumsum(nbytes[start:stop])
+        limit = state.ring.slot_bytes
+        lo, base = 0, 0
+        while lo < stop - start:
+            hi = max(lo + 1, int(np.searchsorted(ends, base + limit, side="right")))
+            self._write_run(listed, start + lo, start + hi, nbytes, ptrs, crcs, writer, state)
+            base = int(ends[hi - 1])
+            lo = hi
+
+    def _write_run(
+        self,
+        listed: TensorList,
+        a: int,
+        b: int,
+        nbytes: np.ndarray,
+        ptrs: np.ndarray,
+        crcs: np.ndarray,
+        writer: BundleWriter,
+        state: _DeviceState,
+    ) -> None:
+        """Packs tensors ``a:b`` with one kernel, copies them with one D2H copy, writes them as one run."""
         from gpusaver import _kernels
 
         cp = self._cp
-        offsets, pos = [], 0
-        for _, arr, _ in batch:
-            offsets.append(pos)
-            pos += arr.nbytes
-        nonempty = [(arr, off) for (_, arr, _), off in zip(batch, offsets) if arr.nbytes]
+        sizes = nbytes[a:b]
+        offsets = np.zeros(b - a, np.int64)
+        np.cumsum(sizes[:-1], out=offsets[1:])
+        total = int(sizes.sum())
         slot = state.ring.acquire()
         try:
-            if nonempty:
-                _kernels.pack([a for a, _ in nonempty], state.slab, [o for _, o in nonempty], stream=state.stream)
+            if total:
+                keep = np.flatnonzero(sizes)
+                _kernels.pack(_kernels.Ranges(ptrs[a:b][keep], sizes[keep]), state.slab, offsets[keep],
+                              stream=state.stream)
                 cp.cuda.runtime.memcpyAsync(
-                    state.ring.ptr(slot), state.slab.data.ptr, pos, cp.cuda.runtime.memcpyDeviceToHost, state.stream.ptr
+                    state.ring.ptr(slot), state.slab.data.ptr, total, cp.cuda.runtime.memcpyDeviceToHost,
+                    state.stream.ptr,
                 )
             state.stream.synchronize()
         except BaseException:
             state.ring.release(slot)
             raise
-        host = state.ring.view(slot)
+        host = memoryview(state.ring.view(slot)[:total])
+        done = state.ring.releaser(slot)
+        arrays = listed.arrays[a:b]
+        if writer.packs_runs:
+            # The entries as arrays, the layout the C extension encodes: no Python object per tensor.
+            enums = self._dtype_enums(arrays)
+            for i, dt in listed.logical.items():
+                if a <= i < b:
+                    enums[i - a] = dtypes.from_numpy(dt)
+            shapes = [x.shape for x in arrays]
+            ndims = np.fromiter(map(len, shapes), np.int32, len(shapes))
+            dims = np.fromiter(itertools.chain.from_iterable(shapes), np.int64, int(ndims.sum()))
+            writer.add_packed_run(listed.keys[a:b], enums, sizes, ndims, dims, crcs[a:b], host, done=done)
+            return
         tensors = [
-            (name, arr.dtype, arr.shape, memoryview(host[off : off + arr.nbytes]), checksum)
-            for (name, arr, checksum), off in zip(batch, offsets)
+            (name, listed.logical.get(i, arr.dtype), arr.shape, host[int(off) : int(off) + int(size)], int(c))
+            for i, (name, arr), off, size, c in zip(range(a, b), listed[a:b], offsets, sizes, crcs[a:b])
         ]
-        # One run, one write; the slot comes back once it is on disk (or on failure).
-        writer.add_packed(tensors, done=lambda: state.ring.release(slot))
+        writer.add_packed(tensors, done=done)
+
+    @staticmethod
+    def _dtype_enums(arrays: Sequence[Any]) -> np.ndarray:
+        codes: dict[Any, int] = {}
+
+        def code(dt: Any) -> int:
+            c = codes.get(dt)
+            if c is None:
+                c = codes[dt] = dtypes.from_numpy(np.dtype(dt))
+            return c
+
+        return np.fromiter((code(x.dtype) for x in arrays), np.int32, len(arrays))
 
     def _chunks(self, arr: Any, state: _DeviceState) -> Iterator[tuple[memoryview, Any]]:
         """D2H copies of ``arr`` in slot-sized chunks, one ahead of the writer."""
@@ -250,6 +409,7 @@ class CupyBackend:
                 yield from self._chunks(part, state)
             return
         base, total = int(arr.data.ptr), int(arr.nbytes)
+        ahead = max(1, state.ring.slots // 2)  # copies queued before the writer takes the oldest
         pending: collections.deque = collections.deque()
         try:
             for off in range(0, total, state.ring.slot_bytes):
@@ -262,96 +422,186 @@ class CupyBackend:
                     event = cp.cuda.Event(block=False, disable_timing=True)
                     event.record(state.stream)
                 except BaseException:
-                    state.stream.synchronize()
+                    _quietly(state.stream.synchronize)
                     state.ring.release(slot)
                     raise
                 pending.append((slot, n, event))
-                if len(pending) > 1:
+                if len(pending) > ahead:
                     yield self._ready(pending.popleft(), state)
             while pending:
                 yield self._ready(pending.popleft(), state)
-        finally:  # the consumer stopped early (a failed write): give back what it never took
+        finally:  # the consumer stopped early (a failed write, a CUDA fault): give back what it never took
             while pending:
                 slot, _, event = pending.popleft()
-                event.synchronize()
+                _quietly(event.synchronize)
                 state.ring.release(slot)
 
     @staticmethod
     def _ready(item: tuple[int, int, Any], state: _DeviceState) -> tuple[memoryview, Any]:
         slot, n, event = item
-        event.synchronize()
-        return memoryview(state.ring.view(slot)[:n]), (lambda: state.ring.release(slot))
+        try:
+            event.synchronize()
+        except BaseException:
+            state.ring.release(slot)
+            raise
+        return memoryview(state.ring.view(slot)[:n]), state.ring.releaser(slot)
 
     # -------------------------------------------------------------- restore
     def restore_group(self, reader: BundleReader, tensors: Sequence[tuple[str, Any]], *, sequential: bool) -> None:
+        """Restores one GPU's tensors in place.
+
+        Small contiguous tensors travel in runs: a pinned buffer read from the file (on reader
+        threads, ahead of the GPU), one H2D copy, their crc32c computed on the device and compared,
+        and one unpack launch for the ones that match: a damaged small tensor keeps its old values.
+        A large tensor is read in pinned chunks on reader threads, copied into a device staging
+        buffer, verified there and only then copied into place; when device memory is too short
+        for the staging buffer it is copied straight into place and a damaged one holds the
+        unverified bytes when ChecksumError is raised. ChecksumError names the first damaged
+        tensor in ``tensors`` order, once every other tensor is restored.
+        """
         if not tensors:
             return
         cp = self._cp
-        device_id = int(tensors[0][1].device.id)
+        listed = tensors if isinstance(tensors, TensorList) else TensorList(tensors)
+        arrays = listed.arrays
+        device_id = int(arrays[0].device.id)
         state = self._state(device_id)
+        failures: list[tuple[int, ChecksumError]] = []
         with state.lock, cp.cuda.Device(device_id), self._ordered(state):
-            small: list[tuple[str, Any]] = []
-            small_bytes = 0
-            small_limit = config.get("device_small_bytes")
-            try:
-                for name, arr in tensors:
-                    entry = reader.entry(name)
-                    if entry.slices or reader.big_endian:  # get_tensor assembles slices and converts byte order
-                        arr[...] = cp.asarray(reader.get_tensor(name).reshape(arr.shape))
-                    elif not arr.flags.c_contiguous:
+            n = len(arrays)
+            contiguous = np.fromiter((a.flags.c_contiguous for a in arrays), bool, n)
+            nbytes = np.fromiter((a.nbytes for a in arrays), np.int64, n)
+            cols = _Columns.of(reader, listed)
+            small = (
+                cols.ok & contiguous & (cols.sizes == nbytes) & (nbytes < config.get("device_small_bytes"))
+            ) if not sequential else np.zeros(n, bool)
+            ptrs = np.fromiter((a.data.ptr for a in arrays), np.uint64, n) if small.any() else None
+            if ptrs is not None and _overlapping(ptrs[small], nbytes[small]):
+                small[:] = False  # views sharing memory cannot be scattered by one launch: one at a time
+            if small.any():
+                failures += self._restore_small(reader, listed, np.flatnonzero(small & (nbytes > 0)), cols, ptrs, state)
+            for i in np.flatnonzero(~small).tolist():
+                name, arr = listed[i]
+                try:
+                    if not cols.ok[i] or reader.big_endian:  # get_tensor assembles slices, converts byte order
+                        entry = reader.entry(name)
+                        if entry.slices or reader.big_endian:
+                            arr[...] = cp.asarray(reader.get_tensor(name).reshape(arr.shape))
+                            continue
+                    if not arr.flags.c_contiguous:
                         self._restore_strided(reader, name, arr, state)
-                    elif arr.nbytes < small_limit and not sequential:
-                        if small_bytes + arr.nbytes > state.ring.slot_bytes:
-                            self._restore_small(reader, small, state)
-                            small, small_bytes = [], 0
-                        small.append((name, arr))
-                        small_bytes += arr.nbytes
                     else:
                         self._restore_large(reader, name, arr, state)
-            except ChecksumError:
-                # The small tensors still waiting come before the damaged one: restore them
-                # first (a damaged one among them is earlier still, and is raised instead).
-                self._restore_small(reader, small, state)
-                raise
-            self._restore_small(reader, small, state)
+                except ChecksumError as e:
+                    failures.append((i, e))
             state.stream.synchronize()
+        if failures:
+            raise min(failures, key=lambda f: f[0])[1]
 
-    def _restore_small(self, reader: BundleReader, items: list[tuple[str, Any]], state: _DeviceState) -> None:
-        """Reads small tensors into one pinned run, one H2D copy, one unpack launch."""
-        if not items:
+    def _pipeline(self, jobs: list[Any], read: Any, use: Any, total: int, state: _DeviceState) -> None:
+        """``read(job, slot)`` on reader threads, ahead of ``use(job, slot)`` in job order here.
+
+        This thread takes pinned buffers in job order and hands each back once ``use`` returns, so
+        the reads run ahead by as many buffers as the ring holds.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        workers = min(_read_workers(total, config.get("parallel_chunked_bytes")), len(jobs))
+        if workers <= 1:
+            for job in jobs:
+                slot = state.ring.acquire()
+                try:
+                    read(job, slot)
+                    use(job, slot)
+                finally:
+                    state.ring.release(slot)
             return
+        inflight: collections.deque = collections.deque()
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="gpusaver-read") as pool:
+            try:
+                for job in jobs:
+                    while len(inflight) >= state.ring.slots:
+                        self._use_oldest(inflight, use, state)
+                    slot = state.ring.acquire()
+                    inflight.append((job, slot, pool.submit(read, job, slot)))
+                while inflight:
+                    self._use_oldest(inflight, use, state)
+            finally:  # an error: let the reads in flight finish, then give their buffers back
+                for _job, slot, future in inflight:
+                    future.cancel()
+                    _quietly(future.exception)
+                    state.ring.release(slot)
+
+    @staticmethod
+    def _use_oldest(inflight: collections.deque, use: Any, state: _DeviceState) -> None:
+        job, slot, future = inflight.popleft()
+        try:
+            future.result()
+            use(job, slot)
+        finally:
+            state.ring.release(slot)
+
+    def _restore_small(
+        self,
+        reader: BundleReader,
+        listed: TensorList,
+        which: np.ndarray,
+        cols: "_Columns",
+        ptrs: np.ndarray,
+        state: _DeviceState,
+    ) -> list[tuple[int, ChecksumError]]:
+        """Runs of small tensors: read, copied to the slab, checked on the device, then unpacked."""
         from gpusaver import _kernels
 
-        if _overlapping([arr for _, arr in items]):
-            # Views that share memory cannot be scattered by one launch: copy them in turn.
-            for name, arr in items:
-                self._restore_large(reader, name, arr, state)
-            return
+        if not len(which):
+            return []
         cp = self._cp
-        slot = state.ring.acquire()
-        try:
-            host = state.ring.view(slot)
-            offsets, pos = [], 0
-            damaged: ChecksumError | None = None
-            for k, (name, arr) in enumerate(items):
-                try:
-                    reader.read_into(name, host[pos : pos + arr.nbytes])  # crc verified here
-                except ChecksumError as e:  # the ones before it are verified: they still go to the GPU
-                    damaged, items = e, items[:k]
-                    break
-                offsets.append(pos)
-                pos += arr.nbytes
-            if pos:
-                cp.cuda.runtime.memcpyAsync(
-                    state.slab.data.ptr, state.ring.ptr(slot), pos, cp.cuda.runtime.memcpyHostToDevice, state.stream.ptr
-                )
-                nonempty = [(arr, off) for (_, arr), off in zip(items, offsets) if arr.nbytes]
-                _kernels.unpack(state.slab, [a for a, _ in nonempty], [o for _, o in nonempty], stream=state.stream)
-        finally:
-            state.stream.synchronize()  # no copy may still read the buffer we give back
-            state.ring.release(slot)
-        if damaged is not None:
-            raise damaged
+        order = which[np.lexsort((cols.offsets[which], cols.shards[which]))]
+        starts = cols.offsets[order]
+        sizes = cols.sizes[order]
+        ends = starts + sizes
+        shards = cols.shards[order]
+        limit, gap = state.ring.slot_bytes, config.get("gap_bytes")
+        brk = np.ones(len(order), bool)
+        brk[1:] = (shards[1:] != shards[:-1]) | (starts[1:] > ends[:-1] + gap) | (starts[1:] < ends[:-1])
+        cuts = np.append(np.flatnonzero(brk), len(order)).tolist()
+        jobs: list[tuple[int, int]] = []
+        for lo, hi in zip(cuts[:-1], cuts[1:]):  # each run no larger than one pinned buffer
+            while lo < hi:
+                stop = int(np.searchsorted(ends[lo:hi], starts[lo] + limit, side="right")) + lo
+                stop = max(stop, lo + 1)
+                jobs.append((lo, stop))
+                lo = stop
+        failures: list[tuple[int, ChecksumError]] = []
+
+        def read(job: tuple[int, int], slot: int) -> None:
+            a, b = job
+            fd, _, path = reader._data_file(int(shards[a]))
+            lo = int(starts[a])
+            read_exact(fd, memoryview(state.ring.view(slot)[: int(ends[b - 1]) - lo]), lo, path)
+
+        def use(job: tuple[int, int], slot: int) -> None:
+            a, b = job
+            lo = int(starts[a])
+            span = int(ends[b - 1]) - lo
+            slab = int(state.slab.data.ptr)
+            cp.cuda.runtime.memcpyAsync(
+                slab, state.ring.ptr(slot), span, cp.cuda.runtime.memcpyHostToDevice, state.stream.ptr
+            )
+            rel = (starts[a:b] - lo).astype(np.uint64)
+            got = self._device_crcs(rel + np.uint64(slab), sizes[a:b], state)  # waits: the buffer is free again
+            good = got == cols.crcs[order[a:b]]
+            keep = np.flatnonzero(good)
+            if len(keep):
+                _kernels.unpack(state.slab, _kernels.Ranges(ptrs[order[a:b]][keep], sizes[a:b][keep]), rel[keep],
+                                stream=state.stream)
+            for k in np.flatnonzero(~good).tolist():
+                i = int(order[a + k])
+                path = reader._data_file(int(shards[a]))[2]
+                failures.append((i, ChecksumError(path, listed.names[i], int(cols.crcs[i]), int(got[k]))))
+
+        self._pipeline(jobs, read, use, int(sizes.sum()), state)
+        return failures
 
     def _restore_strided(self, reader: BundleReader, name: str, arr: Any, state: _DeviceState) -> None:
         """A non-contiguous destination, a block of leading rows at a time through the staging slab.
@@ -395,8 +645,12 @@ class CupyBackend:
         if running != expected:
             raise ChecksumError(path, name, expected, running)
 
-    def _restore_large(self, reader: BundleReader, name: str, arr: Any, state: _DeviceState) -> None:
-        """File -> pinned chunk -> H2D copy into ``arr``'s memory; the next read overlaps the copy."""
+    def _restore_large(self, reader: BundleReader, name: str, arr: Any, state: _DeviceState, stage: bool = True) -> None:
+        """File -> pinned chunks (reader threads) -> H2D copies -> crc32c on the device -> in place.
+
+        With ``stage`` and room on the device, the bytes land in a staging buffer first and reach
+        ``arr`` only once verified; otherwise they are copied straight into ``arr``.
+        """
         cp = self._cp
         entry = reader.entry(name)
         fd, offset, size, path = reader.data_location(name, entry)
@@ -405,38 +659,53 @@ class CupyBackend:
                 f"tensor {name!r} in {path!r} has {size} bytes stored; its shape and dtype need {arr.nbytes}",
                 path,
             )
-        base = int(arr.data.ptr)
-        running = 0
-        in_flight: collections.deque = collections.deque()
-        try:
-            for off in range(0, size, state.ring.slot_bytes):
-                n = min(state.ring.slot_bytes, size - off)
-                if len(in_flight) >= 2:
-                    slot_done, event = in_flight.popleft()
-                    event.synchronize()
-                    state.ring.release(slot_done)
-                slot = state.ring.acquire()
-                view = state.ring.view(slot)[:n]
-                try:
-                    read_exact(fd, memoryview(view), offset + off, path)
-                    running = crc.extend(running, view)
-                    cp.cuda.runtime.memcpyAsync(
-                        base + off, state.ring.ptr(slot), n, cp.cuda.runtime.memcpyHostToDevice, state.stream.ptr
-                    )
-                except BaseException:
-                    state.ring.release(slot)
-                    raise
-                event = cp.cuda.Event(block=False, disable_timing=True)
-                event.record(state.stream)
-                in_flight.append((slot, event))
-        finally:
-            while in_flight:
-                slot_done, event = in_flight.popleft()
-                event.synchronize()
-                state.ring.release(slot_done)
+        if size == 0:
+            return
+        staged = self._staging(size, state) if stage else None
+        target = int(staged.data.ptr) if staged is not None else int(arr.data.ptr)
+        step = state.ring.slot_bytes
+        jobs = [(off, min(step, size - off)) for off in range(0, size, step)]
+
+        def read(job: tuple[int, int], slot: int) -> None:
+            off, n = job
+            read_exact(fd, memoryview(state.ring.view(slot)[:n]), offset + off, path)
+
+        def use(job: tuple[int, int], slot: int) -> None:
+            off, n = job
+            cp.cuda.runtime.memcpyAsync(
+                target + off, state.ring.ptr(slot), n, cp.cuda.runtime.memcpyHostToDevice, state.stream.ptr
+            )
+            state.stream.synchronize()  # the buffer is free again once this copy is done
+
+        self._pipeline(jobs, read, use, size, state)
+        actual = int(self._device_crcs(np.array([target], np.uint64), np.array([size], np.int64), state)[0])
         expected = crc.unmask(entry.crc32c)
-        if running != expected:
-            raise ChecksumError(path, name, expected, running)
+        if actual != expected:
+            raise ChecksumError(path, name, expected, actual)
+        if staged is not None:
+            cp.cuda.runtime.memcpyAsync(
+                int(arr.data.ptr), target, size, cp.cuda.runtime.memcpyDeviceToDevice, state.stream.ptr
+            )
+            state.stream.synchronize()
+
+    def _staging(self, nbytes: int, state: _DeviceState) -> Any:
+        """A device buffer of ``nbytes`` for verifying a large tensor before it lands, or None if it would
+        not fit in free device memory (CuPy's cached blocks included)."""
+        cp = self._cp
+        if nbytes > self._free_bytes(state.device_id):
+            return None
+        try:
+            return cp.empty(nbytes, dtype=cp.uint8)
+        except cp.cuda.memory.OutOfMemoryError:
+            return None
+
+    def _free_bytes(self, device_id: int) -> int:
+        """Device memory free for new arrays: the driver's free bytes plus blocks cached in CuPy's pool."""
+        cp = self._cp
+        with cp.cuda.Device(device_id):
+            free, _total = cp.cuda.runtime.memGetInfo()
+            pool = getattr(cp, "get_default_memory_pool", None)
+            return int(free) + (int(pool().free_bytes()) if pool is not None else 0)
 
     def read_tensor(self, reader: BundleReader, name: str, device_id: int) -> Any:
         """A stored tensor as a new CuPy array on GPU ``device_id``."""
@@ -462,8 +731,8 @@ class CupyBackend:
             state = self._state(device_id)
             with state.lock, self._ordered(state):
                 out = cp.empty(entry.shape, dtype=dtype)  # allocated on the backend's stream
-                if out.nbytes:
-                    self._restore_large(reader, name, out, state)
+                if out.nbytes:  # a new array: nothing to protect by staging
+                    self._restore_large(reader, name, out, state, stage=False)
                 state.stream.synchronize()
             return out
 
@@ -477,22 +746,31 @@ class CupyBackend:
         state.stream.synchronize()
 
     def check_restore_memory(self, device: DeviceSpec, tensors: Sequence[tuple[str, Any]], reader: BundleReader) -> None:
-        """The slab (first use only) plus temporaries: partitioned arrays, and strided ones
-        whose single row does not fit the slab."""
+        """The slab (first use only), the checks' small tables, and temporaries: partitioned arrays,
+        and strided ones whose single row does not fit the slab. Staging buffers for verifying large
+        tensors are used only when they fit, so they are not counted."""
         state = self._states.get(device.index)
         slot_bytes = state.ring.slot_bytes if state is not None else config.get("slot_bytes")
-        need = 0 if state is not None else slot_bytes
-        for name, arr in tensors:
+        # The slab (first use only), and the device checks' argument tables and results: about
+        # 32 bytes per tensor, plus CuPy's 512-byte allocation granularity for each launch.
+        need = (0 if state is not None else slot_bytes) + _CHECK_BYTES_PER_TENSOR * len(tensors) + _CHECK_BYTES
+        listed = tensors if isinstance(tensors, TensorList) else TensorList(tensors)
+        arrays = listed.arrays
+        n = len(arrays)
+        contiguous = np.fromiter((a.flags.c_contiguous for a in arrays), bool, n)
+        cols = reader.columns(listed.keys) if not reader.big_endian else None
+        plain = cols.ok.astype(bool) if cols is not None else np.zeros(n, bool)
+        for i in np.flatnonzero(~contiguous | ~plain).tolist():
+            name, arr = listed[i]
             rows = arr.shape[0] if arr.ndim else 1
-            wide = not arr.flags.c_contiguous and (arr.ndim == 0 or (rows and arr.nbytes // rows > slot_bytes))
-            if wide or reader.entry(name).slices:
+            wide = not contiguous[i] and (arr.ndim == 0 or (rows and arr.nbytes // rows > slot_bytes))
+            if wide or (not plain[i] and reader.entry(name).slices):
                 need += int(arr.nbytes)
         self.check_free_memory(device, need)
 
     def check_free_memory(self, device: DeviceSpec, nbytes: int) -> None:
         """Raises before any copy if ``nbytes`` of new device memory would not fit."""
-        with self._cp.cuda.Device(device.index):
-            free, _total = self._cp.cuda.runtime.memGetInfo()
+        free = self._free_bytes(device.index)
         if nbytes > free:
             raise InsufficientDeviceMemoryError(
                 f"restoring needs {nbytes} bytes on {device.short} but only {free} are free"

@@ -191,7 +191,7 @@ class _WriterPool:
             n = pieces.lib.pack(pieces.arrays, pieces.start, pieces.stop, staging, pieces.crcs)
             checksum = clock() - t0
             write = pwrite(fd, [memoryview(staging)[:n]], offset)
-        elif len(pieces) == 1 and len(pieces[0][1]) > seg:
+        elif len(pieces) == 1 and len(pieces[0][1]) > seg and pieces[0][0] >= 0:
             slot, view = pieces[0]
             for lo in range(0, len(view), seg):
                 segment = view[lo : lo + seg]
@@ -580,6 +580,66 @@ class BundleWriter:
                 done()  # never queued: hand the buffer back
             raise
 
+    def add_packed_run(
+        self,
+        keys: list[bytes],
+        enums: np.ndarray,
+        sizes: np.ndarray,
+        ndims: np.ndarray,
+        dims: np.ndarray,
+        crcs: np.ndarray,
+        buf: Any,
+        done: Callable[[], None] | None = None,
+    ) -> None:
+        """Appends tensors described by arrays, their bytes back to back in ``buf``: one write, no
+        Python object per tensor (for a device backend's many small tensors; needs the C extension).
+
+        Args:
+            keys: the names, UTF-8 encoded.
+            enums, sizes, ndims, dims: dtype codes (int32), byte sizes (int64), ranks (int32) and every
+                tensor's dimensions back to back (int64), as ``_native.describe`` gives them.
+            crcs: each tensor's unmasked crc32c (uint32), computed by the caller.
+            buf: ``sizes.sum()`` bytes.
+            done: called once ``buf`` is written (or dropped on failure).
+        """
+        try:
+            if self._lib is None:
+                raise InvalidArgumentError("add_packed_run needs gpusaver's C extension; use add_packed")
+            if self._finished:
+                raise InvalidArgumentError(f"BundleWriter for {self.prefix!r} is already finished")
+            fresh = set(keys)
+            if (
+                len(fresh) != len(keys)
+                or b"" in fresh
+                or not fresh.isdisjoint(self._run_keys)
+                or not fresh.isdisjoint(self._entries)
+                or not fresh.isdisjoint(self._sliced)
+            ):
+                for key in keys:  # names the offending tensor
+                    self._key(key)
+                    fresh.discard(key)
+                raise InvalidArgumentError("duplicate tensor names in one packed run")
+            sizes = np.ascontiguousarray(sizes, np.int64)
+            view = memoryview(buf).cast("B") if not isinstance(buf, memoryview) else buf
+            if len(view) != int(sizes.sum()):
+                raise InvalidArgumentError(f"a packed run of {int(sizes.sum())} bytes got a {len(view)}-byte buffer")
+            self._flush_batch()
+            run = _Run(list(keys), np.ascontiguousarray(enums, np.int32), sizes, np.ascontiguousarray(ndims, np.int32),
+                       np.ascontiguousarray(dims, np.int64), self._offset)
+            run.crcs[:] = np.asarray(crcs, np.uint32)
+            self._runs.append(run)
+            self._run_keys.update(run.keys)
+            start = self._offset
+            self._offset += len(view)
+            if len(view):
+                self._writer.submit(start, [(-1, view)], done)
+            elif done is not None:
+                done()
+        except BaseException:
+            if done is not None:
+                done()  # never queued: hand the buffer back
+            raise
+
     def add_slice(self, name: str, full_shape: Sequence[int], slice_spec: str, array: Any) -> None:
         """Appends one slice of a partitioned tensor.
 
@@ -626,6 +686,11 @@ class BundleWriter:
     @property
     def num_tensors(self) -> int:
         return len(self._entries) + len(self._sliced) + len(self._run_keys)
+
+    @property
+    def packs_runs(self) -> bool:
+        """Whether :meth:`add_packed_run` is available (the C extension is built)."""
+        return self._lib is not None
 
     @property
     def timings(self) -> dict[str, float]:
