@@ -10,7 +10,8 @@
 # Each step has its own time limit inside DEVICE_BUDGET_S (default 510 s) and writes its log under $OUT as it
 # goes (default: a new temporary folder): setup.log, kernels.log, tests.log, bench.log, bench.json,
 # sanitizer.log, summary.txt. The summary table is printed last. The exit status is that of the first failed step.
-# DEVICE_STEPS=setup,kernels,tests,bench,sanitizer runs only the steps named (setup always runs).
+# DEVICE_STEPS=setup,kernels,tests,bench,sanitizer,disk runs only the steps named (setup always runs); the order is
+# setup, kernels, tests, bench, disk (the benchmark on the machine's disk with fsync, for information), sanitizer.
 # DEVICE_BENCH_GIB (default 2) and DEVICE_BENCH_MANY (default 100000) size the benchmark's two workloads.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -19,10 +20,10 @@ T0=$SECONDS
 budget=${DEVICE_BUDGET_S:-510}
 rehearsal=${DEVICE_REHEARSAL:-0}
 carry=${CARRY_DIR:-.carry}
-steps=${DEVICE_STEPS:-setup,kernels,tests,bench,sanitizer}
+steps=${DEVICE_STEPS:-setup,kernels,tests,bench,sanitizer,disk}
 OUT=${OUT:-$(mktemp -d)}
 mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 XLA_PYTHON_CLIENT_PREALLOCATE=false  # JAX takes 75% of the GPU otherwise
 summary=()
 first_failure=0
 
@@ -186,6 +187,15 @@ else
         '$PY' benchmarks/gpu_bench.py --workload many --many-count ${DEVICE_BENCH_MANY:-100000} --repeat 3 \
             --durable off --cache warm --dir '$bench_dir' --json /tmp/gs-bench-many.json;
         rc=\$?; '$PY' benchmarks/device_summary.py merge '$OUT/bench.json' /tmp/gs-bench-mixed.json /tmp/gs-bench-many.json
+        exit \$rc"
+    # For information: the same on the machine's disk, fsync on (before the sanitizer: it only adds rows).
+    disk_dir=${DEVICE_DISK_DIR:-/var/tmp/gpusaver-bench}
+    mkdir -p "$disk_dir"
+    STEP_SUMMARY_RE='elapsed' run_step disk 120 bash -c "
+        '$PY' benchmarks/gpu_bench.py --workload mixed --size-gib ${DEVICE_DISK_GIB:-1} --repeat 3 --durable on \
+            --cache drop --dir '$disk_dir' --json /tmp/gs-bench-disk.json >>'$OUT/bench.log'; rc=\$?
+        '$PY' benchmarks/device_summary.py merge '$OUT/bench.json' /tmp/gs-bench-mixed.json /tmp/gs-bench-many.json \
+            /tmp/gs-bench-disk.json
         exit \$rc"
     if command -v compute-sanitizer >/dev/null; then
         STEP_SUMMARY_RE='ERROR SUMMARY|smoke' \

@@ -24,14 +24,14 @@ def merge(out: str, inputs: list[str]) -> None:
 def table(path: str) -> None:
     with open(path) as f:
         runs = json.load(f)["runs"]
-    print(f"{'workload':9} {'gpus':>4} {'peer':12} {'op':8} {'median s':>9} {'min s':>8} {'GB/s':>7} {'x pinned':>8} {'x raw':>6}  notes")
+    print(f"{'workload':12} {'gpus':>4} {'peer':12} {'op':8} {'median s':>9} {'min s':>8} {'GB/s':>7} {'x pinned':>8} {'x raw':>6}  notes")
     for run in runs:
-        workload = run["args"]["workload"]
+        workload = run["args"]["workload"] + ("+fsync" if run["args"].get("durable") == "on" else "")
         for r in run["results"]:
             notes = "WRONG VALUES" if r.get("verified") is False else ("verified" if r.get("verified") else "")
             xp = f"{r['x_pinned']:.2f}" if r.get("x_pinned") else "-"
             xr = f"{r['x_raw']:.2f}" if r.get("x_raw") else "-"
-            print(f"{workload:9} {r['gpus']:4} {r['peer']:12} {r['op']:8} {r['median_s']:9.4f} {r['min_s']:8.4f} "
+            print(f"{workload:12} {r['gpus']:4} {r['peer']:12} {r['op']:8} {r['median_s']:9.4f} {r['min_s']:8.4f} "
                   f"{r['gbps']:7.2f} {xp:>8} {xr:>6}  {notes}")
 
 

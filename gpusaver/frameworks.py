@@ -108,6 +108,17 @@ def _from_jax(a: Any, name: str | None) -> Adapted:
     devices = list(a.devices()) if hasattr(a, "devices") else []
     if devices and all(d.platform == "gpu" for d in devices) and len(devices) == 1:
         cp = _cupy()
+        dtype = np.dtype(a.dtype)
+        if dtype.kind == "V" or dtype.type.__module__.startswith("ml_dtypes"):
+            # bfloat16, float8: CuPy has no such dtype. A same-size integer copy on the device (JAX
+            # arrays are immutable: no view to take), with the real dtype beside it.
+            import jax
+
+            stand_in = {1: np.uint8, 2: np.int16}.get(dtype.itemsize)
+            if stand_in is None:
+                raise UnsupportedDTypeError(f"variable {name!r}: a JAX GPU array of {dtype} cannot be saved")
+            arr = cp.from_dlpack(jax.lax.bitcast_convert_type(a, stand_in))
+            return Adapted(arr, "jax", f"/gpu:{arr.device.id}", immutable=why, dtype=dtype)
         arr = cp.from_dlpack(a)
         return Adapted(arr, "jax", f"/gpu:{arr.device.id}", immutable=why)
     arr = np.asarray(a)  # a view of the host buffer where JAX allows it

@@ -98,3 +98,22 @@ def test_load_like_fills_cuda_tensors(tmp_path: Path) -> None:
     for k, v in state.items():
         assert torch.equal(out[k], v), k
         assert torch.equal(fresh.state_dict()[k], v), k
+
+
+def test_jax_gpu_arrays_save_and_come_back(tmp_path: Path) -> None:
+    jax = pytest.importorskip("jax")
+    jnp = pytest.importorskip("jax.numpy")
+    import ml_dtypes
+
+    gpus = [d for d in jax.devices() if d.platform == "gpu"]
+    if not gpus:
+        pytest.skip("JAX sees no GPU")
+    x = jax.device_put(jnp.arange(1000, dtype=jnp.float32).reshape(10, 100), gpus[0])
+    tree = {"x": x, "half": x.astype(jnp.bfloat16), "f8": x.astype(jnp.float8_e4m3fn)}
+    prefix = gs.save(tree, tmp_path / "m")
+    with gs.load_checkpoint(prefix) as reader:
+        dtypes = reader.get_variable_to_dtype_map()
+    assert dtypes["half"] == np.dtype(ml_dtypes.bfloat16) and dtypes["f8"] == np.dtype(ml_dtypes.float8_e4m3fn)
+    out = gs.load(prefix, like={k: jnp.zeros_like(v) for k, v in tree.items()})
+    for k, v in tree.items():
+        assert np.array_equal(np.asarray(out[k]).view(np.uint8), np.asarray(v).view(np.uint8)), k
