@@ -309,10 +309,12 @@ def bench_count(dev: Any, k: int, wl: bl.Workload, args: argparse.Namespace, roo
     remove = lambda: [os.remove(p) for p in raw_paths if os.path.exists(p)]  # noqa: E731
     w1 = best_of(args.repeat, lambda: on_threads(k, lambda i: _write_file(raw_paths[i], hosts[i], durable, 1)), before=remove)
     wn = best_of(args.repeat, lambda: on_threads(k, lambda i: _write_file(raw_paths[i], hosts[i], durable, n)), before=remove)
-    add("raw file", "write", min(w1, wn, key=np.median), durable=durable, threads=1 if np.median(w1) <= np.median(wn) else n)
+    add("raw file", "write", min(w1, wn, key=np.median), durable=durable, threads=1 if np.median(w1) <= np.median(wn) else n,
+        times_1_thread=w1, times_n_threads=wn, n_threads=n)
     r1 = best_of(args.repeat, lambda: on_threads(k, lambda i: _read_file(raw_paths[i], hosts[i], 1)), before=evict)
     rn = best_of(args.repeat, lambda: on_threads(k, lambda i: _read_file(raw_paths[i], hosts[i], n)), before=evict)
-    add("raw file", "read", min(r1, rn, key=np.median), cache=args.cache, threads=1 if np.median(r1) <= np.median(rn) else n)
+    add("raw file", "read", min(r1, rn, key=np.median), cache=args.cache, threads=1 if np.median(r1) <= np.median(rn) else n,
+        times_1_thread=r1, times_n_threads=rn, n_threads=n)
     for p in raw_paths:
         os.remove(p)
     del hosts
