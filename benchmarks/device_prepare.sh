@@ -42,5 +42,6 @@ else
     (cd "$build/src" && "$build/venv/bin/python" setup.py -q build_ext --inplace >/dev/null)
     cp "$build/src/gpusaver/"_native.cpython-312-*.so "$carry/native/"
 fi
+echo "$(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet HEAD 2>/dev/null || echo ' with uncommitted changes') (prepared $(date -u +%FT%TZ))" >"$carry/COMMIT"
 ls -l "$carry/wheels" "$carry/native"
 du -sh "$carry"

@@ -61,7 +61,9 @@ run_step() {
 # ------------------------------------------------------------------ setup
 : >"$OUT/setup.log"
 note "gpusaver device run, $(date -u +%FT%TZ), rehearsal=$rehearsal, budget ${budget}s, steps $steps"
-note "commit $(git -C "$repo" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+# The device machine receives a copy of the working tree whose .git may be stale: name the tree by the commit
+# device_prepare.sh recorded in the carried folder (and whether the tree had changes then).
+note "tree: $(cat "$carry/COMMIT" 2>/dev/null || echo 'unknown (no .carry/COMMIT)')"
 t=$SECONDS
 if [ "$rehearsal" = 1 ]; then
     # A fresh Python 3.12 standing in for the GPU machine's: numpy and setuptools (which that image has) from the
