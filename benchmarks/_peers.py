@@ -31,15 +31,15 @@ WRITER_COUNT_PROBLEM: list[str] = []
 
 
 def writer_count() -> int:
-    """gpusaver's writer-thread count (``gpusaver.format.writer._writer_count()``; it honours
+    """gpusaver's writer-thread count (``gpusaver.storage.writer_count()``; it honours
     ``GPUSAVER_WRITER_THREADS``), or 1 when it can't be read (``WRITER_COUNT_PROBLEM`` says why)."""
     try:
-        from gpusaver.format.writer import _writer_count
+        from gpusaver.storage import writer_count as _writer_count
 
         return int(_writer_count())
     except Exception as e:  # noqa: BLE001 - an older or refactored gpusaver: the reference still runs
         if not WRITER_COUNT_PROBLEM:
-            WRITER_COUNT_PROBLEM.append(f"gpusaver.format.writer._writer_count() unavailable ({type(e).__name__}: {e})")
+            WRITER_COUNT_PROBLEM.append(f"gpusaver.storage.writer_count() unavailable ({type(e).__name__}: {e})")
         return 1
 
 

@@ -19,12 +19,15 @@ it names alive until the stream has finished with it.  Set the environment
 variable ``GPUSAVER_KERNEL_SYNC=1`` to synchronise after every launch, so an
 asynchronous kernel fault surfaces at the call that caused it.
 
-The CPU reference for every kernel is in :mod:`gpusaver._kernels_ref`.
+The crc32c kernel's lookup tables are built here (:func:`crc32c_tables`); the
+CPU reference for every kernel, which tests compare against, is in
+:mod:`gpusaver._kernels_ref`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import pathlib
 import threading
 from collections.abc import Iterator, Sequence
@@ -33,7 +36,7 @@ from typing import TYPE_CHECKING, Any, Union
 import numpy as np
 
 from gpusaver import config
-from gpusaver._kernels_ref import SHIFT_LEVELS, chunk_starts, crc32c_tables
+from gpusaver.format.crc import CRC32C_POLY, Operator, compose, zero_bytes_operator
 from gpusaver.errors import BackendUnavailableError, InvalidArgumentError, InvalidArgumentTypeError
 
 if TYPE_CHECKING:
@@ -41,6 +44,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BLOCK_THREADS",
+    "SHIFT_LEVELS",
+    "chunk_starts",
+    "crc32c_tables",
+    "slicing_tables",
     "CRC_CHUNK_BYTES",
     "KERNELS",
     "PACK_CHUNK_BYTES",
@@ -96,11 +103,86 @@ class Ranges:
     def __len__(self) -> int:
         return int(self.ptrs.size)
 
+#: Shift operators in the crc32c kernel's table: ranges may span up to ``2**SHIFT_LEVELS`` chunks.
+SHIFT_LEVELS = 40
+
 _lock = threading.Lock()
 # One lock per (source, device): several GPUs compile their modules at the same time.
 _compile_locks: dict[tuple[str, int], threading.Lock] = {}
 _modules: dict[tuple[str, int], tuple[Any, dict[str, Any]]] = {}
 _tables: dict[tuple[int, int], Any] = {}
+
+
+# --- the crc32c kernel's tables (its CPU model is gpusaver._kernels_ref.crc32c_chunked_ref)
+
+
+def _byte_tables(op: Operator) -> np.ndarray:
+    """Returns a (4, 256) table: row q, column b holds ``op(b << 8q)``."""
+    cols = np.asarray(op, dtype=np.uint32)
+    rows = []
+    for q in range(4):
+        table = np.zeros(1, dtype=np.uint32)
+        for bit in range(8):
+            table = np.concatenate([table, table ^ cols[8 * q + bit]])
+        rows.append(table)
+    return np.stack(rows)
+
+
+@functools.cache
+def slicing_tables() -> np.ndarray:
+    """Returns the slicing-by-8 tables as a read-only (8, 256) uint32 array.
+
+    ``T[0][b]`` is the classic byte table ``raw(b, one zero byte)``;
+    ``T[k][b] = Z_k(T[0][b])``.
+    """
+    t0: np.ndarray = np.arange(256, dtype=np.uint32)
+    for _ in range(8):
+        t0 = (t0 >> 1) ^ np.where(t0 & 1, np.uint32(CRC32C_POLY), np.uint32(0))
+    tables = [t0]
+    for _ in range(7):
+        prev = tables[-1]
+        tables.append((prev >> 8) ^ t0[prev & 0xFF])
+    out = np.stack(tables).astype(np.uint32)
+    out.flags.writeable = False
+    return out
+
+
+@functools.lru_cache(maxsize=8)
+def crc32c_tables(chunk_bytes: int, levels: int = SHIFT_LEVELS) -> np.ndarray:
+    """Returns the table argument of the ``gs_crc32c_chunks`` kernel.
+
+    Layout (uint32, read-only): the 2048 slicing-by-8 words, then for each
+    level ``l < levels`` the (4, 256) byte tables of ``Z_{chunk_bytes * 2**l}``.
+
+    Args:
+        chunk_bytes: the kernel's chunk size C.
+        levels: number of shift operators; ranges may span up to
+            ``2**levels`` chunks.
+    """
+    if chunk_bytes <= 0:
+        raise InvalidArgumentError(f"chunk_bytes must be > 0, got {chunk_bytes}")
+    parts = [slicing_tables().reshape(-1)]
+    op = zero_bytes_operator(chunk_bytes)
+    for _ in range(levels):
+        parts.append(_byte_tables(op).reshape(-1))
+        op = compose(op, op)
+    out = np.concatenate(parts).astype(np.uint32)
+    out.flags.writeable = False
+    return out
+
+
+def chunk_starts(sizes: np.ndarray, chunk_bytes: int) -> np.ndarray:
+    """Returns the n + 1 exclusive prefix sums of ``ceil(sizes / chunk_bytes)``.
+
+    Args:
+        sizes: uint64 byte counts of the n ranges.
+        chunk_bytes: chunk size (> 0).
+    """
+    sizes = np.asarray(sizes, dtype=np.uint64)
+    counts = (sizes + np.uint64(chunk_bytes - 1)) // np.uint64(chunk_bytes)
+    out = np.zeros(sizes.size + 1, dtype=np.uint64)
+    np.cumsum(counts, out=out[1:])
+    return out
 
 
 def _cupy() -> Any:
@@ -498,7 +580,7 @@ def crc32c_ranges(
         device_id: the device holding the ranges; default: the current device
             (or the device of the first CuPy array given).
         masked: return the checkpoint format's masked crcs
-            (:func:`gpusaver._kernels_ref.crc32c_mask`) instead of plain ones.
+            (:func:`gpusaver.format.crc.mask`) instead of plain ones.
         chunk_bytes: bytes per thread.
 
     Returns:

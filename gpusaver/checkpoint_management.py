@@ -40,7 +40,7 @@ from gpusaver.errors import (
     StatePathConflictError,
     write_error,
 )
-from gpusaver.fileops import POSIX, FileOps
+from gpusaver.storage.fileops import POSIX, FileOps
 from gpusaver.paths import literal_or_glob, local_path, read_regular
 
 __all__ = [

@@ -40,7 +40,8 @@ from gpusaver.format import crc, dtypes
 from gpusaver.format import slices as _slices
 from gpusaver.format.entry import BundleEntry
 from gpusaver.format.naming import data_filename
-from gpusaver.format.reader import BundleReader, read_exact
+from gpusaver.format.reader import BundleReader
+from gpusaver.storage import read_exact
 from gpusaver.format.tensors import decode_strings
 
 __all__ = ["main"]
@@ -265,7 +266,7 @@ class _Verifier:
                 raise CorruptCheckpointError(f"{entry.size} bytes cannot hold {entry.num_elements} strings")
             fd, offset, size, path = reader.data_location(name, entry)
             buf = bytearray(size)
-            read_exact(fd, memoryview(buf), offset, path)
+            read_exact(fd, memoryview(buf), offset, path, reader.fileops)
             decode_strings(buf, entry.shape, crc.unmask(entry.crc32c), path, name)
             return
         if entry.size != entry.num_elements * dtype.itemsize:
@@ -277,16 +278,14 @@ class _Verifier:
         if len(self._buf) < min(_CHUNK, size):
             self._buf = bytearray(min(_CHUNK, size))
         view = memoryview(self._buf)
-        running, done = 0, 0
+        running, done = crc.Running(entry.crc32c, path, name), 0
         while done < size:
             n = min(len(view), size - done)
-            read_exact(fd, view[:n], offset + done, path)
-            running = crc.extend(running, view[:n])
+            read_exact(fd, view[:n], offset + done, path, reader.fileops)
+            running.update(view[:n])
             done += n
             self._tick(n)
-        expected = crc.unmask(entry.crc32c)
-        if running != expected:
-            raise ChecksumError(path, name, expected, running)
+        running.check()
 
     def variable(self, name: str, entry: BundleEntry) -> None:
         """Checks a variable: its bytes, or each of its slices and that they tile it."""

@@ -46,7 +46,6 @@ import numpy as np
 from gpusaver.errors import (
     BackendUnavailableError,
     CheckpointNotFoundError,
-    ChecksumError,
     CorruptCheckpointError,
     InvalidArgumentError,
     UnsupportedDTypeError,
@@ -55,7 +54,7 @@ from gpusaver.errors import (
 from gpusaver.format import BundleReader, BundleWriter, crc, dtypes
 from gpusaver.format.entry import BundleEntry
 from gpusaver.format.naming import data_file_glob, data_filename, index_filename
-from gpusaver.format.writer import os_error
+from gpusaver.storage import os_error
 from gpusaver.paths import local_path, open_regular
 from gpusaver.progress import Progress, ProgressCallback
 
@@ -364,14 +363,12 @@ class _CheckpointBytes:
             return value.reshape(-1).view(np.uint8)
         fd, offset, size, path = reader.data_location(item.name, entry)
         view = self._mapped(entry.shard_id, fd)[offset : offset + size]
-        running = 0
+        running = crc.Running(entry.crc32c, path, item.name)
         for lo in range(0, size, _SEGMENT):
             piece = view[lo : lo + _SEGMENT]
-            running = crc.extend(running, piece)
+            running.update(piece)
             self._count(len(piece))
-        expected = crc.unmask(entry.crc32c)
-        if running != expected:
-            raise ChecksumError(path, item.name, expected, running)
+        running.check()
         return view
 
     def close(self) -> None:

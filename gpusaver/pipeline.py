@@ -41,14 +41,14 @@ from gpusaver.errors import (
     ShapeMismatchError,
     TensorNotFoundError,
 )
-from gpusaver.fileops import POSIX, FileOps
+from gpusaver.storage.fileops import POSIX, FileOps
 from gpusaver.format import BundleReader, BundleWriter, dtypes
 from gpusaver.format.entry import encode_header
 from gpusaver.format.merge import commit_merged
 from gpusaver.format.naming import index_filename
 from gpusaver.format.slices import encode_slice_key
 from gpusaver.tempdirs import COMMITTING, clean_stale_temp_dirs, make_temp_dir, roll_back_unrecorded
-from gpusaver.format.writer import os_error
+from gpusaver.storage import os_error
 from gpusaver.variables import ResolvedVariable
 
 __all__ = ["Group", "group_by_device", "save_checkpoint", "restore_checkpoint", "clean_stale_temp_dirs"]

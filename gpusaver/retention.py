@@ -25,7 +25,7 @@ from typing import Callable
 
 from gpusaver import checkpoint_management as cm, paths
 from gpusaver.errors import CheckpointWriteError, write_error
-from gpusaver.fileops import FileOps
+from gpusaver.storage.fileops import FileOps
 from gpusaver.tempdirs import TempDir, make_temp_dir
 
 __all__ = ["Retention"]

@@ -31,7 +31,7 @@ from gpusaver.errors import (
     InvalidCheckpointPathError,
     StatePathConflictError,
 )
-from gpusaver.fileops import POSIX, FileOps
+from gpusaver.storage.fileops import POSIX, FileOps
 from gpusaver.frameworks import ordered_with_framework
 from gpusaver.progress import Progress, ProgressCallback
 from gpusaver.format import BundleReader
@@ -456,7 +456,7 @@ class Saver:
     def _restore(
         self, prefix: str, strict: bool, cast: bool, progress: ProgressCallback | None
     ) -> RestoreResult:
-        reader = BundleReader(prefix)
+        reader = BundleReader(prefix, self._fileops)
         try:
             mine = {v.name for v in self._variables}
             if strict and not cast and progress is None:

@@ -39,7 +39,7 @@ import uuid
 from urllib.parse import quote, unquote
 
 from gpusaver.errors import CorruptCheckpointError
-from gpusaver.fileops import POSIX, FileOps
+from gpusaver.storage.fileops import POSIX, FileOps
 from gpusaver.format.naming import data_file_glob, index_filename
 from gpusaver.paths import checkpoint_identity, open_regular, read_regular
 

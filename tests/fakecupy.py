@@ -956,7 +956,7 @@ class FakeCuda:
     ) -> Any:
         """:func:`gpusaver._kernels.crc32c_ranges` on the fake: a uint32 device array, valid once the stream gets there."""
         from gpusaver import _kernels as K
-        from gpusaver._kernels_ref import crc32c_mask
+        from gpusaver.format.crc import mask as crc32c_mask
 
         if chunk_bytes <= 0:
             raise ValueError(f"chunk_bytes must be > 0, got {chunk_bytes}")

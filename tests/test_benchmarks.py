@@ -39,7 +39,7 @@ def _bench(tmp_path: pathlib.Path, *args: str, env: dict[str, str] | None = None
 
 def _writer_count() -> int:
     sys.path.insert(0, str(REPO))
-    from gpusaver.format.writer import _writer_count
+    from gpusaver.storage import writer_count as _writer_count
 
     return _writer_count()
 

@@ -20,7 +20,7 @@ import pytest
 
 import gpusaver as gs
 from gpusaver import config
-from gpusaver.fileops import PosixFileOps
+from gpusaver.storage.fileops import PosixFileOps
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpusaver import _kernels_ref as ref
+from gpusaver import _kernels, _kernels_ref as ref
+from gpusaver.format import crc as crc_algebra
 
 U32 = 0xFFFFFFFF
 SPEC_VECTORS = [
@@ -25,7 +26,7 @@ def _raw_bitwise(register: int, data: bytes) -> int:
     for byte in data:
         register ^= byte
         for _ in range(8):
-            register = (register >> 1) ^ (ref.CRC32C_POLY if register & 1 else 0)
+            register = (register >> 1) ^ (crc_algebra.CRC32C_POLY if register & 1 else 0)
     return register
 
 
@@ -38,64 +39,64 @@ def test_spec_vectors(data: bytes, want: int) -> None:
     # Any split of the data combines back to the same crc.
     for cut in range(33):
         a, b = data[:cut], data[cut:]
-        assert ref.crc32c_combine(crc32c.crc32c(a), crc32c.crc32c(b), len(b)) == want
+        assert crc_algebra.combine(crc32c.crc32c(a), crc32c.crc32c(b), len(b)) == want
 
 
 @given(st.binary(max_size=300), st.binary(max_size=300))
 def test_combine_matches_concatenation(a: bytes, b: bytes) -> None:
-    assert ref.crc32c_combine(crc32c.crc32c(a), crc32c.crc32c(b), len(b)) == crc32c.crc32c(a + b)
+    assert crc_algebra.combine(crc32c.crc32c(a), crc32c.crc32c(b), len(b)) == crc32c.crc32c(a + b)
 
 
 @given(st.binary(max_size=64), st.binary(max_size=64), st.binary(max_size=64))
 def test_combine_is_associative(a: bytes, b: bytes, c: bytes) -> None:
     ca, cb, cc = (crc32c.crc32c(x) for x in (a, b, c))
-    left = ref.crc32c_combine(ref.crc32c_combine(ca, cb, len(b)), cc, len(c))
-    right = ref.crc32c_combine(ca, ref.crc32c_combine(cb, cc, len(c)), len(b) + len(c))
+    left = crc_algebra.combine(crc_algebra.combine(ca, cb, len(b)), cc, len(c))
+    right = crc_algebra.combine(ca, crc_algebra.combine(cb, cc, len(c)), len(b) + len(c))
     assert left == right == crc32c.crc32c(a + b + c)
 
 
 def test_combine_edge_cases() -> None:
     c = crc32c.crc32c(b"hello")
-    assert ref.crc32c_combine(c, 0, 0) == c
-    assert ref.crc32c_combine(0, c, 5) == c  # crc32c(b"") == 0
+    assert crc_algebra.combine(c, 0, 0) == c
+    assert crc_algebra.combine(0, c, 5) == c  # crc32c(b"") == 0
     big = 10 * 1024 * 1024 + 3
     zeros = bytes(big)
-    assert ref.crc32c_combine(c, crc32c.crc32c(zeros), big) == crc32c.crc32c(b"hello" + zeros)
+    assert crc_algebra.combine(c, crc32c.crc32c(zeros), big) == crc32c.crc32c(b"hello" + zeros)
 
 
 def test_combine_huge_length_is_fast() -> None:
     # Only the algebra: 2**50 bytes would take days to checksum directly.
-    x = ref.crc32c_combine(0x12345678, 0x9ABCDEF0, 2**50 + 12345)
+    x = crc_algebra.combine(0x12345678, 0x9ABCDEF0, 2**50 + 12345)
     assert 0 <= x <= U32
     # Z_{m+n} = Z_m o Z_n.
-    assert ref.crc32c_shift(ref.crc32c_shift(0xDEADBEEF, 2**40), 2**40 + 7) == ref.crc32c_shift(
+    assert crc_algebra.shift(crc_algebra.shift(0xDEADBEEF, 2**40), 2**40 + 7) == crc_algebra.shift(
         0xDEADBEEF, 2**41 + 7
     )
 
 
 @given(st.integers(0, U32), st.integers(0, 200))
 def test_shift_matches_feeding_zeros(register: int, n: int) -> None:
-    assert ref.crc32c_shift(register, n) == _raw_bitwise(register, bytes(n))
+    assert crc_algebra.shift(register, n) == _raw_bitwise(register, bytes(n))
 
 
 def test_shift_rejects_negative_length() -> None:
     with pytest.raises(ValueError):
-        ref.crc32c_shift(1, -1)
+        crc_algebra.shift(1, -1)
 
 
 def test_mask_and_unmask() -> None:
-    assert ref.crc32c_mask(0) == 0xA282EAD8
-    assert ref.crc32c_unmask(0xA282EAD8) == 0
+    assert crc_algebra.mask(0) == 0xA282EAD8
+    assert crc_algebra.unmask(0xA282EAD8) == 0
     c = 0x8A9136AA
-    assert ref.crc32c_mask(c) == ((((c >> 15) | (c << 17)) & U32) + 0xA282EAD8) & U32
+    assert crc_algebra.mask(c) == ((((c >> 15) | (c << 17)) & U32) + 0xA282EAD8) & U32
     for value in (0, 1, 0x7FFF, 0x8000, 0xFFFFFFFF, 0x12345678, 0x5D7D1528):
-        assert ref.crc32c_unmask(ref.crc32c_mask(value)) == value
-        assert ref.crc32c_mask(ref.crc32c_unmask(value)) == value
+        assert crc_algebra.unmask(crc_algebra.mask(value)) == value
+        assert crc_algebra.mask(crc_algebra.unmask(value)) == value
 
 
 @given(st.integers(0, U32))
 def test_mask_round_trip(value: int) -> None:
-    assert ref.crc32c_unmask(ref.crc32c_mask(value)) == value
+    assert crc_algebra.unmask(crc_algebra.mask(value)) == value
 
 
 def test_ranges_ref() -> None:
@@ -106,7 +107,7 @@ def test_ranges_ref() -> None:
     assert got.dtype == np.uint32 and got.shape == (len(pieces),)
     assert got.tolist() == [crc32c.crc32c(p) for p in pieces]
     masked = ref.crc32c_ranges_ref(pieces, masked=True)
-    assert masked.tolist() == [ref.crc32c_mask(crc32c.crc32c(p)) for p in pieces]
+    assert masked.tolist() == [crc_algebra.mask(crc32c.crc32c(p)) for p in pieces]
     assert ref.crc32c_ranges_ref([]).shape == (0,)
     arr = np.arange(12, dtype=np.float32).reshape(3, 4)
     assert (
@@ -118,12 +119,12 @@ def test_ranges_ref() -> None:
 
 
 def test_slicing_tables() -> None:
-    tables = ref.slicing_tables()
+    tables = _kernels.slicing_tables()
     assert tables.shape == (8, 256) and tables.dtype == np.uint32
     for b in range(256):
         assert int(tables[0, b]) == _raw_bitwise(b, b"\x00")
         for k in range(1, 8):
-            assert int(tables[k, b]) == ref.crc32c_shift(int(tables[0, b]), k)
+            assert int(tables[k, b]) == crc_algebra.shift(int(tables[0, b]), k)
     # One slicing-by-8 step, as kernels/crc32c.cu does it, over random words.
     rng = np.random.default_rng(3)
     data = bytes(rng.integers(0, 256, 800, dtype=np.uint8))
@@ -148,14 +149,14 @@ def test_slicing_tables() -> None:
 
 @pytest.mark.parametrize("chunk", [1, 16, 48, 4096])
 def test_kernel_tables_layout(chunk: int) -> None:
-    tables = ref.crc32c_tables(chunk)
+    tables = _kernels.crc32c_tables(chunk)
     assert tables.dtype == np.uint32
-    assert tables.shape == (2048 + 1024 * ref.SHIFT_LEVELS,)
+    assert tables.shape == (2048 + 1024 * _kernels.SHIFT_LEVELS,)
     assert not tables.flags.writeable
-    np.testing.assert_array_equal(tables[:2048], ref.slicing_tables().reshape(-1))
-    shifts = tables[2048:].reshape(ref.SHIFT_LEVELS, 4, 256)
+    np.testing.assert_array_equal(tables[:2048], _kernels.slicing_tables().reshape(-1))
+    shifts = tables[2048:].reshape(_kernels.SHIFT_LEVELS, 4, 256)
     rng = np.random.default_rng(chunk)
-    for level in (0, 1, 5, ref.SHIFT_LEVELS - 1):
+    for level in (0, 1, 5, _kernels.SHIFT_LEVELS - 1):
         for v in [int(x) for x in rng.integers(0, 2**32, 20, dtype=np.uint64)]:
             applied = int(
                 shifts[level, 0, v & 0xFF]
@@ -163,15 +164,15 @@ def test_kernel_tables_layout(chunk: int) -> None:
                 ^ shifts[level, 2, (v >> 16) & 0xFF]
                 ^ shifts[level, 3, v >> 24]
             )
-            assert applied == ref.crc32c_shift(v, chunk << level)
+            assert applied == crc_algebra.shift(v, chunk << level)
 
 
 def test_chunk_starts() -> None:
     sizes = np.array([0, 1, 4096, 4097, 0, 8192, 12289], dtype=np.uint64)
-    starts = ref.chunk_starts(sizes, 4096)
+    starts = _kernels.chunk_starts(sizes, 4096)
     assert starts.dtype == np.uint64
     assert starts.tolist() == [0, 0, 1, 2, 4, 4, 6, 10]
-    assert ref.chunk_starts(np.zeros(0, np.uint64), 16).tolist() == [0]
+    assert _kernels.chunk_starts(np.zeros(0, np.uint64), 16).tolist() == [0]
 
 
 @settings(max_examples=60, deadline=None)

@@ -26,7 +26,7 @@ import fakecupy
 import gpusaver as gs
 from gpusaver import config, backends, nvml
 from gpusaver.backends import cupy_backend
-from gpusaver.fileops import PosixFileOps
+from gpusaver.storage.fileops import PosixFileOps
 from gpusaver.format import BundleReader, BundleWriter
 
 SLOT = 4096  # bytes per pinned buffer and of the staging slab

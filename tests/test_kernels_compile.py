@@ -305,7 +305,7 @@ def _run_harness(
             _u64(offsets),
             _u64(staging_offsets),
             _u64(sizes),
-            _u64(_kernels_ref.chunk_starts(sizes, chunk)),
+            _u64(_kernels.chunk_starts(sizes, chunk)),
             _u64([tables.size]),
             tables.astype("<u4").tobytes(),
             blob.tobytes(),
@@ -404,7 +404,7 @@ def test_crc32c_logic_on_host(harness: pathlib.Path, chunk: int) -> None:
     sizes = np.asarray(size_list, dtype=np.uint64)
     offsets = _layout(rng, size_list, 21)
     blob = rng.integers(0, 256, int(offsets[-1] + sizes[-1]) + 16, dtype=np.uint8)
-    tables = _kernels_ref.crc32c_tables(chunk)
+    tables = _kernels.crc32c_tables(chunk)
     got = _run_harness(
         harness, "crc", blob=blob, offsets=offsets, sizes=sizes, chunk=chunk, tables=tables
     )

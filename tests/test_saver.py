@@ -34,7 +34,7 @@ from gpusaver.errors import (
     TensorNotFoundError,
     UnsupportedDTypeError,
 )
-from gpusaver.fileops import PosixFileOps
+from gpusaver.storage.fileops import PosixFileOps
 
 # Every test runs on both host paths: the C extension and its pure-Python twin.
 pytestmark = pytest.mark.usefixtures("host_path")

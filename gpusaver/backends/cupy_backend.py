@@ -29,8 +29,7 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from gpusaver import config, native, nvml
-from gpusaver._parallel import run_parallel
+from gpusaver import config, nvml
 from gpusaver.backends.base import TensorList
 from gpusaver.devices import DeviceSpec
 from gpusaver.errors import (
@@ -41,7 +40,7 @@ from gpusaver.errors import (
     InvalidArgumentTypeError,
 )
 from gpusaver.format import BundleReader, BundleWriter, crc, dtypes
-from gpusaver.format.reader import _read_workers, read_exact
+from gpusaver.storage import read_exact, read_workers
 
 __all__ = ["CupyBackend", "probe", "PinnedRing"]
 
@@ -506,7 +505,7 @@ class CupyBackend:
         """
         from concurrent.futures import ThreadPoolExecutor
 
-        workers = min(_read_workers(total, config.get("parallel_chunked_bytes")), len(jobs))
+        workers = min(read_workers(total, config.get("parallel_chunked_bytes")), len(jobs))
         if workers <= 1:
             for job in jobs:
                 slot = state.ring.acquire()
@@ -578,7 +577,7 @@ class CupyBackend:
             a, b = job
             fd, _, path = reader._data_file(int(shards[a]))
             lo = int(starts[a])
-            read_exact(fd, memoryview(state.ring.view(slot)[: int(ends[b - 1]) - lo]), lo, path)
+            read_exact(fd, memoryview(state.ring.view(slot)[: int(ends[b - 1]) - lo]), lo, path, reader.fileops)
 
         def use(job: tuple[int, int], slot: int) -> None:
             a, b = job
@@ -625,15 +624,15 @@ class CupyBackend:
                 f"tensor {name!r} in {path!r} has {size} bytes stored; its shape and dtype need {arr.nbytes}", path
             )
         step = max(1, state.ring.slot_bytes // row_bytes)
-        running = 0
+        running = crc.Running(entry.crc32c, path, name)
         for start in range(0, rows, step):
             stop = min(rows, start + step)
             n = (stop - start) * row_bytes
             slot = state.ring.acquire()
             try:
                 view = state.ring.view(slot)[:n]
-                read_exact(fd, memoryview(view), offset + start * row_bytes, path)
-                running = crc.extend(running, view)
+                read_exact(fd, memoryview(view), offset + start * row_bytes, path, reader.fileops)
+                running.update(view)
                 cp.cuda.runtime.memcpyAsync(
                     state.slab.data.ptr, state.ring.ptr(slot), n, cp.cuda.runtime.memcpyHostToDevice, state.stream.ptr
                 )
@@ -641,9 +640,7 @@ class CupyBackend:
             finally:
                 state.stream.synchronize()  # the slab and the pinned buffer are free again
                 state.ring.release(slot)
-        expected = crc.unmask(entry.crc32c)
-        if running != expected:
-            raise ChecksumError(path, name, expected, running)
+        running.check()
 
     def _restore_large(self, reader: BundleReader, name: str, arr: Any, state: _DeviceState, stage: bool = True) -> None:
         """File -> pinned chunks (reader threads) -> H2D copies -> crc32c on the device -> in place.
@@ -668,7 +665,7 @@ class CupyBackend:
 
         def read(job: tuple[int, int], slot: int) -> None:
             off, n = job
-            read_exact(fd, memoryview(state.ring.view(slot)[:n]), offset + off, path)
+            read_exact(fd, memoryview(state.ring.view(slot)[:n]), offset + off, path, reader.fileops)
 
         def use(job: tuple[int, int], slot: int) -> None:
             off, n = job
@@ -679,9 +676,7 @@ class CupyBackend:
 
         self._pipeline(jobs, read, use, size, state)
         actual = int(self._device_crcs(np.array([target], np.uint64), np.array([size], np.int64), state)[0])
-        expected = crc.unmask(entry.crc32c)
-        if actual != expected:
-            raise ChecksumError(path, name, expected, actual)
+        crc.check(actual, entry.crc32c, path, name)
         if staged is not None:
             cp.cuda.runtime.memcpyAsync(
                 int(arr.data.ptr), target, size, cp.cuda.runtime.memcpyDeviceToDevice, state.stream.ptr

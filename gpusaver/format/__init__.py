@@ -1,7 +1,9 @@
 """TensorFlow's V2 checkpoint ("tensor bundle") format, read and written byte-compatibly.
 
-This layer knows bytes on disk and crc32c; it knows NumPy only through a dtype
-map. See ``shared/docs/tf_bundle_format.md`` for the format itself.
+This layer encodes bytes: tables, entries, the header, slices, strings and crc32c; it
+knows NumPy only through a dtype map, and leaves moving bytes to and from files to
+:mod:`gpusaver.storage`. The messages are TensorFlow's, in ``protos/`` (``tensor_bundle.proto``
+and the files it imports); the layout of tables and blocks is described in ``table.py``.
 """
 
 from gpusaver.format.entry import BundleEntry, BundleHeader

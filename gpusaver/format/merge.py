@@ -23,12 +23,12 @@ import uuid
 from typing import Sequence
 
 from gpusaver.errors import CorruptCheckpointError, InvalidArgumentError
-from gpusaver.fileops import POSIX, FileOps
+from gpusaver.storage.fileops import POSIX, FileOps
 from gpusaver.format.entry import decode_entry, decode_header, encode_entry, encode_header
 from gpusaver.format.naming import data_file_glob, data_filename, index_filename
 from gpusaver.format.table import TableReader, encode_table
 from gpusaver.format.wire import Malformed, encode_varint
-from gpusaver.format.writer import os_error
+from gpusaver.storage import os_error
 from gpusaver.paths import local_path
 
 __all__ = ["merge_bundles"]

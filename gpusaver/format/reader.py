@@ -30,9 +30,11 @@ from gpusaver.format.naming import data_filename, index_filename
 from gpusaver.format.table import TableReader
 from gpusaver.format.tensors import decode_strings
 from gpusaver.format.wire import Malformed
-from gpusaver.paths import local_path, open_regular, read_regular
+from gpusaver.paths import local_path, read_regular
+from gpusaver.storage import POSIX, FileOps, read_exact, read_with_checksums, read_workers
+from gpusaver.storage.reads import track_progress, untrack_progress
 
-__all__ = ["BundleReader", "read_exact"]
+__all__ = ["BundleReader"]
 
 _IOV_MAX = 1024
 # The sizes are settings (gpusaver.config), read when a read starts: reads go in segments of
@@ -58,127 +60,13 @@ class EntryColumns:
         self.crcs = crc.unmask_array(crcs)
 
 
-#: data file descriptor -> the Progress its reads count towards (set by BundleReader.set_progress)
-_progress_of_fd: dict[int, Any] = {}
-
-
-def read_exact(fd: int, out: memoryview, offset: int, path: str) -> None:
-    """Fills ``out`` from ``fd`` at ``offset``; a short file raises CorruptCheckpointError."""
-    done, n = 0, len(out)
-    while done < n:
-        got = os.preadv(fd, [out[done:]], offset + done)
-        if got <= 0:
-            raise CorruptCheckpointError(
-                f"{path!r} is truncated: needed bytes up to {offset + n}, file ended at {offset + done}", path
-            )
-        done += got
-    progress = _progress_of_fd.get(fd)
-    if progress is not None:
-        progress.add(n)
-
-
-def _scatter_read(fd: int, views: list[Any], start: int, path: str) -> None:
-    """Fills ``views`` from consecutive file bytes at ``start`` (one preadv when it can)."""
-    total = sum(len(v) for v in views)
-    got = os.preadv(fd, views, start) if total else 0
-    if got != total:  # a short read: finish piece by piece (errors name the file)
-        pos = start
-        for v in views:
-            read_exact(fd, v, pos, path)
-            pos += len(v)
-        return
-    progress = _progress_of_fd.get(fd)
-    if progress is not None:
-        progress.add(total)
-
-
-Run = tuple[int, int, str, list[Any], int]  # fd, file offset, path, buffers, index of the first buffer
-
-
-def _read_runs(runs: list[Run], crcs: list[int]) -> None:
-    """Reads runs in cache-sized segments and checksums each segment right after it arrives.
-
-    The crc32c then reads bytes that are still in the CPU cache instead of
-    making a second pass over memory, so verifying costs little beyond the read.
-    """
-    extend = crc.extend
-    seg_max = config.get("segment_bytes")
-    for fd, start, path, views, index in runs:
-        segment: list[tuple[int, Any]] = []
-        seg_bytes, pos = 0, start
-        for view in views:
-            n = len(view)
-            for lo in range(0, n, seg_max) if n > seg_max else (0,):
-                piece = view[lo : lo + seg_max] if n > seg_max else view
-                segment.append((index, piece))
-                seg_bytes += len(piece)
-                if seg_bytes >= seg_max or len(segment) >= _IOV_MAX:
-                    _scatter_read(fd, [p for _, p in segment], pos, path)
-                    for i, p in segment:
-                        crcs[i] = extend(crcs[i], p)
-                    pos += seg_bytes
-                    segment, seg_bytes = [], 0
-            index += 1
-        if segment:
-            _scatter_read(fd, [p for _, p in segment], pos, path)
-            for i, p in segment:
-                crcs[i] = extend(crcs[i], p)
-
-
-def _read_workers(total: int, threshold: int | None = None) -> int:
-    """Threads for a read of ``total`` bytes: from ``threshold`` bytes up (default: the
-    ``parallel_read_bytes`` setting), the ``reader_threads`` setting or one per CPU, at most 4."""
-    if total < (config.get("parallel_read_bytes") if threshold is None else threshold):
-        return 1
-    configured = config.get("reader_threads")
-    if configured:
-        return int(configured)
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cpus = os.cpu_count() or 1
-    return max(1, min(4, cpus))
-
-
-def _read_with_checksums(runs: list[tuple[int, int, str, list[Any]]], count: int) -> list[int]:
-    """Reads every run into its buffers and returns each buffer's crc32c, in order.
-
-    A big read is split, at buffer boundaries, into contiguous parts of about
-    equal size, read and checksummed by one thread each: preadv and crc32c
-    release the GIL, so the parts proceed on all CPUs at once.
-    """
-    crcs = [0] * count
-    total = sum(len(v) for run in runs for v in run[3])
-    workers = _read_workers(total)
-    parts: list[list[Run]] = [[] for _ in range(workers)]
-    quota = total / workers
-    done_bytes, index = 0, 0
-    for fd, start, path, views in runs:
-        current: list[Any] = []
-        part = first = 0
-        pos = begin = start
-        for view in views:
-            want = min(int(done_bytes // quota), workers - 1) if quota else 0
-            if current and want != part:
-                parts[part].append((fd, begin, path, current, first))
-                current = []
-            if not current:
-                part, begin, first = want, pos, index
-            current.append(view)
-            pos += len(view)
-            done_bytes += len(view)
-            index += 1
-        if current:
-            parts[part].append((fd, begin, path, current, first))
-    run_parallel(lambda runs_of_part: _read_runs(runs_of_part, crcs), parts, "gpusaver-read")
-    return crcs
-
-
 class BundleReader:
     """Reads one checkpoint (``prefix.index`` and its data files).
 
     Args:
         prefix: the checkpoint prefix.
+        fileops: the file operations the data files are opened and read with (tests inject faults
+            here); the index is read whole with plain I/O.
 
     Raises:
         CheckpointNotFoundError: ``prefix.index`` does not exist.
@@ -186,7 +74,9 @@ class BundleReader:
         UnsupportedVersionError: written by a newer format.
     """
 
-    def __init__(self, prefix: str) -> None:
+    def __init__(self, prefix: str, fileops: FileOps | None = None) -> None:
+        #: the file operations every data read goes through
+        self.fileops: FileOps = fileops or POSIX
         self.prefix = local_path(prefix)
         self.index_path = index_filename(self.prefix)
         try:
@@ -356,14 +246,14 @@ class BundleReader:
             if cached is None:
                 path = data_filename(self.prefix, shard_id, self.header.num_shards)
                 try:
-                    fd = open_regular(path, "data file")
+                    fd = self.fileops.open_read(path, "data file")
                 except (FileNotFoundError, NotADirectoryError):
                     raise CorruptCheckpointError(
                         f"checkpoint {self.prefix!r} is incomplete: data file {path!r} is missing", path
                     ) from None
                 cached = self._files[shard_id] = (fd, os.fstat(fd).st_size, path)
                 if self._progress is not None:
-                    _progress_of_fd[fd] = self._progress
+                    track_progress(fd, self._progress)
             return cached
 
     def data_file_size(self, shard_id: int) -> int:
@@ -437,12 +327,9 @@ class BundleReader:
         if len(view) != entry.size:
             raise ShapeMismatchError(f"tensor {name!r} has {entry.size} bytes; the destination has {len(view)}")
         fd, offset, size, path = self.data_location(name, entry)
-        read_exact(fd, view, offset, path)
+        read_exact(fd, view, offset, path, self.fileops)
         if verify:
-            actual = crc.value(view)
-            expected = crc.unmask(entry.crc32c)
-            if actual != expected:
-                raise ChecksumError(path, name, expected, actual)
+            crc.check(crc.value(view), entry.crc32c, path, name)
 
     def read_many_into(self, items: Sequence[tuple[str, Any]]) -> None:
         """Reads many numeric tensors into their buffers, verifying every crc32c.
@@ -478,7 +365,7 @@ class BundleReader:
             else:
                 runs.append((fd, offset, path, [view]))
             run_fd, run_end = fd, offset + size
-        actual = _read_with_checksums(runs, len(checks))
+        actual = read_with_checksums(runs, len(checks), self.fileops)
         for (name, view, stored, path), got in zip(checks, actual):
             if got != crc.unmask(stored):
                 raise ChecksumError(path, name, crc.unmask(stored), got)
@@ -564,7 +451,7 @@ class BundleReader:
         cuts = np.append(np.flatnonzero(brk), len(order))
         jobs = [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:])]
         total = int(ends[-1] - starts[0])
-        workers = min(_read_workers(total, config.get("parallel_chunked_bytes")), len(jobs))
+        workers = min(read_workers(total, config.get("parallel_chunked_bytes")), len(jobs))
         failures: list[tuple[int, ChecksumError]] = []
 
         def run(part: list[tuple[int, int]]) -> None:
@@ -573,7 +460,7 @@ class BundleReader:
             for a, b in part:
                 fd, _, path = self._data_file(int(shards[a]))
                 lo, hi = int(starts[a]), int(ends[b - 1])
-                read_exact(fd, view[: hi - lo], lo, path)
+                read_exact(fd, view[: hi - lo], lo, path, self.fileops)
                 for bad in lib.unpack(view[: hi - lo], lo, arrays, order, a, b, cols.offsets, cols.crcs):
                     at = int(cols.offsets[bad]) - lo
                     actual = crc.value(view[at : at + int(sizes[bad])])
@@ -600,7 +487,7 @@ class BundleReader:
             self.check_size(name, entry)
             fd, offset, size, path = self.data_location(name, entry)
             buf = bytearray(size)
-            read_exact(fd, memoryview(buf), offset, path)
+            read_exact(fd, memoryview(buf), offset, path, self.fileops)
             return decode_strings(buf, entry.shape, crc.unmask(entry.crc32c), path, name)
         self._check_size(name, entry, dtype)
         self.data_location(name, entry)  # truncation is found before allocating
@@ -693,7 +580,7 @@ class BundleReader:
         """Closes the data files."""
         with self._lock:
             for fd, _, _ in self._files.values():
-                _progress_of_fd.pop(fd, None)
+                untrack_progress(fd)
                 os.close(fd)
             self._files.clear()
             self._progress = None
@@ -705,9 +592,9 @@ class BundleReader:
             self._progress = progress
             for fd, _, _ in self._files.values():
                 if progress is None:
-                    _progress_of_fd.pop(fd, None)
+                    untrack_progress(fd)
                 else:
-                    _progress_of_fd[fd] = progress
+                    track_progress(fd, progress)
 
     def __enter__(self) -> "BundleReader":
         return self

@@ -23,7 +23,7 @@ from typing import Any, Callable, Iterable, Mapping
 import numpy as np
 
 import gpusaver as gs
-from gpusaver.fileops import PosixFileOps
+from gpusaver.storage.fileops import PosixFileOps
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "crashworker.py")

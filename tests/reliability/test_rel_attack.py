@@ -204,7 +204,7 @@ def test_saves_from_separate_pid_namespaces_never_clean_each_other(tmp_path: Pat
         ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, "-c", textwrap.dedent(
             """
             import os, sys, time, relkit
-            from gpusaver.fileops import PosixFileOps
+            from gpusaver.storage.fileops import PosixFileOps
             directory, gate, ready = sys.argv[1:4]
             class Hold(PosixFileOps):
                 def phase(self, name):

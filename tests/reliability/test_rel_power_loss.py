@@ -33,7 +33,7 @@ from typing import Any, Sequence
 import pytest
 
 import gpusaver as gs
-from gpusaver.fileops import PosixFileOps
+from gpusaver.storage.fileops import PosixFileOps
 import relkit
 
 SPECS = relkit.SPECS["small"]

@@ -30,7 +30,7 @@ import pytest
 
 import gpusaver as gs
 import gpusaver.pipeline
-from gpusaver.fileops import PosixFileOps
+from gpusaver.storage.fileops import PosixFileOps
 from gpusaver.format import BundleWriter, merge_bundles
 import relkit
 

@@ -1,9 +1,10 @@
-"""The file operations of a save, behind one small interface.
+"""The file operations of a save and a restore, behind one small interface.
 
-Every byte a save puts on disk goes through a :class:`FileOps`. The default,
-:class:`PosixFileOps`, is plain POSIX I/O. Tests substitute their own to fail
-or crash at any operation or at a named *phase* of the commit protocol (see
-``gpusaver.pipeline.commit`` for the list of phases), or to model a power loss.
+Every byte gpusaver puts on disk or reads back from a data file goes through a
+:class:`FileOps`. The default, :class:`PosixFileOps`, is plain POSIX I/O. Tests
+substitute their own to fail or crash at any operation (reads included) or at a
+named *phase* of the commit protocol (see ``gpusaver.pipeline`` for the list of
+phases), or to model a power loss.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import shutil
 from typing import Any, Iterator, Protocol, Sequence, runtime_checkable
 
-__all__ = ["FileOps", "PosixFileOps", "POSIX", "IOV_MAX"]
+__all__ = ["FileOps", "PosixFileOps", "POSIX", "IOV_MAX", "io_threads"]
 
 IOV_MAX = getattr(os, "sysconf", lambda _: 1024)("SC_IOV_MAX") if hasattr(os, "sysconf") else 1024
 if not isinstance(IOV_MAX, int) or IOV_MAX <= 0:
@@ -60,6 +61,12 @@ class FileOps(Protocol):
 
     def fsync_dir(self, path: str) -> None:
         """Makes the directory's entries (creations, renames, removals) durable."""
+
+    def open_read(self, path: str, what: str) -> int:
+        """Opens an existing regular file for reading (``what`` names it in errors: "data file", ...)."""
+
+    def preadv(self, fd: int, buffers: Sequence[Any], offset: int) -> int:
+        """Reads into ``buffers`` from file ``offset``; returns the bytes read (fewer at end of file)."""
 
 
 class PosixFileOps:
@@ -114,6 +121,14 @@ class PosixFileOps:
         finally:
             os.close(fd)
 
+    def open_read(self, path: str, what: str) -> int:
+        from gpusaver.paths import open_regular
+
+        return open_regular(path, what)
+
+    def preadv(self, fd: int, buffers: Sequence[Any], offset: int) -> int:
+        return os.preadv(fd, buffers, offset)
+
 
 def _batches(buffers: Sequence[Any]) -> Iterator[tuple[list[Any], int]]:
     """Groups buffers into system calls of at most IOV_MAX buffers and about _MAX_WRITE bytes."""
@@ -155,3 +170,18 @@ def _write_all(fd: int, views: list[Any], total: int, offset: int | None) -> Non
 
 #: The default file operations.
 POSIX = PosixFileOps()
+
+
+def io_threads(setting: str) -> int:
+    """Threads for reads or writes: the ``setting`` (``reader_threads``, ``writer_threads``), or one per
+    usable CPU, at most 4 (file I/O and crc32c release the GIL)."""
+    from gpusaver import config
+
+    configured = config.get(setting)
+    if configured:
+        return int(configured)
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cpus = os.cpu_count() or 1
+    return max(1, min(4, cpus))
