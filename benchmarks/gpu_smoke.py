@@ -20,7 +20,7 @@ sys.path[:0] = [p for p in (os.path.dirname(_HERE),) if p not in sys.path]
 
 
 def kernels_only(cp) -> None:
-    from gpusaver import _kernels
+    from gpusaver.cuda import kernels as _kernels
 
     for dev in range(cp.cuda.runtime.getDeviceCount()):
         props = cp.cuda.runtime.getDeviceProperties(dev)

@@ -84,7 +84,7 @@ def save(tree: Mapping[str, Any], path: "str | os.PathLike[str]", *, progress: P
         InvalidArgumentError, UnsupportedDTypeError: a tree gpusaver cannot save.
         CheckpointWriteError: the write failed; nothing is committed.
     """
-    from gpusaver.paths import local_path
+    from gpusaver.storage.paths import local_path
     from gpusaver.saver import Saver
 
     flat = flatten(tree)

@@ -41,7 +41,7 @@ from gpusaver.errors import (
     write_error,
 )
 from gpusaver.storage.fileops import POSIX, FileOps
-from gpusaver.paths import literal_or_glob, local_path, read_regular
+from gpusaver.storage.paths import literal_or_glob, local_path, read_regular
 
 __all__ = [
     "CheckpointState",

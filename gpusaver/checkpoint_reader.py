@@ -10,7 +10,7 @@ import numpy as np
 from gpusaver.errors import CheckpointNotFoundError, InvalidCheckpointPathError
 from gpusaver.format import BundleReader
 from gpusaver.format.naming import DATA_SUFFIX_RE
-from gpusaver.paths import local_path
+from gpusaver.storage.paths import local_path
 
 __all__ = ["CheckpointReader", "load_checkpoint", "list_variables", "resolve_checkpoint_path"]
 

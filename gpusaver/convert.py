@@ -55,7 +55,7 @@ from gpusaver.format import BundleReader, BundleWriter, crc, dtypes
 from gpusaver.format.entry import BundleEntry
 from gpusaver.format.naming import data_file_glob, data_filename, index_filename
 from gpusaver.storage import os_error
-from gpusaver.paths import local_path, open_regular
+from gpusaver.storage.paths import local_path, open_regular
 from gpusaver.progress import Progress, ProgressCallback
 
 __all__ = [

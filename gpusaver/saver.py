@@ -18,7 +18,9 @@ from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import numpy as np
 
-from gpusaver import _gc, checkpoint_management as cm, paths
+from gpusaver import checkpoint_management as cm
+from gpusaver.pipeline import gc_pause as _gc
+from gpusaver.storage import paths
 from gpusaver._proto.saver_pb2 import SaverDef
 from gpusaver.backends.base import TensorList
 from gpusaver.errors import (
@@ -42,8 +44,8 @@ from gpusaver.pipeline import (
     restore_checkpoint,
     save_checkpoint,
 )
-from gpusaver.retention import Retention
-from gpusaver.tempdirs import TempDir
+from gpusaver.pipeline.retention import Retention
+from gpusaver.pipeline.tempdirs import TempDir
 from gpusaver.variables import ResolvedVariable, check_restorable, resolve_var_list
 
 __all__ = ["Saver"]

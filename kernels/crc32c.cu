@@ -30,7 +30,7 @@
 // Aligning chunks to the end is what makes every shift a multiple of C, so a
 // small set of precomputed operators covers every range length.
 //
-// Tables (built on the host, gpusaver/_kernels_ref.py, one uint32 array):
+// Tables (built on the host, gpusaver/cuda/kernels.py, crc32c_tables, one uint32 array):
 //   tables[0 .. 2048)                 slicing-by-8 tables T0..T7, Tk at k*256:
 //                                     T0[b] = raw(b, one zero byte) (the classic
 //                                     byte table), Tk[b] = Z_k(T0[b]);

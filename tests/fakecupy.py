@@ -23,7 +23,7 @@ is modelled; non-blocking streams are ordered with nothing.
 Fresh device memory holds ``DEVICE_FILL`` bytes and fresh pinned memory
 ``PINNED_FILL`` bytes, so reads of never-written memory are visible.
 
-The CUDA kernels of :mod:`gpusaver._kernels` are replaced by
+The CUDA kernels of :mod:`gpusaver.cuda.kernels` are replaced by
 :meth:`FakeCuda.pack`, :meth:`FakeCuda.unpack` and
 :meth:`FakeCuda.crc32c_ranges`: the same signatures and argument checks (the
 real launchers' own validation helpers are reused), executed on the stream's
@@ -898,7 +898,7 @@ class FakeCuda:
         self, kernel: str, items: Sequence[Any], staging: Any, offsets: Sequence[int], stream: Any,
         device_id: int | None, chunk_bytes: int,
     ) -> None:
-        from gpusaver import _kernels as K
+        from gpusaver.cuda import kernels as K
 
         n = len(items)
         if chunk_bytes <= 0 or chunk_bytes % 16:
@@ -940,22 +940,22 @@ class FakeCuda:
         self, sources: Sequence[Any], staging: Any, offsets: Sequence[int], *, stream: Any = None,
         device_id: int | None = None, chunk_bytes: int = 16 * 1024,
     ) -> None:
-        """:func:`gpusaver._kernels.pack` on the fake."""
+        """:func:`gpusaver.cuda.kernels.pack` on the fake."""
         self._copy_kernel("gs_pack", sources, staging, offsets, stream, device_id, chunk_bytes)
 
     def unpack(
         self, staging: Any, destinations: Sequence[Any], offsets: Sequence[int], *, stream: Any = None,
         device_id: int | None = None, chunk_bytes: int = 16 * 1024,
     ) -> None:
-        """:func:`gpusaver._kernels.unpack` on the fake."""
+        """:func:`gpusaver.cuda.kernels.unpack` on the fake."""
         self._copy_kernel("gs_unpack", destinations, staging, offsets, stream, device_id, chunk_bytes)
 
     def crc32c_ranges(
         self, ptrs: Sequence[Any], sizes: Sequence[int] | None = None, *, stream: Any = None,
         device_id: int | None = None, masked: bool = False, chunk_bytes: int = 4 * 1024,
     ) -> Any:
-        """:func:`gpusaver._kernels.crc32c_ranges` on the fake: a uint32 device array, valid once the stream gets there."""
-        from gpusaver import _kernels as K
+        """:func:`gpusaver.cuda.kernels.crc32c_ranges` on the fake: a uint32 device array, valid once the stream gets there."""
+        from gpusaver.cuda import kernels as K
         from gpusaver.format.crc import mask as crc32c_mask
 
         if chunk_bytes <= 0:
@@ -1055,7 +1055,7 @@ class FakeCuda:
         class RawModule:
             def __init__(self, *args: Any, **kwargs: Any) -> None:
                 raise CompileException(
-                    "fake cupy compiles no CUDA code; the tests replace gpusaver._kernels' launchers"
+                    "fake cupy compiles no CUDA code; the tests replace gpusaver.cuda.kernels' launchers"
                 )
 
         class MemoryPool:
@@ -1135,7 +1135,7 @@ def install(monkeypatch: Any, fake: FakeCuda) -> None:
     """
     for name, module in fake.modules.items():
         monkeypatch.setitem(sys.modules, name, module)
-    from gpusaver import _kernels
+    from gpusaver.cuda import kernels as _kernels
 
     monkeypatch.setattr(_kernels, "pack", fake.pack)
     monkeypatch.setattr(_kernels, "unpack", fake.unpack)

@@ -85,7 +85,7 @@ def test_cupy_installed_probe_reports_reason():
 
 def test_importing_gpusaver_does_not_import_cupy():
     code = (
-        "import sys, numpy as np, gpusaver as gs, gpusaver.format, gpusaver._kernels\n"
+        "import sys, numpy as np, gpusaver as gs, gpusaver.format, gpusaver.cuda.kernels\n"
         "s = gs.Saver({'a': np.ones(3)})\n"
         "assert 'cupy' not in sys.modules, sorted(m for m in sys.modules if 'cupy' in m)\n"
     )

@@ -309,7 +309,7 @@ def lines_of(label: str, steps: int, **kwargs: float) -> list[str]:
     """What the plain-line reporter writes for ``steps`` even steps to 1.5625 GiB."""
     import io
 
-    from gpusaver._progress import progress_reporter
+    from gpusaver.cli.progress_bar import progress_reporter
 
     stream = io.StringIO()
     total = 100 << 24
@@ -333,7 +333,7 @@ def test_progress_lines_in_a_pipe() -> None:
     # the state reached after the last line is written when the reporter closes
     import io
 
-    from gpusaver._progress import progress_reporter
+    from gpusaver.cli.progress_bar import progress_reporter
 
     stream = io.StringIO()
     report = progress_reporter("x", stream, delay=0, interval=1e9, step=0.5)
@@ -350,7 +350,7 @@ def _pty_output() -> str:
     import pty
     import select
 
-    from gpusaver._progress import progress_reporter
+    from gpusaver.cli.progress_bar import progress_reporter
 
     import fcntl
     import struct
@@ -396,7 +396,7 @@ def test_progress_on_a_terminal_without_tqdm(monkeypatch: pytest.MonkeyPatch) ->
 
 def test_verify_shows_progress_on_stderr(single: Path, monkeypatch: pytest.MonkeyPatch,
                                          capsys: pytest.CaptureFixture[str]) -> None:
-    from gpusaver import _progress
+    from gpusaver.cli import progress_bar as _progress
 
     monkeypatch.setattr(_progress, "DEFAULT_DELAY", 0.0)
     rc, out, err = run(capsys, "verify", str(single))

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gpusaver import _kernels, _kernels_ref as ref
+from gpusaver.cuda import kernels as _kernels, reference as ref
 from gpusaver.format import crc as crc_algebra
 
 U32 = 0xFFFFFFFF

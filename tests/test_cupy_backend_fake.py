@@ -24,7 +24,8 @@ import pytest
 
 import fakecupy
 import gpusaver as gs
-from gpusaver import config, backends, nvml
+from gpusaver import config, backends
+from gpusaver.cuda import nvml
 from gpusaver.backends import cupy_backend
 from gpusaver.storage.fileops import PosixFileOps
 from gpusaver.format import BundleReader, BundleWriter
@@ -243,9 +244,9 @@ def test_fake_queues_work_until_the_host_waits(fake):
 
 
 def test_fake_kernels_match_the_references(fake):
-    """pack, unpack and crc32c_ranges on the fake agree with gpusaver._kernels_ref and check their arguments."""
-    from gpusaver import _kernels
-    from gpusaver._kernels_ref import crc32c_ranges_ref
+    """pack, unpack and crc32c_ranges on the fake agree with gpusaver.cuda.reference and check their arguments."""
+    from gpusaver.cuda import kernels as _kernels
+    from gpusaver.cuda.reference import crc32c_ranges_ref
 
     cp = fake.module
     hosts = [values((n,), np.uint8) for n in (5, 0, 64, 17)]

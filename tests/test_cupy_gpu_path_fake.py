@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 
 import fakecupy
 import gpusaver as gs
-from gpusaver import _kernels, backends, native
+from gpusaver import backends, native
+from gpusaver.cuda import kernels as _kernels
 from gpusaver.backends import cupy_backend
 from test_cupy_backend_fake import (  # noqa: F401 - the fixture
     SLOT,

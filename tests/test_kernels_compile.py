@@ -6,7 +6,7 @@
 * The kernels' per-chunk helpers are ``__host__ __device__``: a small host
   program compiled by ``nvcc`` runs the exact kernel code on the CPU over every
   chunk and lane, and the results are compared with the CPU reference.
-* ``import gpusaver._kernels`` does not import CuPy, and finds the sources.
+* ``import gpusaver.cuda.kernels`` does not import CuPy, and finds the sources.
 
 Without ``nvcc`` these tests skip, except in CI (``CI=true``), where they fail.
 """
@@ -24,7 +24,7 @@ import crc32c
 import numpy as np
 import pytest
 
-from gpusaver import _kernels, _kernels_ref
+from gpusaver.cuda import kernels as _kernels, reference as _kernels_ref
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 KERNEL_DIR = REPO / "kernels"
@@ -132,10 +132,10 @@ def test_nvrtc_compiles(source: pathlib.Path) -> None:
 def test_import_does_not_import_cupy() -> None:
     code = (
         "import sys\n"
-        "import gpusaver._kernels as k\n"
+        "import gpusaver.cuda.kernels as k\n"
         "assert k.kernel_source_dir().is_dir()\n"
         "k.kernel_sources()\n"
-        "import gpusaver._kernels_ref\n"
+        "import gpusaver.cuda.reference\n"
         "print('cupy' in sys.modules)\n"
     )
     result = subprocess.run(
@@ -160,7 +160,7 @@ def test_source_dir_found_in_installed_layout(tmp_path: pathlib.Path) -> None:
     ignore = shutil.ignore_patterns("__pycache__", "*.pyc")
     shutil.copytree(REPO / "gpusaver", tmp_path / "gpusaver", ignore=ignore)
     shutil.copytree(KERNEL_DIR, tmp_path / "gpusaver" / "kernels", ignore=ignore)
-    code = "import gpusaver._kernels as k; print(k.kernel_source_dir())"
+    code = "import gpusaver.cuda.kernels as k; print(k.kernel_source_dir())"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), *os.environ.get("PYTHONPATH", "").split(os.pathsep)])}
     result = subprocess.run(
         [sys.executable, "-c", code],

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from gpusaver import _kernels, _kernels_ref
+from gpusaver.cuda import kernels as _kernels, reference as _kernels_ref
 
 
 def _gpu_count() -> int:

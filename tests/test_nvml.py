@@ -14,7 +14,7 @@ from typing import Any, Iterator
 import pytest
 from hypothesis import given, strategies as st
 
-from gpusaver import nvml
+from gpusaver.cuda import nvml
 from gpusaver.cli import main
 
 

@@ -3,7 +3,7 @@
 Save, per GPU, on a stream of its own:
 
 * the crc32c of every tensor is computed on the device in one kernel launch
-  (:func:`gpusaver._kernels.crc32c_ranges`), so the host never checksums;
+  (:func:`gpusaver.cuda.kernels.crc32c_ranges`), so the host never checksums;
 * small tensors are packed by one kernel launch into a device staging slab,
   copied to a pinned host buffer in one copy, and written as one run;
 * large tensors are copied in chunks into a ring of pinned host buffers
@@ -29,7 +29,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from gpusaver import config, nvml
+from gpusaver import config
+from gpusaver.cuda import nvml
 from gpusaver.backends.base import TensorList
 from gpusaver.devices import DeviceSpec
 from gpusaver.errors import (
@@ -305,7 +306,7 @@ class CupyBackend:
             state.stream.synchronize()
 
     def _device_crcs(self, ptrs: np.ndarray, sizes: np.ndarray, state: _DeviceState) -> np.ndarray:
-        from gpusaver import _kernels
+        from gpusaver.cuda import kernels as _kernels
 
         out = _kernels.crc32c_ranges(ptrs, sizes, stream=state.stream, device_id=state.device_id)
         return np.asarray(out.get(stream=state.stream), np.uint32)
@@ -343,7 +344,7 @@ class CupyBackend:
         state: _DeviceState,
     ) -> None:
         """Packs tensors ``a:b`` with one kernel, copies them with one D2H copy, writes them as one run."""
-        from gpusaver import _kernels
+        from gpusaver.cuda import kernels as _kernels
 
         cp = self._cp
         sizes = nbytes[a:b]
@@ -550,7 +551,7 @@ class CupyBackend:
         state: _DeviceState,
     ) -> list[tuple[int, ChecksumError]]:
         """Runs of small tensors: read, copied to the slab, checked on the device, then unpacked."""
-        from gpusaver import _kernels
+        from gpusaver.cuda import kernels as _kernels
 
         if not len(which):
             return []

@@ -29,7 +29,7 @@ from gpusaver.format.naming import data_file_glob, data_filename, index_filename
 from gpusaver.format.table import TableReader, encode_table
 from gpusaver.format.wire import Malformed, encode_varint
 from gpusaver.storage import os_error
-from gpusaver.paths import local_path
+from gpusaver.storage.paths import local_path
 
 __all__ = ["merge_bundles"]
 

@@ -15,7 +15,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from gpusaver import config, native
-from gpusaver._parallel import run_parallel
+from gpusaver.storage.parallel import run_parallel
 from gpusaver.errors import (
     CheckpointNotFoundError,
     ChecksumError,
@@ -30,7 +30,7 @@ from gpusaver.format.naming import data_filename, index_filename
 from gpusaver.format.table import TableReader
 from gpusaver.format.tensors import decode_strings
 from gpusaver.format.wire import Malformed
-from gpusaver.paths import local_path, read_regular
+from gpusaver.storage.paths import local_path, read_regular
 from gpusaver.storage import POSIX, FileOps, read_exact, read_with_checksums, read_workers
 from gpusaver.storage.reads import track_progress, untrack_progress
 

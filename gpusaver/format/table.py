@@ -268,7 +268,7 @@ class TableReader:
     @classmethod
     def open(cls, path: str) -> "TableReader":
         """Reads a whole table file (a regular file: FIFOs and devices are refused)."""
-        from gpusaver.paths import read_regular
+        from gpusaver.storage.paths import read_regular
 
         return cls(read_regular(path, "table"), path)
 

@@ -26,7 +26,7 @@ from gpusaver.format.entry import BundleEntry, encode_entries, encode_entry, enc
 from gpusaver.format.naming import data_filename, index_filename
 from gpusaver.format.table import encode_table
 from gpusaver.format.tensors import as_host_array, byte_view, encode_strings
-from gpusaver.paths import local_path
+from gpusaver.storage.paths import local_path
 
 __all__ = ["BundleWriter", "os_error"]
 

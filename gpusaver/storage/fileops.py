@@ -122,7 +122,7 @@ class PosixFileOps:
             os.close(fd)
 
     def open_read(self, path: str, what: str) -> int:
-        from gpusaver.paths import open_regular
+        from gpusaver.storage.paths import open_regular
 
         return open_regular(path, what)
 

@@ -12,7 +12,7 @@ import threading
 from typing import Any
 
 from gpusaver import config
-from gpusaver._parallel import run_parallel
+from gpusaver.storage.parallel import run_parallel
 from gpusaver.errors import CorruptCheckpointError
 from gpusaver.storage.fileops import POSIX, FileOps, io_threads
 

@@ -30,7 +30,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from gpusaver import native
-from gpusaver._parallel import run_parallel
+from gpusaver.storage.parallel import run_parallel
 from gpusaver.backends.base import TensorList
 from gpusaver.devices import DeviceSpec
 from gpusaver.errors import (
@@ -47,7 +47,7 @@ from gpusaver.format.entry import encode_header
 from gpusaver.format.merge import commit_merged
 from gpusaver.format.naming import index_filename
 from gpusaver.format.slices import encode_slice_key
-from gpusaver.tempdirs import COMMITTING, clean_stale_temp_dirs, make_temp_dir, roll_back_unrecorded
+from gpusaver.pipeline.tempdirs import COMMITTING, clean_stale_temp_dirs, make_temp_dir, roll_back_unrecorded
 from gpusaver.storage import os_error
 from gpusaver.variables import ResolvedVariable
 

@@ -21,7 +21,7 @@ asynchronous kernel fault surfaces at the call that caused it.
 
 The crc32c kernel's lookup tables are built here (:func:`crc32c_tables`); the
 CPU reference for every kernel, which tests compare against, is in
-:mod:`gpusaver._kernels_ref`.
+:mod:`gpusaver.cuda.reference`.
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ _modules: dict[tuple[str, int], tuple[Any, dict[str, Any]]] = {}
 _tables: dict[tuple[int, int], Any] = {}
 
 
-# --- the crc32c kernel's tables (its CPU model is gpusaver._kernels_ref.crc32c_chunked_ref)
+# --- the crc32c kernel's tables (its CPU model is gpusaver.cuda.reference.crc32c_chunked_ref)
 
 
 def _byte_tables(op: Operator) -> np.ndarray:
@@ -205,7 +205,7 @@ def kernel_source_dir() -> pathlib.Path:
     Raises:
         BackendUnavailableError: neither directory holds every kernel source.
     """
-    package = pathlib.Path(__file__).resolve().parent
+    package = pathlib.Path(__file__).resolve().parent.parent  # gpusaver/
     candidates = (package / "kernels", package.parent / "kernels")
     for candidate in candidates:
         if all((candidate / f"{name}.cu").is_file() for name in KERNELS):

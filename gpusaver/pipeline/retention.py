@@ -6,7 +6,7 @@ checkpoint; checkpoints given by ``set_last_checkpoints`` are stamped +inf and
 never deleted. What gpusaver adds, so that retention can never delete what it
 should keep:
 
-* checkpoints are compared by identity (:func:`gpusaver.paths.checkpoint_identity`),
+* checkpoints are compared by identity (:func:`gpusaver.storage.paths.checkpoint_identity`),
   so one checkpoint spelled two ways is one checkpoint;
 * the checkpoint a save has just committed is never deleted;
 * only checkpoints in the state file's own directory are deleted; others are
@@ -23,10 +23,11 @@ import os
 import time
 from typing import Callable
 
-from gpusaver import checkpoint_management as cm, paths
+from gpusaver import checkpoint_management as cm
+from gpusaver.storage import paths
 from gpusaver.errors import CheckpointWriteError, write_error
 from gpusaver.storage.fileops import FileOps
-from gpusaver.tempdirs import TempDir, make_temp_dir
+from gpusaver.pipeline.tempdirs import TempDir, make_temp_dir
 
 __all__ = ["Retention"]
 

@@ -41,7 +41,7 @@ from urllib.parse import quote, unquote
 from gpusaver.errors import CorruptCheckpointError
 from gpusaver.storage.fileops import POSIX, FileOps
 from gpusaver.format.naming import data_file_glob, index_filename
-from gpusaver.paths import checkpoint_identity, open_regular, read_regular
+from gpusaver.storage.paths import checkpoint_identity, open_regular, read_regular
 
 __all__ = ["ORPHAN_AGE", "TempDir", "make_temp_dir", "clean_stale_temp_dirs", "roll_back_unrecorded"]
 
@@ -211,7 +211,7 @@ def _remove_quietly(ops: FileOps, path: str) -> None:
 def recorded(prefix: str, state_file: str | None) -> bool:
     """Whether the state file next to ``prefix`` lists it (True when that cannot be told).
 
-    Paths are compared by identity (:func:`gpusaver.paths.checkpoint_identity`),
+    Paths are compared by identity (:func:`gpusaver.storage.paths.checkpoint_identity`),
     so a checkpoint recorded through a symlink, a relative path or a
     ``file://`` URI is found whatever spelling ``prefix`` has.
     """

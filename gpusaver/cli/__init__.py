@@ -5,7 +5,7 @@ directly. Exit status: 0 success, 1 a damaged checkpoint (or any other error
 gpusaver reports), 2 a usage error or a missing checkpoint; ``diff`` exits 0
 when the checkpoints are identical, 1 when they differ and 2 on any error.
 Expected errors are one line on stderr, never a traceback. ``verify`` and
-``convert`` show their progress on stderr (see :mod:`gpusaver._progress`).
+``convert`` show their progress on stderr (see :mod:`gpusaver.cli.progress_bar`).
 
 Example:
     $ gpusaver inspect ckpts/            # the newest checkpoint named by ckpts/checkpoint
@@ -24,8 +24,8 @@ import sys
 import time
 from typing import Any, Sequence, TextIO
 
-from gpusaver import nvml
-from gpusaver._progress import ProgressReporter, progress_reporter
+from gpusaver.cuda import nvml
+from gpusaver.cli.progress_bar import ProgressReporter, progress_reporter
 from gpusaver._version import __version__
 from gpusaver.errors import (
     ChecksumError,
@@ -56,7 +56,7 @@ _CHUNK = 8 << 20  # verify reads large tensors in pieces of this size
 # ------------------------------------------------------------------ helpers
 def _human(n: float | None) -> str:
     """``1536`` -> ``"1.5 KiB"``; ``None`` -> ``"?"``."""
-    from gpusaver._progress import human_bytes
+    from gpusaver.cli.progress_bar import human_bytes
 
     return "?" if n is None else human_bytes(n)
 

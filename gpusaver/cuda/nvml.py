@@ -12,7 +12,7 @@ renumber CUDA's devices but not NVML's. Map a CUDA device to its NVML entry
 with :func:`by_pci_bus_id` and the bus id CUDA reports for it.
 
 Example:
-    >>> from gpusaver import nvml
+    >>> from gpusaver.cuda import nvml
     >>> for gpu in nvml.inventory():
     ...     print(gpu.index, gpu.name, gpu.memory_free)
     >>> nvml.pin_current_thread_near(0)  # True if the thread now runs near GPU 0

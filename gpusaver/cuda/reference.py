@@ -3,13 +3,13 @@
 The functions here define what ``kernels/pack.cu`` and ``kernels/crc32c.cu``
 compute, using NumPy and the ``crc32c`` package only. Nothing in the package
 imports this module; the crc32c algebra lives in :mod:`gpusaver.format.crc`
-and the kernel's tables in :mod:`gpusaver._kernels`.
+and the kernel's tables in :mod:`gpusaver.cuda.kernels`.
 
 * :func:`pack_ref` / :func:`unpack_ref`: gather ranges into a staging buffer
   and scatter them back.
 * :func:`crc32c_ranges_ref`: the plain (or masked) crc32c of each range.
 * :func:`crc32c_chunked_ref`: a CPU model of the kernel's chunked algorithm,
-  built on :func:`gpusaver._kernels.crc32c_tables` (notation: :mod:`gpusaver.format.crc`).
+  built on :func:`gpusaver.cuda.kernels.crc32c_tables` (notation: :mod:`gpusaver.format.crc`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import crc32c as _crc32c
 import numpy as np
 
-from gpusaver._kernels import SHIFT_LEVELS, crc32c_tables, slicing_tables
+from gpusaver.cuda.kernels import SHIFT_LEVELS, crc32c_tables, slicing_tables
 from gpusaver.format.crc import mask
 
 __all__ = ["crc32c_chunked_ref", "crc32c_ranges_ref", "pack_ref", "unpack_ref"]
