@@ -166,9 +166,9 @@ pytest_args=(-p no:cacheprovider -q -rs -o addopts="--strict-markers")
 if [ "$rehearsal" = 1 ]; then
     # What needs no GPU: the GPU tests and scripts must import and collect under this Python.
     STEP_SUMMARY_RE='tests? collected|passed|failed|error' \
-        run_step kernels 120 "$PY" -m pytest "${pytest_args[@]}" --collect-only tests/test_kernels_gpu.py
+        run_step kernels 120 "$PY" -m pytest "${pytest_args[@]}" --collect-only tests/cuda/test_kernels_gpu.py
     STEP_SUMMARY_RE='passed|failed|error' \
-        run_step tests 300 "$PY" -m pytest "${pytest_args[@]}" -x tests/test_cupy_backend_fake.py tests/test_kernels_compile.py
+        run_step tests 300 "$PY" -m pytest "${pytest_args[@]}" -x tests/backends/test_cupy_backend_fake.py tests/cuda/test_kernels_compile.py
     STEP_SUMMARY_RE='elapsed' run_step bench 120 bash -c "
         '$PY' benchmarks/gpu_bench.py --dry-run --workload mixed --json /tmp/gs-bench-mixed.json >>'$OUT/bench.log' &&
         '$PY' benchmarks/gpu_bench.py --dry-run --workload many --many-count 500 --json /tmp/gs-bench-many.json &&
@@ -177,10 +177,10 @@ if [ "$rehearsal" = 1 ]; then
 else
     STEP_SUMMARY_RE='compute capability|passed|failed|error' \
         run_step kernels 120 env GPUSAVER_KERNEL_SYNC=1 bash -c "
-        '$PY' benchmarks/gpu_smoke.py --kernels-only && '$PY' -m pytest ${pytest_args[*]} tests/test_kernels_gpu.py"
+        '$PY' benchmarks/gpu_smoke.py --kernels-only && '$PY' -m pytest ${pytest_args[*]} tests/cuda/test_kernels_gpu.py"
     STEP_SUMMARY_RE='passed|failed|error' \
         run_step tests 150 "$PY" -m pytest "${pytest_args[@]}" -m gpu tests \
-        --ignore=tests/test_saver_tf.py --ignore=tests/test_tf_interop.py  # TensorFlow only: not on that machine
+        --ignore=tests/test_saver_tf.py --ignore=tests/format/test_tf_interop.py  # TensorFlow only: not on that machine
     bench_dir=${DEVICE_BENCH_DIR:-/dev/shm/gpusaver-bench}
     mkdir -p "$bench_dir"
     STEP_SUMMARY_RE='elapsed' run_step bench 240 bash -c "

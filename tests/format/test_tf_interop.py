@@ -33,7 +33,7 @@ from gpusaver.format.table import TableReader
 # Every test runs on both host paths: the C extension and its pure-Python twin.
 pytestmark = [pytest.mark.tf, pytest.mark.usefixtures("host_path")]
 
-GOLDEN = Path(__file__).resolve().parent / "golden"
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 
 
 from golden import cases as golden  # noqa: E402  (tests/golden, on the path beside this file)

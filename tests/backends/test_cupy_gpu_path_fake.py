@@ -24,8 +24,7 @@ import fakecupy
 import gpusaver as gs
 from gpusaver import backends, native
 from gpusaver.cuda import kernels as _kernels
-from gpusaver.backends import cupy_backend
-from test_cupy_backend_fake import (  # noqa: F401 - the fixture
+from gpu_fake import (  # noqa: F401 - the fixture
     SLOT,
     SMALL,
     assert_ring_idle,

@@ -21,7 +21,7 @@ from gpusaver.format.table import TableReader, encode_table
 # Every test runs on both host paths: the C extension and its pure-Python twin.
 pytestmark = pytest.mark.usefixtures("host_path")
 
-GOLDEN = Path(__file__).resolve().parent / "golden"
+GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 DATA = GOLDEN / "data"
 
 

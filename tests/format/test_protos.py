@@ -35,7 +35,7 @@ from gpusaver._proto import (
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+REPO_ROOT = Path(__file__).resolve().parents[2]
 GENERATE = REPO_ROOT / "protos" / "generate.py"
 OUR_MODULES = {
     "tensor_bundle": tensor_bundle_pb2,

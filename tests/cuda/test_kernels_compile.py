@@ -26,7 +26,7 @@ import pytest
 
 from gpusaver.cuda import kernels as _kernels, reference as _kernels_ref
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+REPO = pathlib.Path(__file__).resolve().parents[2]
 KERNEL_DIR = REPO / "kernels"
 KERNEL_FILES = sorted(KERNEL_DIR.glob("*.cu"))
 ARCHS = ("80", "90")

@@ -21,7 +21,7 @@ import pytest
 import gpusaver as gs
 from gpusaver import native
 from gpusaver.storage import PosixFileOps
-from test_cupy_backend_fake import fake, fill, put, same  # noqa: F401 - the fixture
+from gpu_fake import fake, fill, put, same  # noqa: F401 - the fixture
 
 PACKAGE = pathlib.Path(gs.__file__).resolve().parent
 

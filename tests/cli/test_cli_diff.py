@@ -15,7 +15,7 @@ import pytest
 from gpusaver.cli import main
 from gpusaver.format import BundleReader, BundleWriter, crc, merge_bundles
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def write(prefix: Path, tensors: dict[str, Any], slices: dict[str, list[tuple[str, np.ndarray]]] | None = None,

@@ -28,7 +28,7 @@ import pytest
 
 from gpusaver import native
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+REPO = pathlib.Path(__file__).resolve().parents[2]
 SOURCE = REPO / "gpusaver" / "_native.c"
 WARNINGS = ["-Wall", "-Wextra", "-Wshadow", "-Wno-unused-parameter", "-Werror"]
 
@@ -76,7 +76,7 @@ def test_runs_clean_under_sanitizers(tmp_path: pathlib.Path) -> None:
         GPUSAVER_NATIVE="1",
     )
     done = subprocess.run(
-        [sys.executable, str(REPO / "tests" / "native_sanitized.py")], env=env, capture_output=True, text=True,
+        [sys.executable, str(REPO / "tests" / "native" / "native_sanitized.py")], env=env, capture_output=True, text=True,
         cwd=tmp_path, timeout=300,
     )
     assert done.returncode == 0 and "sanitized run ok" in done.stderr, done.stderr[-6000:]

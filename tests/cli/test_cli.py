@@ -15,7 +15,7 @@ from gpusaver import cli
 from gpusaver.cli import main
 from gpusaver.format import BundleReader, BundleWriter, crc, merge_bundles
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def write_single(prefix: Path) -> Path:
