@@ -115,7 +115,7 @@ def _from_jax(a: Any, name: str | None) -> Adapted:
             import jax
 
             stand_in = {1: np.uint8, 2: np.int16}.get(dtype.itemsize)
-            if stand_in is None:
+            if stand_in is None or _bits(dtype) < 8 * dtype.itemsize:  # int4, float4: two to a byte, no stand-in
                 raise UnsupportedDTypeError(f"variable {name!r}: a JAX GPU array of {dtype} cannot be saved")
             arr = cp.from_dlpack(jax.lax.bitcast_convert_type(a, stand_in))
             return Adapted(arr, "jax", f"/gpu:{arr.device.id}", immutable=why, dtype=dtype)
@@ -123,6 +123,18 @@ def _from_jax(a: Any, name: str | None) -> Adapted:
         return Adapted(arr, "jax", f"/gpu:{arr.device.id}", immutable=why)
     arr = np.asarray(a)  # a view of the host buffer where JAX allows it
     return Adapted(arr, "jax", immutable=why)
+
+
+def _bits(dtype: np.dtype) -> int:
+    """The bits of one element of an ml_dtypes type (4 for int4 and float4_e2m1fn, though each takes a byte)."""
+    import ml_dtypes
+
+    for info in (ml_dtypes.finfo, ml_dtypes.iinfo):
+        try:
+            return int(info(dtype).bits)
+        except (TypeError, ValueError):
+            continue
+    return 8 * dtype.itemsize
 
 
 def _cupy() -> Any:

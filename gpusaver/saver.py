@@ -466,7 +466,8 @@ class Saver:
                 check_restore(reader, self._variables, self._reshape, self._all_tensors())
                 for g in self._groups:
                     g.backend.check_restore_memory(g.device, g.tensors(), reader)
-                restore_checkpoint(reader, self._groups, sequential=self._restore_sequentially)
+                restore_checkpoint(reader, self._groups, sequential=self._restore_sequentially,
+                                   order=[v.name for v in self._variables])
                 return RestoreResult([], _Unexpected(reader, mine))
             stored = reader.variables()
             missing = [v.name for v in self._variables if v.name not in stored]
@@ -493,7 +494,7 @@ class Saver:
             if progress is not None:
                 counter = Progress(progress, sum(_stored_bytes(reader, v.name, stored[v.name]) for v in present))
                 reader.set_progress(counter)
-            restore_checkpoint(reader, groups, sequential=self._restore_sequentially)
+            restore_checkpoint(reader, groups, sequential=self._restore_sequentially, order=[v.name for v in direct])
             for v, value in casts:
                 v.backend.assign(v.array, value)
             if counter is not None:

@@ -144,6 +144,15 @@ _CHECK_BYTES_PER_TENSOR = 32
 _CHECK_BYTES = 4096
 
 
+def _stand_in(value: np.ndarray, array: Any) -> np.ndarray:
+    """``value`` as the bits ``array`` holds: a bfloat16/float8 value viewed as the same-size integer dtype of
+    the CuPy array standing in for a CUDA tensor of that type (CuPy has no such dtype)."""
+    want = np.dtype(array.dtype)
+    if value.dtype != want and value.dtype.itemsize == want.itemsize and value.dtype.kind == "V":
+        return value.view(want)
+    return value
+
+
 def _quietly(fn: Any) -> None:
     """Calls ``fn`` while another error is on its way out; its own error would only hide that one."""
     try:
@@ -185,7 +194,8 @@ class _Columns:
             self.crcs = crc.unmask_array(np.fromiter((e.crc32c for e in entries), np.uint32, n))
         # Entries past the end of their data file (or naming a missing one) take the general path,
         # which raises the precise error.
-        ends = self.offsets + self.sizes
+        # offset and size are each below 2**63 (the decoder checks): their sum fits a uint64, not an int64
+        ends = self.offsets.astype(np.uint64) + self.sizes.astype(np.uint64)
         for shard in np.unique(self.shards[self.ok]).tolist():
             in_shard = self.shards == shard
             try:
@@ -193,7 +203,7 @@ class _Columns:
             except CorruptCheckpointError:
                 self.ok &= ~in_shard
                 continue
-            self.ok &= ~(in_shard & (ends > size))
+            self.ok &= ~(in_shard & (ends > np.uint64(size)))
         return self
 
 
@@ -232,6 +242,17 @@ class CupyBackend:
             if state is None:
                 state = self._states[device_id] = _DeviceState(self._cp, device_id)
             return state
+
+    @contextlib.contextmanager
+    def _locked(self, device_id: int) -> Iterator[_DeviceState]:
+        """The device's state, locked for one save or restore; made again if a close() released it
+        between the lookup and the lock."""
+        while True:
+            state = self._state(device_id)
+            with state.lock:
+                if state.ring is not None:
+                    yield state
+                    return
 
     def close(self, devices: Sequence[int] | None = None) -> None:
         """Releases the pinned host buffers and the device staging slab of these GPUs (default: all).
@@ -281,8 +302,7 @@ class CupyBackend:
         listed = tensors if isinstance(tensors, TensorList) else TensorList(tensors)
         arrays = listed.arrays
         device_id = int(arrays[0].device.id)
-        state = self._state(device_id)
-        with state.lock, cp.cuda.Device(device_id), self._ordered(state):
+        with self._locked(device_id) as state, cp.cuda.Device(device_id), self._ordered(state):
             n = len(arrays)
             # One pass over the arrays' attributes; the rest is vectorised.
             contiguous = np.fromiter((a.flags.c_contiguous for a in arrays), bool, n)
@@ -292,7 +312,7 @@ class CupyBackend:
             todo = np.flatnonzero(contiguous & (nbytes > 0))
             if len(todo):
                 crcs[todo] = self._device_crcs(ptrs[todo], nbytes[todo], state)
-            small = contiguous & (nbytes < config.get("device_small_bytes"))
+            small = contiguous & (nbytes < self._small_limit(state))
             start = 0
             for stop in [*np.flatnonzero(~small).tolist(), n]:
                 if stop > start:
@@ -304,6 +324,11 @@ class CupyBackend:
                     writer.add_raw(name, dtype, arr.shape, self._chunks(arr, state), crc32c=checksum)
                 start = stop + 1
             state.stream.synchronize()
+
+    @staticmethod
+    def _small_limit(state: _DeviceState) -> int:
+        """Tensors below this travel packed: the ``device_small_bytes`` setting, never above one pinned buffer."""
+        return min(config.get("device_small_bytes"), state.ring.slot_bytes + 1)
 
     def _device_crcs(self, ptrs: np.ndarray, sizes: np.ndarray, state: _DeviceState) -> np.ndarray:
         from gpusaver.cuda import kernels as _kernels
@@ -363,6 +388,7 @@ class CupyBackend:
                 )
             state.stream.synchronize()
         except BaseException:
+            _quietly(state.stream.synchronize)  # a copy already queued must not write into a buffer given back
             state.ring.release(slot)
             raise
         host = memoryview(state.ring.view(slot)[:total])
@@ -465,38 +491,49 @@ class CupyBackend:
         listed = tensors if isinstance(tensors, TensorList) else TensorList(tensors)
         arrays = listed.arrays
         device_id = int(arrays[0].device.id)
-        state = self._state(device_id)
         failures: list[tuple[int, ChecksumError]] = []
-        with state.lock, cp.cuda.Device(device_id), self._ordered(state):
-            n = len(arrays)
-            contiguous = np.fromiter((a.flags.c_contiguous for a in arrays), bool, n)
-            nbytes = np.fromiter((a.nbytes for a in arrays), np.int64, n)
-            cols = _Columns.of(reader, listed)
-            small = (
-                cols.ok & contiguous & (cols.sizes == nbytes) & (nbytes < config.get("device_small_bytes"))
-            ) if not sequential else np.zeros(n, bool)
-            ptrs = np.fromiter((a.data.ptr for a in arrays), np.uint64, n) if small.any() else None
-            if ptrs is not None and _overlapping(ptrs[small], nbytes[small]):
-                small[:] = False  # views sharing memory cannot be scattered by one launch: one at a time
-            if small.any():
-                failures += self._restore_small(reader, listed, np.flatnonzero(small & (nbytes > 0)), cols, ptrs, state)
-            for i in np.flatnonzero(~small).tolist():
-                name, arr = listed[i]
-                try:
-                    if not cols.ok[i] or reader.big_endian:  # get_tensor assembles slices, converts byte order
-                        entry = reader.entry(name)
-                        if entry.slices or reader.big_endian:
-                            arr[...] = cp.asarray(reader.get_tensor(name).reshape(arr.shape))
-                            continue
-                    if not arr.flags.c_contiguous:
-                        self._restore_strided(reader, name, arr, state)
-                    else:
-                        self._restore_large(reader, name, arr, state)
-                except ChecksumError as e:
-                    failures.append((i, e))
+        with self._locked(device_id) as state, cp.cuda.Device(device_id), self._ordered(state):
+            try:
+                self._restore_group(reader, listed, sequential, state, failures)
+            except BaseException:  # no copy or kernel of a failed restore may land after it returns
+                _quietly(state.stream.synchronize)
+                raise
             state.stream.synchronize()
         if failures:
             raise min(failures, key=lambda f: f[0])[1]
+
+    def _restore_group(
+        self, reader: BundleReader, listed: TensorList, sequential: bool, state: _DeviceState,
+        failures: list[tuple[int, ChecksumError]],
+    ) -> None:
+        cp = self._cp
+        arrays = listed.arrays
+        n = len(arrays)
+        contiguous = np.fromiter((a.flags.c_contiguous for a in arrays), bool, n)
+        nbytes = np.fromiter((a.nbytes for a in arrays), np.int64, n)
+        cols = _Columns.of(reader, listed)
+        small = (
+            cols.ok & contiguous & (cols.sizes == nbytes) & (nbytes < self._small_limit(state))
+        ) if not sequential else np.zeros(n, bool)
+        ptrs = np.fromiter((a.data.ptr for a in arrays), np.uint64, n) if small.any() else None
+        if ptrs is not None and _overlapping(ptrs[small], nbytes[small]):
+            small[:] = False  # views sharing memory cannot be scattered by one launch: one at a time
+        if small.any():
+            failures += self._restore_small(reader, listed, np.flatnonzero(small & (nbytes > 0)), cols, ptrs, state)
+        for i in np.flatnonzero(~small).tolist():
+            name, arr = listed[i]
+            try:
+                if not cols.ok[i] or reader.big_endian:  # get_tensor assembles slices, converts byte order
+                    entry = reader.entry(name)
+                    if entry.slices or reader.big_endian:
+                        arr[...] = cp.asarray(_stand_in(reader.get_tensor(name), arr).reshape(arr.shape))
+                        continue
+                if not arr.flags.c_contiguous:
+                    self._restore_strided(reader, name, arr, state)
+                else:
+                    self._restore_large(reader, name, arr, state)
+            except ChecksumError as e:
+                failures.append((i, e))
 
     def _pipeline(self, jobs: list[Any], read: Any, use: Any, total: int, state: _DeviceState) -> None:
         """``read(job, slot)`` on reader threads, ahead of ``use(job, slot)`` in job order here.
@@ -513,6 +550,9 @@ class CupyBackend:
                 try:
                     read(job, slot)
                     use(job, slot)
+                except BaseException:
+                    _quietly(state.stream.synchronize)
+                    raise
                 finally:
                     state.ring.release(slot)
             return
@@ -538,6 +578,9 @@ class CupyBackend:
         try:
             future.result()
             use(job, slot)
+        except BaseException:
+            _quietly(state.stream.synchronize)  # a copy already queued must not read a buffer given back
+            raise
         finally:
             state.ring.release(slot)
 
@@ -604,44 +647,74 @@ class CupyBackend:
         return failures
 
     def _restore_strided(self, reader: BundleReader, name: str, arr: Any, state: _DeviceState) -> None:
-        """A non-contiguous destination, a block of leading rows at a time through the staging slab.
+        """A non-contiguous destination.
 
-        Each block's bytes are contiguous in the file (C order): read into a
-        pinned buffer, copied into the slab, then scattered by ``arr[rows] = block``
-        on the device. No device memory is allocated unless one row exceeds the slab.
+        Its bytes are contiguous in the file (C order). Up to one pinned buffer: read, verified, copied
+        into the slab and scattered by ``arr[...] = block``, so a damaged one changes nothing. Larger:
+        restored and verified in a contiguous device temporary, then scattered, when free device memory
+        holds one (always when a single row exceeds the slab: the restore's memory check counted it);
+        else a block of rows at a time through the slab, verified at the end (a damaged one then holds
+        the file's bytes).
         """
         cp = self._cp
-        rows = arr.shape[0] if arr.ndim else 1
-        row_bytes = arr.nbytes // rows if rows else 0
-        if arr.ndim == 0 or row_bytes > state.ring.slot_bytes:
-            tmp = cp.empty(arr.shape, dtype=arr.dtype)
-            self._restore_large(reader, name, tmp, state)
-            arr[...] = tmp
-            return
         entry = reader.entry(name)
         fd, offset, size, path = reader.data_location(name, entry)
         if size != arr.nbytes:
             raise CorruptCheckpointError(
                 f"tensor {name!r} in {path!r} has {size} bytes stored; its shape and dtype need {arr.nbytes}", path
             )
-        step = max(1, state.ring.slot_bytes // row_bytes)
+        rows = arr.shape[0] if arr.ndim else 1
+        row_bytes = arr.nbytes // rows if rows else 0
+        slot_bytes = state.ring.slot_bytes
+        if size <= slot_bytes:
+            self._through_slab(fd, offset, size, path, arr, slice(None), reader, state, entry.crc32c, name)
+            return
+        wide = row_bytes > slot_bytes
+        if wide or size <= self._free_bytes(state.device_id):
+            try:
+                tmp = cp.empty(arr.shape, dtype=arr.dtype)
+            except cp.cuda.memory.OutOfMemoryError:
+                if wide:
+                    raise
+                tmp = None
+            if tmp is not None:
+                self._restore_large(reader, name, tmp, state, stage=False)  # verified before arr changes
+                arr[...] = tmp
+                return
+        step = max(1, slot_bytes // row_bytes)
         running = crc.Running(entry.crc32c, path, name)
         for start in range(0, rows, step):
             stop = min(rows, start + step)
-            n = (stop - start) * row_bytes
-            slot = state.ring.acquire()
-            try:
-                view = state.ring.view(slot)[:n]
-                read_exact(fd, memoryview(view), offset + start * row_bytes, path, reader.fileops)
-                running.update(view)
-                cp.cuda.runtime.memcpyAsync(
-                    state.slab.data.ptr, state.ring.ptr(slot), n, cp.cuda.runtime.memcpyHostToDevice, state.stream.ptr
-                )
-                arr[start:stop] = state.slab[:n].view(arr.dtype).reshape((stop - start,) + arr.shape[1:])
-            finally:
-                state.stream.synchronize()  # the slab and the pinned buffer are free again
-                state.ring.release(slot)
+            self._through_slab(fd, offset + start * row_bytes, (stop - start) * row_bytes, path, arr,
+                               slice(start, stop), reader, state, None, name, running)
         running.check()
+
+    def _through_slab(
+        self, fd: int, offset: int, n: int, path: str, arr: Any, rows: slice, reader: BundleReader,
+        state: _DeviceState, stored_crc: int | None, name: str, running: Any = None,
+    ) -> None:
+        """File bytes -> a pinned buffer -> (checked against ``stored_crc``, or added to ``running``) ->
+        the slab -> scattered into ``arr[rows]`` on the device."""
+        cp = self._cp
+        slot = state.ring.acquire()
+        try:
+            view = state.ring.view(slot)[:n]
+            read_exact(fd, memoryview(view), offset, path, reader.fileops)
+            if stored_crc is not None:
+                crc.check(crc.value(view), stored_crc, path, name)  # before anything changes
+            else:
+                running.update(view)
+            cp.cuda.runtime.memcpyAsync(
+                state.slab.data.ptr, state.ring.ptr(slot), n, cp.cuda.runtime.memcpyHostToDevice, state.stream.ptr
+            )
+            target = arr[rows]
+            target[...] = state.slab[:n].view(arr.dtype).reshape(target.shape)
+            state.stream.synchronize()  # the slab and the pinned buffer are free again
+        except BaseException:
+            _quietly(state.stream.synchronize)
+            raise
+        finally:
+            state.ring.release(slot)
 
     def _restore_large(self, reader: BundleReader, name: str, arr: Any, state: _DeviceState, stage: bool = True) -> None:
         """File -> pinned chunks (reader threads) -> H2D copies -> crc32c on the device -> in place.
@@ -724,8 +797,7 @@ class CupyBackend:
                     f"for shape {list(entry.shape)} of {dtype}",
                     reader.index_path,
                 )
-            state = self._state(device_id)
-            with state.lock, self._ordered(state):
+            with self._locked(device_id) as state, self._ordered(state):
                 out = cp.empty(entry.shape, dtype=dtype)  # allocated on the backend's stream
                 if out.nbytes:  # a new array: nothing to protect by staging
                     self._restore_large(reader, name, out, state, stage=False)
@@ -735,8 +807,9 @@ class CupyBackend:
     def assign(self, array: Any, value: np.ndarray) -> None:
         state = self._state(array.device.id)
         with self._ordered(state):
+            value = _stand_in(np.ascontiguousarray(value), array)
             if array.flags.c_contiguous:
-                array.set(np.ascontiguousarray(value).reshape(array.shape), stream=state.stream)
+                array.set(value.reshape(array.shape), stream=state.stream)
             else:
                 array[...] = self._cp.asarray(value)
         state.stream.synchronize()

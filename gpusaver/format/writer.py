@@ -454,12 +454,30 @@ class BundleWriter:
                     fresh.discard(key)
                 raise InvalidArgumentError("duplicate tensor names in one packed run")
             sizes = np.ascontiguousarray(sizes, np.int64)
+            enums = np.ascontiguousarray(enums, np.int32)
+            ndims = np.ascontiguousarray(ndims, np.int32)
+            dims = np.ascontiguousarray(dims, np.int64)
+            if len(ndims) != len(keys) or len(enums) != len(keys) or len(sizes) != len(keys) or int(ndims.sum()) != len(dims):
+                raise InvalidArgumentError("add_packed_run: keys, enums, sizes, ndims and dims do not describe the same tensors")
+            if np.any(dims < 0):
+                raise InvalidArgumentError("add_packed_run: a negative dimension")
+            counts = np.ones(len(keys), np.int64)
+            np.multiply.at(counts, np.repeat(np.arange(len(keys)), ndims), dims)
+            itemsizes = np.zeros(len(keys), np.int64)
+            for enum in np.unique(enums).tolist():
+                itemsizes[enums == enum] = dtypes.to_numpy(enum).itemsize
+            bad = np.flatnonzero(counts * itemsizes != sizes)
+            if len(bad):
+                i = int(bad[0])
+                raise InvalidArgumentError(
+                    f"tensor {keys[i].decode('utf-8', 'replace')!r}: got {int(sizes[i])} bytes for "
+                    f"{int(counts[i])} elements of {dtypes.dtype_name(int(enums[i]))}"
+                )
             view = memoryview(buf).cast("B") if not isinstance(buf, memoryview) else buf
             if len(view) != int(sizes.sum()):
                 raise InvalidArgumentError(f"a packed run of {int(sizes.sum())} bytes got a {len(view)}-byte buffer")
             self._flush_batch()
-            run = _Run(list(keys), np.ascontiguousarray(enums, np.int32), sizes, np.ascontiguousarray(ndims, np.int32),
-                       np.ascontiguousarray(dims, np.int64), self._offset)
+            run = _Run(list(keys), enums, sizes, ndims, dims, self._offset)
             run.crcs[:] = np.asarray(crcs, np.uint32)
             self._runs.append(run)
             self._run_keys.update(run.keys)

@@ -35,6 +35,7 @@ from gpusaver.backends.base import TensorList
 from gpusaver.devices import DeviceSpec
 from gpusaver.errors import (
     CheckpointWriteError,
+    ChecksumError,
     CorruptCheckpointError,
     DTypeMismatchError,
     InvalidArgumentError,
@@ -261,14 +262,17 @@ def check_restore(
             rest = np.array([i for i in np.flatnonzero(~good).tolist() if not isinstance(tensors.arrays[i], np.ndarray)],
                             np.int64)
             if len(rest):
-                good[rest] = _device_arrays_fit(reader, cols, tensors, rest)
+                logical = {i: v.logical_dtype for i, v in enumerate(variables) if v.logical_dtype is not None}
+                good[rest] = _device_arrays_fit(reader, cols, tensors, rest, logical)
         if good.all():
             return
         variables = [variables[i] for i in np.flatnonzero(~good)]
     _check_restore_each(reader, variables, reshape)
 
 
-def _device_arrays_fit(reader: BundleReader, cols: Any, tensors: TensorList, which: np.ndarray) -> np.ndarray:
+def _device_arrays_fit(
+    reader: BundleReader, cols: Any, tensors: TensorList, which: np.ndarray, logical: dict[int, np.dtype]
+) -> np.ndarray:
     """For arrays ``which`` that are not NumPy's (device arrays, which the C extension cannot inspect),
     whether each fits its entry exactly: a plain entry of the same dtype, shape and byte size whose
     bytes lie inside its data file. Vectorised: one pass over the arrays' attributes."""
@@ -289,9 +293,9 @@ def _device_arrays_fit(reader: BundleReader, cols: Any, tensors: TensorList, whi
 
     n = len(arrays)
     enums = np.fromiter((code(a.dtype) for a in arrays), np.int64, n)
-    for k, i in enumerate(which.tolist()):
-        if i in tensors.logical:
-            enums[k] = code(tensors.logical[i])
+    for k, i in enumerate(which.tolist()):  # the dtype a stand-in array holds the bits of
+        if i in logical:
+            enums[k] = code(logical[i])
     shapes = [a.shape for a in arrays]
     ndims = np.fromiter(map(len, shapes), np.int64, n)
     dims = np.fromiter(itertools.chain.from_iterable(shapes), np.int64, int(ndims.sum()))
@@ -309,7 +313,8 @@ def _device_arrays_fit(reader: BundleReader, cols: Any, tensors: TensorList, whi
     fit[bad] = False
     # bytes inside the data files
     shards = cols.shards[which]
-    ends = cols.offsets[which].astype(np.int64) + cols.sizes[which].astype(np.int64)
+    # offset and size are each below 2**63 (the decoder checks): their sum fits a uint64, not an int64
+    ends = cols.offsets[which].astype(np.uint64) + cols.sizes[which].astype(np.uint64)
     for shard in np.unique(shards[fit]).tolist():
         in_shard = shards == shard
         try:
@@ -317,7 +322,7 @@ def _device_arrays_fit(reader: BundleReader, cols: Any, tensors: TensorList, whi
         except CorruptCheckpointError:
             fit &= ~in_shard
             continue
-        fit &= ~(in_shard & (ends > size))
+        fit &= ~(in_shard & (ends > np.uint64(size)))
     return fit
 
 
@@ -368,15 +373,34 @@ def restore_checkpoint(
     groups: Sequence[Group],
     *,
     sequential: bool = False,
+    order: Sequence[str] | None = None,
 ) -> None:
-    """Restores every group in place (groups in parallel unless ``sequential``)."""
+    """Restores every group in place (groups in parallel unless ``sequential``).
+
+    Every group runs to its end. Damage found in several groups raises the ChecksumError of the
+    variable that comes first in ``order`` (the Saver's; default: the groups' order), whichever
+    thread found it first; any other error wins over damage.
+    """
+    errors: list[BaseException] = []
+    lock = threading.Lock()
+
+    def run(g: Group) -> None:
+        try:
+            g.backend.restore_group(reader, g.tensors(), sequential=sequential)
+        except BaseException as e:  # noqa: BLE001 - ranked and re-raised below
+            with lock:
+                errors.append(e)
+
     if sequential or len(groups) == 1:
         for g in groups:
-            g.backend.restore_group(reader, g.tensors(), sequential=sequential)
+            run(g)
+    else:
+        run_parallel(run, groups, "gpusaver-restore", caller_takes_first=False)
+    if not errors:
         return
-    run_parallel(
-        lambda g: g.backend.restore_group(reader, g.tensors(), sequential=False),
-        groups,
-        "gpusaver-restore",
-        caller_takes_first=False,
-    )
+    others = [e for e in errors if not isinstance(e, ChecksumError)]
+    if others:
+        raise others[0]
+    names = order if order is not None else [v.name for g in groups for v in g.variables]
+    position = {name: i for i, name in enumerate(names)}
+    raise min(errors, key=lambda e: position.get(getattr(e, "tensor", None) or "", len(position)))
