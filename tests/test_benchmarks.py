@@ -167,3 +167,14 @@ def test_gpu_bench_dry_run() -> None:
     )
     assert done.returncode == 0, done.stderr[-4000:]
     assert "gpusaver" in done.stdout
+
+
+def test_groups_bench_runs() -> None:
+    """benchmarks/groups_bench.py (1 vs k device groups) runs end to end at a tiny size; its numbers are not checked."""
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "groups_bench.py"), "--groups", "3", "--size-gib", "0.01",
+         "--repeat", "1"],
+        capture_output=True, text=True, timeout=HANG_GUARD, cwd=REPO,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "3 groups / 1 group = " in done.stdout
