@@ -9,6 +9,8 @@ are accepted where TensorFlow has them and documented as such in the README.
 
 from __future__ import annotations
 
+import functools
+
 import errno
 import math
 import numbers
@@ -455,20 +457,25 @@ class Saver:
             self._tensors = TensorList((v.name, v.array) for v in self._variables)
         return self._tensors
 
+    @functools.cached_property
+    def _name_set(self) -> frozenset[str]:
+        """Every variable's name (a Saver's variables never change)."""
+        return frozenset(v.name for v in self._variables)
+
     def _restore(
         self, prefix: str, strict: bool, cast: bool, progress: ProgressCallback | None
     ) -> RestoreResult:
         reader = BundleReader(prefix, self._fileops)
         try:
-            mine = {v.name for v in self._variables}
             if strict and not cast and progress is None:
                 # The fast path: check_restore names a missing variable; nothing else needs the list.
                 check_restore(reader, self._variables, self._reshape, self._all_tensors())
                 for g in self._groups:
                     g.backend.check_restore_memory(g.device, g.tensors(), reader)
                 restore_checkpoint(reader, self._groups, sequential=self._restore_sequentially,
-                                   order=[v.name for v in self._variables])
-                return RestoreResult([], _Unexpected(reader, mine))
+                                   order=self._all_tensors().names)
+                return RestoreResult([], _Unexpected(reader, self._name_set))
+            mine = self._name_set
             stored = reader.variables()
             missing = [v.name for v in self._variables if v.name not in stored]
             unexpected = sorted(k for k in stored if k not in mine)

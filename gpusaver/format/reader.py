@@ -96,6 +96,7 @@ class BundleReader:
         self._entries: dict[bytes, BundleEntry] = {}
         self._files: dict[int, tuple[int, int, str]] = {}
         self._columns: tuple[list[bytes], EntryColumns] | None = None
+        self._fits: tuple[EntryColumns, Sequence[Any], np.ndarray] | None = None
         self._lock = threading.Lock()
         self._progress: Any = None
 
@@ -382,6 +383,9 @@ class BundleReader:
         assert lib is not None
         if self.big_endian:
             return np.zeros(len(arrays), bool)
+        cached = self._fits
+        if cached is not None and cached[0] is cols and cached[1] is arrays:
+            return cached[2].copy()  # a restore's check and its reads ask for the same arrays
         good = lib.check_arrays(
             arrays, native.type_codes(), cols.ok, cols.enums, cols.ndims, cols.dim_starts, cols.dims, cols.sizes
         ).astype(bool)
@@ -396,6 +400,7 @@ class BundleReader:
                     good &= ~in_shard
                     continue
                 good &= ~(in_shard & (ends > np.uint64(size)))
+        self._fits = (cols, arrays, good.copy())
         return good
 
     def read_columns_into(self, keys: list[bytes], arrays: Sequence[Any], cols: EntryColumns, which: np.ndarray) -> None:
