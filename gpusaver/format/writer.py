@@ -241,7 +241,7 @@ class BundleWriter:
         enums, sizes, ndims, dims = self._lib.describe(arrays, native.type_codes())
         refused = np.flatnonzero(enums < 0)
         if not len(refused):
-            self._add_run(keys, arrays, enums, sizes, ndims, dims)
+            self._add_run(keys, arrays, enums, sizes, ndims, dims, key_set=fresh)
             return
         dim_at = np.zeros(len(keys) + 1, np.int64)
         np.cumsum(ndims, out=dim_at[1:])
@@ -267,13 +267,18 @@ class BundleWriter:
         sizes: np.ndarray,
         ndims: np.ndarray,
         dims: np.ndarray,
+        key_set: set[bytes] | None = None,
     ) -> None:
-        """Lays out a batch the C extension described, and queues its writes."""
+        """Lays out a batch the C extension described, and queues its writes (``key_set``: ``set(keys)``,
+        when the caller made it already)."""
         self._flush_batch()
         arrays = list(arrays)
         run = _Run(keys, enums, sizes, ndims, dims, self._offset)
         self._runs.append(run)
-        self._run_keys.update(keys)
+        if key_set is not None and not self._run_keys:
+            self._run_keys = key_set  # the first run: its set, not a copy (a save adds one run of 100k names)
+        else:
+            self._run_keys.update(keys)
         n = len(keys)
         big = np.flatnonzero(sizes >= self._pack_limit)
         start = 0
