@@ -9,13 +9,14 @@ buffers with asynchronous copies), on restore it reads tensors from a
 
 from __future__ import annotations
 
+import itertools
 from functools import cached_property
-from typing import Any, Iterable, Protocol, Sequence, runtime_checkable
+from typing import Any, Iterable, Mapping, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
 from gpusaver.devices import DeviceSpec
-from gpusaver.format import BundleReader, BundleWriter
+from gpusaver.format import BundleReader, BundleWriter, dtypes
 
 __all__ = ["Backend", "Tensor", "TensorList"]
 
@@ -82,3 +83,30 @@ class Backend(Protocol):
     def check_restore_memory(self, device: DeviceSpec, tensors: Sequence[Tensor], reader: BundleReader) -> None:
         """Raises InsufficientDeviceMemoryError, before any copy, if restoring needs
         more new device memory (staging, temporaries) than is free."""
+
+
+def describe(arrays: Sequence[Any], logical: Mapping[int, np.dtype] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(enums, ndims, dims)`` of arrays the C extension cannot inspect (device arrays), as its
+    ``describe`` gives them for NumPy's: TensorFlow dtype codes (int32, -1 where there is none), ranks
+    (int32) and every array's dimensions back to back (int64). ``logical`` maps a position to the
+    dtype to use instead of the array's own (the dtype a same-size integer stand-in holds the bits of)."""
+    codes: dict[Any, int] = {}
+
+    def code(dt: Any) -> int:
+        c = codes.get(dt)
+        if c is None:
+            try:
+                c = dtypes.from_numpy(np.dtype(dt))
+            except Exception:  # noqa: BLE001 - the caller's checks name what is wrong
+                c = -1
+            codes[dt] = c
+        return c
+
+    n = len(arrays)
+    enums = np.fromiter((code(a.dtype) for a in arrays), np.int32, n)
+    for i, dt in (logical or {}).items():
+        enums[i] = code(dt)
+    shapes = [a.shape for a in arrays]
+    ndims = np.fromiter(map(len, shapes), np.int32, n)
+    dims = np.fromiter(itertools.chain.from_iterable(shapes), np.int64, int(ndims.sum()))
+    return enums, ndims, dims

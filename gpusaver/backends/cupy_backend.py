@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import itertools
+import functools
 import threading
 from typing import Any, Iterator, Sequence
 
@@ -31,7 +31,7 @@ import numpy as np
 
 from gpusaver import config
 from gpusaver.cuda import nvml
-from gpusaver.backends.base import TensorList
+from gpusaver.backends.base import TensorList, describe
 from gpusaver.devices import DeviceSpec
 from gpusaver.errors import (
     ChecksumError,
@@ -40,7 +40,7 @@ from gpusaver.errors import (
     InvalidArgumentError,
     InvalidArgumentTypeError,
 )
-from gpusaver.format import BundleReader, BundleWriter, crc, dtypes
+from gpusaver.format import BundleReader, BundleWriter, crc
 from gpusaver.storage import read_exact, read_workers
 
 __all__ = ["CupyBackend", "probe", "PinnedRing"]
@@ -78,7 +78,6 @@ class PinnedRing:
         self._views = [np.frombuffer(m, dtype=np.uint8, count=slot_bytes) for m in self._mems]
         self._free = collections.deque(range(slots))
         self._cond = threading.Condition()
-        self._generation = 0  # bumped by release_all: hand-backs from before it are ignored
 
     def acquire(self) -> int:
         """Blocks until a buffer is free; returns its slot number."""
@@ -92,24 +91,6 @@ class PinnedRing:
             if slot not in self._free:
                 self._free.append(slot)
                 self._cond.notify()
-
-    def releaser(self, slot: int) -> Any:
-        """A callback handing ``slot`` back later (from a writer thread); a no-op after release_all."""
-        generation = self._generation
-
-        def release() -> None:
-            with self._cond:  # re-entrant
-                if generation == self._generation:
-                    self.release(slot)
-
-        return release
-
-    def release_all(self) -> None:
-        """Every buffer free again (after an error nothing can still be copying into them)."""
-        with self._cond:
-            self._generation += 1
-            self._free = collections.deque(range(len(self._mems)))
-            self._cond.notify_all()
 
     @property
     def slots(self) -> int:
@@ -153,6 +134,18 @@ def _stand_in(value: np.ndarray, array: Any) -> np.ndarray:
     return value
 
 
+def _runs(nbytes: np.ndarray, start: int, stop: int, limit: int) -> Iterator[tuple[int, int]]:
+    """Consecutive ``(a, b)`` ranges of ``start:stop`` whose bytes add up to at most ``limit`` (a tensor
+    larger than ``limit`` alone in its range)."""
+    ends = np.cumsum(nbytes[start:stop])
+    lo, base = 0, 0
+    while lo < stop - start:
+        hi = max(lo + 1, int(np.searchsorted(ends, base + limit, side="right")))
+        yield start + lo, start + hi
+        base = int(ends[hi - 1])
+        lo = hi
+
+
 def _quietly(fn: Any) -> None:
     """Calls ``fn`` while another error is on its way out; its own error would only hide that one."""
     try:
@@ -192,18 +185,8 @@ class _Columns:
             self.offsets = np.fromiter((e.offset for e in entries), np.int64, n)
             self.sizes = np.fromiter((e.size for e in entries), np.int64, n)
             self.crcs = crc.unmask_array(np.fromiter((e.crc32c for e in entries), np.uint32, n))
-        # Entries past the end of their data file (or naming a missing one) take the general path,
-        # which raises the precise error.
-        # offset and size are each below 2**63 (the decoder checks): their sum fits a uint64, not an int64
-        ends = self.offsets.astype(np.uint64) + self.sizes.astype(np.uint64)
-        for shard in np.unique(self.shards[self.ok]).tolist():
-            in_shard = self.shards == shard
-            try:
-                size = reader.data_file_size(int(shard))
-            except CorruptCheckpointError:
-                self.ok &= ~in_shard
-                continue
-            self.ok &= ~(in_shard & (ends > np.uint64(size)))
+        # Entries past the end of their data file (or naming a missing one) take the general path.
+        self.ok = reader.inside_data_files(self.shards, self.offsets, self.sizes, self.ok)
         return self
 
 
@@ -315,8 +298,8 @@ class CupyBackend:
             small = contiguous & (nbytes < self._small_limit(state))
             start = 0
             for stop in [*np.flatnonzero(~small).tolist(), n]:
-                if stop > start:
-                    self._save_small(listed, start, stop, nbytes, ptrs, crcs, writer, state)
+                for a, b in _runs(nbytes, start, stop, state.ring.slot_bytes):  # each fits one pinned buffer
+                    self._write_run(listed, a, b, nbytes, ptrs, crcs, writer, state)
                 if stop < n:
                     name, arr = listed[stop]
                     checksum = int(crcs[stop]) if contiguous[stop] else None
@@ -335,27 +318,6 @@ class CupyBackend:
 
         out = _kernels.crc32c_ranges(ptrs, sizes, stream=state.stream, device_id=state.device_id)
         return np.asarray(out.get(stream=state.stream), np.uint32)
-
-    def _save_small(
-        self,
-        listed: TensorList,
-        start: int,
-        stop: int,
-        nbytes: np.ndarray,
-        ptrs: np.ndarray,
-        crcs: np.ndarray,
-        writer: BundleWriter,
-        state: _DeviceState,
-    ) -> None:
-        """Tensors ``start:stop`` (all small and contiguous), in runs of at most one pinned buffer."""
-        ends = np.cumsum(nbytes[start:stop])
-        limit = state.ring.slot_bytes
-        lo, base = 0, 0
-        while lo < stop - start:
-            hi = max(lo + 1, int(np.searchsorted(ends, base + limit, side="right")))
-            self._write_run(listed, start + lo, start + hi, nbytes, ptrs, crcs, writer, state)
-            base = int(ends[hi - 1])
-            lo = hi
 
     def _write_run(
         self,
@@ -392,17 +354,12 @@ class CupyBackend:
             state.ring.release(slot)
             raise
         host = memoryview(state.ring.view(slot)[:total])
-        done = state.ring.releaser(slot)
+        done = functools.partial(state.ring.release, slot)
         arrays = listed.arrays[a:b]
         if writer.packs_runs:
             # The entries as arrays, the layout the C extension encodes: no Python object per tensor.
-            enums = self._dtype_enums(arrays)
-            for i, dt in listed.logical.items():
-                if a <= i < b:
-                    enums[i - a] = dtypes.from_numpy(dt)
-            shapes = [x.shape for x in arrays]
-            ndims = np.fromiter(map(len, shapes), np.int32, len(shapes))
-            dims = np.fromiter(itertools.chain.from_iterable(shapes), np.int64, int(ndims.sum()))
+            logical = {i - a: dt for i, dt in listed.logical.items() if a <= i < b}
+            enums, ndims, dims = describe(arrays, logical)
             writer.add_packed_run(listed.keys[a:b], enums, sizes, ndims, dims, crcs[a:b], host, done=done)
             return
         tensors = [
@@ -410,18 +367,6 @@ class CupyBackend:
             for i, (name, arr), off, size, c in zip(range(a, b), listed[a:b], offsets, sizes, crcs[a:b])
         ]
         writer.add_packed(tensors, done=done)
-
-    @staticmethod
-    def _dtype_enums(arrays: Sequence[Any]) -> np.ndarray:
-        codes: dict[Any, int] = {}
-
-        def code(dt: Any) -> int:
-            c = codes.get(dt)
-            if c is None:
-                c = codes[dt] = dtypes.from_numpy(np.dtype(dt))
-            return c
-
-        return np.fromiter((code(x.dtype) for x in arrays), np.int32, len(arrays))
 
     def _chunks(self, arr: Any, state: _DeviceState) -> Iterator[tuple[memoryview, Any]]:
         """D2H copies of ``arr`` in slot-sized chunks, one ahead of the writer."""
@@ -470,7 +415,7 @@ class CupyBackend:
         except BaseException:
             state.ring.release(slot)
             raise
-        return memoryview(state.ring.view(slot)[:n]), state.ring.releaser(slot)
+        return memoryview(state.ring.view(slot)[:n]), functools.partial(state.ring.release, slot)
 
     # -------------------------------------------------------------- restore
     def restore_group(self, reader: BundleReader, tensors: Sequence[tuple[str, Any]], *, sequential: bool) -> None:

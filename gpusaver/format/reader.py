@@ -262,6 +262,25 @@ class BundleReader:
         cached = self._files.get(shard_id)
         return (cached or self._data_file(shard_id))[1]
 
+    def inside_data_files(
+        self, shards: np.ndarray, offsets: np.ndarray, sizes: np.ndarray, where: np.ndarray
+    ) -> np.ndarray:
+        """Where each of the entries marked in ``where`` has its bytes inside a data file that exists: a
+        bool mask (False outside ``where``). A missing file or bytes past its end are left to the general
+        path, which raises the precise error, in order."""
+        inside = where.copy()
+        # offset and size are each below 2**63 (the decoder checks): their sum fits a uint64, not an int64
+        ends = offsets.astype(np.uint64) + sizes.astype(np.uint64)
+        for shard in np.unique(shards[where]).tolist():
+            in_shard = shards == shard
+            try:
+                size = self.data_file_size(int(shard))
+            except CorruptCheckpointError:
+                inside &= ~in_shard
+                continue
+            inside &= ~(in_shard & (ends > np.uint64(size)))
+        return inside
+
     def data_location(self, name: str, entry: BundleEntry | None = None) -> tuple[int, int, int, str]:
         """``(fd, offset, size, path)`` of a tensor's bytes, checked against the file's size."""
         entry = entry or self.entry(name)
@@ -389,17 +408,7 @@ class BundleReader:
         good = lib.check_arrays(
             arrays, native.type_codes(), cols.ok, cols.enums, cols.ndims, cols.dim_starts, cols.dims, cols.sizes
         ).astype(bool)
-        if good.any():
-            # offset and size are each below 2**63 (decode checks): their sum fits a uint64
-            ends = cols.offsets.astype(np.uint64) + cols.sizes.astype(np.uint64)
-            for shard in np.flatnonzero(np.bincount(cols.shards[good])):  # ids < num_shards (cols.ok)
-                in_shard = cols.shards == shard
-                try:
-                    size = self.data_file_size(int(shard))
-                except CorruptCheckpointError:  # a missing file: the general path says so, in order
-                    good &= ~in_shard
-                    continue
-                good &= ~(in_shard & (ends > np.uint64(size)))
+        good = self.inside_data_files(cols.shards, cols.offsets, cols.sizes, good)
         self._fits = (cols, arrays, good.copy())
         return good
 

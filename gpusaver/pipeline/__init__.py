@@ -21,7 +21,6 @@ and ``save:committed``. The Saver adds ``state:written`` and
 from __future__ import annotations
 
 import heapq
-import itertools
 import os
 import threading
 import time
@@ -31,12 +30,11 @@ import numpy as np
 
 from gpusaver import native
 from gpusaver.storage.parallel import run_parallel
-from gpusaver.backends.base import TensorList
+from gpusaver.backends.base import TensorList, describe
 from gpusaver.devices import DeviceSpec
 from gpusaver.errors import (
     CheckpointWriteError,
     ChecksumError,
-    CorruptCheckpointError,
     DTypeMismatchError,
     InvalidArgumentError,
     ShapeMismatchError,
@@ -280,25 +278,9 @@ def _device_arrays_fit(
     fit = np.zeros(len(arrays), bool)
     if reader.big_endian or not len(arrays):
         return fit
-    codes: dict[Any, int] = {}
-
-    def code(dt: Any) -> int:
-        c = codes.get(dt)
-        if c is None:
-            try:
-                c = codes[dt] = dtypes.from_numpy(np.dtype(dt))
-            except Exception:  # noqa: BLE001 - the checks below name what is wrong
-                c = codes[dt] = -1
-        return c
-
     n = len(arrays)
-    enums = np.fromiter((code(a.dtype) for a in arrays), np.int64, n)
-    for k, i in enumerate(which.tolist()):  # the dtype a stand-in array holds the bits of
-        if i in logical:
-            enums[k] = code(logical[i])
-    shapes = [a.shape for a in arrays]
-    ndims = np.fromiter(map(len, shapes), np.int64, n)
-    dims = np.fromiter(itertools.chain.from_iterable(shapes), np.int64, int(ndims.sum()))
+    positions = {i: k for k, i in enumerate(which.tolist())}
+    enums, ndims, dims = describe(arrays, {positions[i]: dt for i, dt in logical.items() if i in positions})
     nbytes = np.fromiter((a.nbytes for a in arrays), np.int64, n)
     fit = cols.ok[which].astype(bool) & (cols.enums[which] == enums) & (cols.ndims[which] == ndims)
     fit &= cols.sizes[which] == nbytes
@@ -311,19 +293,7 @@ def _device_arrays_fit(
     stored = cols.dims[np.minimum(starts[owner] + pos, max(len(cols.dims) - 1, 0))] if len(cols.dims) else dims * 0
     bad = np.unique(owner[stored != dims])
     fit[bad] = False
-    # bytes inside the data files
-    shards = cols.shards[which]
-    # offset and size are each below 2**63 (the decoder checks): their sum fits a uint64, not an int64
-    ends = cols.offsets[which].astype(np.uint64) + cols.sizes[which].astype(np.uint64)
-    for shard in np.unique(shards[fit]).tolist():
-        in_shard = shards == shard
-        try:
-            size = reader.data_file_size(int(shard))
-        except CorruptCheckpointError:
-            fit &= ~in_shard
-            continue
-        fit &= ~(in_shard & (ends > np.uint64(size)))
-    return fit
+    return reader.inside_data_files(cols.shards[which], cols.offsets[which], cols.sizes[which], fit)
 
 
 def _check_restore_each(reader: BundleReader, variables: Sequence[ResolvedVariable], reshape: bool) -> None:

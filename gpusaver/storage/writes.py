@@ -75,6 +75,9 @@ class WriterPool:
         self._fd = fd
         self._path = path
         self._crcs = crcs
+        from gpusaver.format import crc  # here, not at import: gpusaver.format itself imports this package
+
+        self._extend = crc.extend
         self._queue: "queue.Queue[tuple[int, list[Piece], Callable[[], None] | None] | None]" = queue.Queue(
             _QUEUE_DEPTH
         )
@@ -117,9 +120,7 @@ class WriterPool:
                         self.error = e
 
     def _write(self, offset: int, pieces: "list[Piece] | Pack") -> None:
-        from gpusaver.format import crc  # here, not at import: gpusaver.format itself imports this package
-
-        crcs, extend, fd, clock, pwrite = self._crcs, crc.extend, self._fd, time.perf_counter, self._pwrite
+        crcs, extend, fd, clock, pwrite = self._crcs, self._extend, self._fd, time.perf_counter, self._pwrite
         seg = self._segment
         checksum = write = 0.0
         t0 = clock()
