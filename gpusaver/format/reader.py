@@ -268,10 +268,11 @@ class BundleReader:
         """Where each of the entries marked in ``where`` has its bytes inside a data file that exists: a
         bool mask (False outside ``where``). A missing file or bytes past its end are left to the general
         path, which raises the precise error, in order."""
-        inside = where.copy()
+        # a shard id this checkpoint does not have: the general path says so
+        inside = where & (shards >= 0) & (shards < self.header.num_shards)
         # offset and size are each below 2**63 (the decoder checks): their sum fits a uint64, not an int64
         ends = offsets.astype(np.uint64) + sizes.astype(np.uint64)
-        for shard in np.unique(shards[where]).tolist():
+        for shard in np.flatnonzero(np.bincount(shards[inside])).tolist():
             in_shard = shards == shard
             try:
                 size = self.data_file_size(int(shard))
