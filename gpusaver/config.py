@@ -35,6 +35,9 @@ setting                    environment variable        default          what it 
 ``slot_bytes``             ``GPUSAVER_SLOT_BYTES``     ``32 MiB``       each pinned host buffer (and the device staging slab)
 ``slots``                  ``GPUSAVER_SLOTS``          ``4``            pinned host buffers per GPU
 ``device_small_bytes``     ``GPUSAVER_DEVICE_SMALL``   ``1 MiB``        device tensors below this are packed on the GPU
+``snapshot_bytes``         ``GPUSAVER_SNAPSHOT_BYTES`` ``0``            ``save_async``'s snapshot pool per Saver (0: a quarter of available memory)
+``snapshot_slab_bytes``    ``GPUSAVER_SNAPSHOT_SLAB``  ``32 MiB``       the snapshot pool is allocated, filled and reused this much at a time
+``coordinator_timeout``    ``GPUSAVER_COORDINATOR_TIMEOUT`` ``300``     seconds a rank waits for the others before it raises
 =========================  ==========================  ===============  ==========================================
 
 Sizes accept plain integers in the environment (``GPUSAVER_SEGMENT_BYTES=262144``).
@@ -110,6 +113,9 @@ _SETTINGS = {
         Setting("slot_bytes", "GPUSAVER_SLOT_BYTES", 32 << 20, _count(1), "pinned buffer and device slab size"),
         Setting("slots", "GPUSAVER_SLOTS", 4, _count(2), "pinned host buffers per GPU"),
         Setting("device_small_bytes", "GPUSAVER_DEVICE_SMALL", 1 << 20, _count(1), "packed on the GPU below this"),
+        Setting("snapshot_bytes", "GPUSAVER_SNAPSHOT_BYTES", 0, _count(0), "save_async's snapshot pool (0: 1/4 of available memory)"),
+        Setting("snapshot_slab_bytes", "GPUSAVER_SNAPSHOT_SLAB", 32 << 20, _count(4096), "save_async's snapshot unit"),
+        Setting("coordinator_timeout", "GPUSAVER_COORDINATOR_TIMEOUT", 300, _count(1), "seconds a rank waits for the others"),
     ]
 }
 
