@@ -29,6 +29,7 @@ __all__ = [
     "CheckpointPermissionError",
     "BackendUnavailableError",
     "InsufficientDeviceMemoryError",
+    "CoordinatorError",
 ]
 
 
@@ -166,3 +167,26 @@ class BackendUnavailableError(GpuSaverError, RuntimeError):
 
 class InsufficientDeviceMemoryError(GpuSaverError, MemoryError):
     """A restore would not fit in the free memory of a device."""
+
+
+class CoordinatorError(GpuSaverError, RuntimeError):
+    """The processes (ranks) of a multi-process operation could not finish it together.
+
+    Raised on every rank that takes part: when a rank reports a failure (``rank`` names
+    the lowest such rank and ``error_type`` its exception's type; on a rank that failed
+    itself ``__cause__`` is its own exception), when a rank dies or leaves, when the ranks
+    fall out of step, or when the others do not answer within ``coordinator_timeout``
+    seconds (``rank`` is None when no rank can be named).
+
+    Attributes:
+        rank: the rank whose failure this reports, or None.
+        error_type: the qualified name of that rank's exception type, or None.
+    """
+
+    def __init__(self, message: str, rank: int | None = None, error_type: str | None = None) -> None:
+        super().__init__(message)
+        self.rank = rank
+        self.error_type = error_type
+
+    def __reduce__(self):  # type: ignore[no-untyped-def] - picklable with its attributes
+        return (type(self), (str(self.args[0]) if self.args else "", self.rank, self.error_type))
