@@ -6,9 +6,9 @@ ranks are in the same collective (ranks that fall out of step raise instead of m
 up each other's bytes), and lets the payload step size its buffers. An engine
 implements four primitives (:meth:`EngineCoordinator._gather_ints`,
 :meth:`~EngineCoordinator._gather_payload`, :meth:`~EngineCoordinator._broadcast_ints`,
-:meth:`~EngineCoordinator._broadcast_payload`); each raises :class:`TimeoutError` when
-the others do not answer within :attr:`EngineCoordinator.timeout` seconds, or the
-engine's own error when a peer is lost.
+:meth:`~EngineCoordinator._broadcast_payload`); each raises
+:meth:`EngineCoordinator._timed_out`'s error when the others do not answer within
+:attr:`EngineCoordinator.timeout` seconds, or the engine's own error when a peer is lost.
 
 After any failure the coordinator is spent: every later call raises at once, since the
 engine's state (a collective still pending, peers gone) no longer lets ranks agree.
@@ -16,6 +16,7 @@ engine's state (a collective still pending, peers gone) no longer lets ranks agr
 
 from __future__ import annotations
 
+import abc
 import threading
 from typing import Callable, Iterator, TypeVar
 
@@ -54,7 +55,7 @@ def _op_name(code: int) -> str:
     return _OPS.get(int(code), f"an unknown message ({int(code):#x})")
 
 
-class EngineCoordinator:
+class EngineCoordinator(abc.ABC):
     """A :class:`~gpusaver.distributed.Coordinator` over an engine's four primitives.
 
     Thread-safe: collectives from several threads of one rank run one at a time.
@@ -71,6 +72,7 @@ class EngineCoordinator:
         self.timeout = timeout
         self._seq = 0
         self._failed: CoordinatorError | None = None
+        self._current: tuple[str, int] = ("", 0)
         self._lock = threading.Lock()
 
     @property
@@ -87,21 +89,21 @@ class EngineCoordinator:
 
     # -- the engine's primitives -------------------------------------------------------------
 
+    @abc.abstractmethod
     def _gather_ints(self, values: np.ndarray) -> np.ndarray:
         """Every rank's int64 vector (all of one length), as rows in rank order."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _gather_payload(self, data: memoryview, lengths: list[int]) -> list[bytes]:
         """Every rank's bytes; ``lengths[k]`` is rank k's length (known to every rank)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _broadcast_ints(self, values: np.ndarray, root: int) -> np.ndarray:
         """Rank ``root``'s int64 vector (every rank passes one of the same length)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _broadcast_payload(self, data: memoryview | None, length: int, root: int) -> bytes:
         """Rank ``root``'s ``length`` bytes (``data`` on the root, None elsewhere)."""
-        raise NotImplementedError
 
     def _engine_error(self, error: Exception) -> bool:
         """Whether ``error`` is the engine's own (a lost peer, a broken connection), not a bug here."""
@@ -135,7 +137,7 @@ class EngineCoordinator:
                             dtype=np.int64)
             header = self._call("broadcast_bytes", seq, self._broadcast_ints, mine, root)
             if (int(header[0]), int(header[1]), int(header[3])) != (int(mine[0]), seq, root):
-                self._fail(CoordinatorError(
+                raise self._failure(CoordinatorError(
                     f"rank {self._rank} of {self._size}: ranks out of step: this rank is in broadcast_bytes "
                     f"from rank {root} (collective #{seq}), rank {root} sent {_op_name(header[0])} "
                     f"(collective #{int(header[1])}, from rank {int(header[3])}); every rank must call the "
@@ -167,40 +169,44 @@ class EngineCoordinator:
             f"rank{'s' if len(ranks) > 1 else ''} {', '.join(map(str, ranks[:8]))}{' ...' if len(ranks) > 8 else ''} "
             f"in {_op_name(code)} (collective #{number})"
             for (code, number), ranks in groups.items())
-        self._fail(CoordinatorError(
+        raise self._failure(CoordinatorError(
             f"rank {self._rank} of {self._size}: ranks out of step in {what} (collective #{seq}): {where}; "
             "every rank must call the coordinator's collectives in the same order"))
 
+    def _timed_out(self, detail: str) -> CoordinatorError:
+        """The error a primitive raises when the other ranks did not answer within the timeout."""
+        what, seq = self._current
+        return CoordinatorError(
+            f"rank {self._rank} of {self._size}: {what} (collective #{seq}) over {self.engine}: the other ranks "
+            f"did not all answer within {self.timeout:g} s (coordinator_timeout); a rank has died, hangs, or is "
+            f"not calling the same collectives ({detail})")
+
     def _call(self, what: str, seq: int, primitive: Callable[..., T], *args: object) -> T:
+        self._current = (what, seq)
         try:
             return primitive(*args)
         except CoordinatorError as e:
-            self._fail(e)
-        except TimeoutError as e:
-            self._fail(CoordinatorError(
-                f"rank {self._rank} of {self._size}: {what} (collective #{seq}) over {self.engine}: the other "
-                f"ranks did not all answer within {self.timeout:g} s (coordinator_timeout); a rank has died, "
-                f"hangs, or is not calling the same collectives ({e})"), e)
+            self._failure(e)
+            raise
         except Exception as e:
             hint = "; another rank has probably died or left the job" if self._engine_error(e) else ""
-            self._fail(CoordinatorError(
+            raise self._failure(CoordinatorError(
                 f"rank {self._rank} of {self._size}: {what} (collective #{seq}) failed in {self.engine}: "
-                f"{type(e).__name__}: {e}{hint}"), e)
+                f"{type(e).__name__}: {e}{hint}")) from e
         except BaseException:  # KeyboardInterrupt, SystemExit: the engine's state is unknown now
-            self._fail(CoordinatorError(
-                f"rank {self._rank} of {self._size}: {what} (collective #{seq}) was interrupted"), raise_=False)
+            self._failure(CoordinatorError(
+                f"rank {self._rank} of {self._size}: {what} (collective #{seq}) was interrupted"))
             raise
-        raise AssertionError("unreachable")  # pragma: no cover
 
-    def _fail(self, error: CoordinatorError, cause: BaseException | None = None, *, raise_: bool = True) -> None:
+    def _failure(self, error: CoordinatorError) -> CoordinatorError:
+        """``error``, recorded as what spent this coordinator if it is the first failure."""
         if self._failed is None:
             self._failed = error
             try:
                 self._spent()
             except Exception:  # noqa: BLE001 - the first error is the one to report
                 pass
-        if raise_:
-            raise error from cause
+        return error
 
 
 class _Step:

@@ -76,7 +76,7 @@ class MPICoordinator(EngineCoordinator):
     # -- primitives ------------------------------------------------------------------------------
 
     def _wait(self, request: Any, buffers: tuple[object, ...]) -> None:
-        """Tests ``request`` until it completes; past the timeout, keeps ``buffers`` and raises TimeoutError."""
+        """Tests ``request`` until it completes; past the timeout, keeps ``buffers`` and raises."""
         deadline = time.monotonic() + self.timeout
         polls = 0
         while not request.Test():
@@ -84,7 +84,7 @@ class MPICoordinator(EngineCoordinator):
             if polls > 64:  # after a short spin, poll at most every 2 ms: waiting costs no core
                 if time.monotonic() >= deadline:
                     _ABANDONED.append((request, buffers))
-                    raise TimeoutError(f"still incomplete after {self.timeout:g} s")
+                    raise self._timed_out(f"still incomplete after {self.timeout:g} s")
                 time.sleep(min(2e-3, 1e-5 * (polls - 64)))
 
     def _gather_ints(self, values: np.ndarray) -> np.ndarray:

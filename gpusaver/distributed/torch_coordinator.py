@@ -117,7 +117,7 @@ class TorchCoordinator(EngineCoordinator):
             work.wait(timeout=datetime.timedelta(seconds=self.timeout))
         except RuntimeError as e:
             if "timed out" in str(e).lower() or "timeout" in str(e).lower():
-                raise TimeoutError(str(e).strip()) from e
+                raise self._timed_out(str(e).strip()) from e
             raise
 
     def _engine_error(self, error: Exception) -> bool:

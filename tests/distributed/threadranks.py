@@ -42,7 +42,7 @@ class ThreadEngine(EngineCoordinator):
             out = list(self._ex.slots)
             self._ex.barrier.wait(self.timeout)  # nobody writes the next value before all have read
         except threading.BrokenBarrierError:
-            raise TimeoutError("the barrier broke") from None
+            raise self._timed_out("the barrier broke") from None
         return out
 
     def _gather_ints(self, values: np.ndarray) -> np.ndarray:
