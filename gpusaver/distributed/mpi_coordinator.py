@@ -43,7 +43,9 @@ def _import_mpi() -> Any:
 class MPICoordinator(EngineCoordinator):
     """MPI as gpusaver's coordinator.
 
-    Making one is collective over ``comm`` (it duplicates the communicator).
+    Making one is collective over ``comm`` (it duplicates the communicator). Its
+    collectives may run on any thread, one at a time (they are serialised); MPI must then
+    allow threads (``MPI_THREAD_SERIALIZED`` or more: mpi4py asks for ``MULTIPLE``).
 
     Args:
         comm: an mpi4py intra-communicator (default: ``MPI.COMM_WORLD``).

@@ -287,3 +287,21 @@ def test_gathered_headers_are_int64_rows() -> None:
     out = run_ranks(2, lambda c: c._gather_ints(np.array([c.rank, 2**40], dtype=np.int64)))
     for rows in out:
         assert rows.dtype == np.int64 and rows.tolist() == [[0, 2**40], [1, 2**40]]
+
+
+def test_a_given_nccl_group_takes_cuda_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """own_group=False on an NCCL group: the bytes travel as tensors on the current CUDA device."""
+    torch = pytest.importorskip("torch")
+    from gpusaver.distributed.torch_coordinator import _device
+
+    class Dist:
+        def __init__(self, backend: str) -> None:
+            self.backend = backend
+
+        def get_backend(self, group: object) -> str:
+            return self.backend
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    assert _device(torch, Dist("nccl"), None) == torch.device("cuda", 3)
+    assert _device(torch, Dist("cpu:gloo,cuda:nccl"), None) == torch.device("cpu")
+    assert _device(torch, Dist("gloo"), None) == torch.device("cpu")
