@@ -41,6 +41,7 @@ from gpusaver.errors import (
     write_error,
 )
 from gpusaver.storage.fileops import POSIX, FileOps
+from gpusaver.format.naming import data_files
 from gpusaver.storage.paths import literal_or_glob, local_path, read_regular
 
 __all__ = [
@@ -414,7 +415,7 @@ def remove_checkpoint(
     prefix = local_path(checkpoint_prefix)
     literal = glob.escape(prefix)
     if checkpoint_format_version == SaverDef.V2:
-        exists = os.path.lexists(_index_path(prefix)) or bool(glob.glob(literal + ".data-?????-of-?????"))
+        exists = os.path.lexists(_index_path(prefix)) or bool(data_files(prefix))
     else:
         exists = os.path.lexists(prefix)
     _remove_matching(
@@ -457,4 +458,16 @@ def remove_checkpoint_literally(
     Raises:
         OSError: if a file exists but cannot be deleted.
     """
-    _remove_matching(glob.escape(local_path(checkpoint_prefix)), SaverDef.V2, meta_graph_suffix, fileops or POSIX)
+    prefix = local_path(checkpoint_prefix)
+    ops = fileops or POSIX
+    # No glob: a pattern made of each checkpoint's own name would fill fnmatch's cache, save after save.
+    index = _index_path(prefix)
+    if os.path.lexists(index):
+        _remove(index, ops)
+    else:
+        logger.info("no checkpoint index matches %s", index)
+    for path in data_files(prefix):
+        _remove(path, ops)
+    meta = f"{_SHARD_SUFFIX.sub('', prefix)}.{meta_graph_suffix}"
+    if os.path.lexists(meta):
+        _remove(meta, ops)

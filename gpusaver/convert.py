@@ -53,7 +53,7 @@ from gpusaver.errors import (
 )
 from gpusaver.format import BundleReader, BundleWriter, crc, dtypes
 from gpusaver.format.entry import BundleEntry
-from gpusaver.format.naming import data_file_glob, data_filename, index_filename
+from gpusaver.format.naming import data_files, data_filename, index_filename
 from gpusaver.storage import os_error
 from gpusaver.storage.paths import local_path, open_regular
 from gpusaver.progress import Progress, ProgressCallback
@@ -820,7 +820,7 @@ def _from_safetensors(
             f"{os.path.join(os.fspath(dst), 'model')!r}"
         )
     _refuse_existing(index_filename(prefix))
-    for existing in sorted(glob.glob(data_file_glob(prefix))):
+    for existing in data_files(prefix):
         _refuse_existing(existing)
     total = sum(t.end - t.begin for _, chosen in plan for t, _ in chosen)
     counter = Progress(progress, total) if progress is not None else None

@@ -17,7 +17,6 @@ Named phases (``fileops.phase``) mark each step for fault injection.
 
 from __future__ import annotations
 
-import glob
 import os
 import uuid
 from typing import Sequence
@@ -25,7 +24,7 @@ from typing import Sequence
 from gpusaver.errors import CorruptCheckpointError, InvalidArgumentError
 from gpusaver.storage.fileops import POSIX, FileOps
 from gpusaver.format.entry import decode_entry, decode_header, encode_entry, encode_header
-from gpusaver.format.naming import data_file_glob, data_filename, index_filename
+from gpusaver.format.naming import data_files, data_filename, index_filename
 from gpusaver.format.table import TableReader, encode_table
 from gpusaver.format.wire import Malformed, encode_varint
 from gpusaver.storage import os_error
@@ -183,7 +182,7 @@ def _commit(
         ops.remove(index)
         ops.phase("merge:old_index_removed")
     new_names = {data_filename(merged_prefix, i, num_files) for i in file_ids.values()}
-    for stale in glob.glob(data_file_glob(merged_prefix)):
+    for stale in data_files(merged_prefix):
         if stale not in new_names and stale not in file_ids:
             ops.remove(stale)
     renamed: list[str] = []
@@ -231,7 +230,7 @@ def _cleanup_inputs(ops: FileOps, prefixes: list[str], merged_prefix: str, empty
     for prefix in prefixes:
         doomed = [index_filename(prefix)]
         if prefix in empty:
-            doomed += glob.glob(data_file_glob(prefix))
+            doomed += data_files(prefix)
         for path in doomed:
             try:
                 ops.remove(path)

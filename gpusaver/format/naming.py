@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import glob
+import os
 import re
 
-__all__ = ["index_filename", "data_filename", "data_file_glob", "DATA_SUFFIX_RE"]
+__all__ = ["index_filename", "data_filename", "data_files", "DATA_SUFFIX_RE"]
 
 #: Matches the suffix of a data file name; ``%05d`` is a minimum width.
 DATA_SUFFIX_RE = re.compile(r"\.data-(\d{5,})-of-(\d{5,})$")
@@ -21,6 +21,23 @@ def data_filename(prefix: str, shard_id: int, num_shards: int) -> str:
     return "%s.data-%05d-of-%05d" % (prefix, shard_id, num_shards)
 
 
-def data_file_glob(prefix: str) -> str:
-    """A glob pattern for every data file of ``prefix`` (special characters escaped)."""
-    return glob.escape(prefix) + ".data-?????-of-?????"
+_FIVE_BY_FIVE = re.compile(r"\.data-[^/]{5}-of-[^/]{5}")
+
+
+def data_files(prefix: str) -> list[str]:
+    """Every file ``<prefix>.data-?????-of-?????`` that exists, sorted (the prefix taken literally).
+
+    The directory is listed rather than globbed: a glob pattern made of each
+    checkpoint's own name would be compiled and cached anew by every save.
+    """
+    directory, base = os.path.split(prefix)
+    try:
+        names = os.listdir(directory or ".")
+    except OSError:
+        return []
+    start = len(base)
+    return sorted(
+        os.path.join(directory, name)
+        for name in names
+        if name.startswith(base) and _FIVE_BY_FIVE.fullmatch(name, start) is not None
+    )

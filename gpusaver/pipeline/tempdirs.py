@@ -40,7 +40,7 @@ from urllib.parse import quote, unquote
 
 from gpusaver.errors import CorruptCheckpointError
 from gpusaver.storage.fileops import POSIX, FileOps
-from gpusaver.format.naming import data_file_glob, index_filename
+from gpusaver.format.naming import data_files, index_filename
 from gpusaver.storage.paths import checkpoint_identity, open_regular, read_regular
 
 __all__ = ["ORPHAN_AGE", "TempDir", "make_temp_dir", "clean_stale_temp_dirs", "roll_back_unrecorded"]
@@ -260,7 +260,7 @@ def _finish_for_dead_owner(
     # files are the new save's), or a commit that was never recorded (the save never
     # returned): the files go, index first.
     ok = True
-    for path in ([index] if committed else []) + sorted(glob.glob(data_file_glob(prefix))):
+    for path in ([index] if committed else []) + data_files(prefix):
         try:
             ops.remove(path)
         except FileNotFoundError:
