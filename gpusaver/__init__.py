@@ -43,12 +43,14 @@ from gpusaver.errors import (
     InvalidArgumentError,
     InvalidArgumentTypeError,
     InvalidCheckpointPathError,
+    SaveTimeoutError,
     ShapeMismatchError,
     StatePathConflictError,
     TensorNotFoundError,
     UnsupportedDTypeError,
     UnsupportedVersionError,
 )
+from gpusaver.pipeline.background import SaveHandle
 from gpusaver.saver import RestoreResult, Saver
 from gpusaver.variables import Variable
 
@@ -58,6 +60,7 @@ __all__ = [
     "load",
     "Saver",
     "RestoreResult",
+    "SaveHandle",
     "Variable",
     "CheckpointReader",
     "DeviceSpec",
@@ -78,6 +81,7 @@ __all__ = [
     "UnsupportedDTypeError",
     "TensorNotFoundError",
     "CheckpointNotFoundError",
+    "SaveTimeoutError",
     "InvalidCheckpointPathError",
     "StatePathConflictError",
     "ShapeMismatchError",

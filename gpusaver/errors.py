@@ -169,6 +169,10 @@ class InsufficientDeviceMemoryError(GpuSaverError, MemoryError):
     """A restore would not fit in the free memory of a device."""
 
 
+class SaveTimeoutError(GpuSaverError, TimeoutError):
+    """An asynchronous save had not finished within the time its caller waited (it goes on)."""
+
+
 class CoordinatorError(GpuSaverError, RuntimeError):
     """The processes (ranks) of a multi-process operation could not finish it together.
 

@@ -9,7 +9,10 @@ are accepted where TensorFlow has them and documented as such in the README.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import threading
+import time
 
 import errno
 import math
@@ -27,6 +30,7 @@ from gpusaver._proto.saver_pb2 import SaverDef
 from gpusaver.backends.base import TensorList
 from gpusaver.errors import (
     CheckpointPermissionError,
+    CheckpointWriteError,
     DTypeMismatchError,
     ShapeMismatchError,
     TensorNotFoundError,
@@ -46,6 +50,7 @@ from gpusaver.pipeline import (
     restore_checkpoint,
     save_checkpoint,
 )
+from gpusaver.pipeline.background import SaveHandle
 from gpusaver.pipeline.retention import Retention
 from gpusaver.pipeline.tempdirs import TempDir
 from gpusaver.variables import ResolvedVariable, check_restorable, resolve_var_list
@@ -128,6 +133,43 @@ def _step_value(global_step: Any) -> int:
     )
 
 
+class _SavePlan(NamedTuple):
+    """A save's checked arguments: the prefix as spelled and as the file system is asked, its directory."""
+
+    prefix: str
+    local: str
+    parent: str
+    parent_local: str
+    latest_filename: str
+    write_state: bool
+
+
+class _DeviceCopy:
+    """A GPU group copied into spare device memory (``save_async(snapshot="device")``), saved from there."""
+
+    def __init__(self, group: Any, backend: Any) -> None:
+        self.device = group.device
+        self.backend = backend
+        self._group = group
+        self._copies: list[Any] = []
+        self._logical: dict[int, Any] = {}
+
+    def capture(self) -> None:
+        """Copies every array on its device (after the work queued on the current stream), and waits."""
+        cp = self.backend._cp
+        with cp.cuda.Device(self.device.index):
+            self._copies = [v.array.copy() for v in self._group.variables]
+            cp.cuda.get_current_stream().synchronize()
+
+    def synchronize(self) -> None:
+        return None  # capture() waited already
+
+    def tensors(self) -> TensorList:
+        listed = TensorList((v.name, c) for v, c in zip(self._group.variables, self._copies))
+        listed.logical = {i: v.logical_dtype for i, v in enumerate(self._group.variables) if v.logical_dtype is not None}
+        return listed
+
+
 class Saver:
     """Saves and restores variables, with TensorFlow's checkpoint management.
 
@@ -155,7 +197,12 @@ class Saver:
         durable: fsync data, index, state file and directories (default). Off,
             a process crash is still safe; a power loss is not.
         fileops: file operations (tests inject faults here).
-        on_phase: called with ``(phase, seconds)`` as each stage of a save ends.
+        on_phase: called with ``(phase, seconds)`` as each stage of a save ends
+            (``snapshot``: the time :meth:`save_async` blocked).
+        snapshot_bytes: the most host memory :meth:`save_async` holds for its
+            snapshots (``snapshot_bytes`` setting; default a quarter of the
+            available memory). Kept and reused from one save to the next;
+            :meth:`close` gives it back.
 
     Raises:
         ValueError: duplicate names, the same array twice, an empty var_list
@@ -183,6 +230,7 @@ class Saver:
         durable: bool = True,
         fileops: FileOps | None = None,
         on_phase: Callable[[str, float], None] | None = None,
+        snapshot_bytes: int | None = None,
     ) -> None:
         if write_version != SaverDef.V2:
             raise InvalidArgumentError("gpusaver writes only the V2 checkpoint format (write_version=SaverDef.V2)")
@@ -219,6 +267,11 @@ class Saver:
         self._on_phase = on_phase
         self._retention = Retention(self._max_to_keep, self._keep_hours)
         self._restorable = False
+        if snapshot_bytes is not None and (not isinstance(snapshot_bytes, numbers.Integral) or snapshot_bytes <= 0):
+            raise InvalidArgumentError(f"snapshot_bytes must be a positive integer, not {snapshot_bytes!r}")
+        self._snapshot_bytes = int(snapshot_bytes) if snapshot_bytes is not None else None
+        self._pool: Any = None  # save_async's snapshot pool, made on first use
+        self._pending: SaveHandle | None = None
 
     # ----------------------------------------------------------- properties
     @property
@@ -302,6 +355,151 @@ class Saver:
             CheckpointWriteError: the save failed (an OSError keeping errno);
                 nothing changed on disk.
         """
+        self._settle()
+        plan = self._plan_save(save_path, global_step, latest_filename, write_state)
+        if plan is None:
+            return None
+        counter = Progress(progress, self._nbytes()) if progress is not None else None
+        with _gc.paused(), ordered_with_framework(self._sources):
+            return self._write(plan, self._groups, counter, meta_graph_suffix)
+
+    def save_async(
+        self,
+        save_path: str | os.PathLike[str] | None = None,
+        global_step: Any = None,
+        latest_filename: str | None = None,
+        write_state: bool = True,
+        meta_graph_suffix: str = "meta",
+        write_meta_graph: bool = False,
+        strip_default_attrs: bool = False,
+        save_debug_info: bool = False,
+        *,
+        progress: ProgressCallback | None = None,
+        snapshot: str = "host",
+    ) -> SaveHandle:
+        """Starts a save and returns once every variable's bytes are captured; writes in the background.
+
+        Takes :meth:`save`'s arguments and checks them before returning. The
+        arrays may change as soon as it returns: the checkpoint holds the values
+        they had during the call. Writing, commit, state file and retention
+        happen on a background thread; the files are those :meth:`save` writes.
+        The next ``save``, ``save_async``, ``restore``, :meth:`wait` or
+        :meth:`close` of this Saver first waits for this save, and raises its
+        error if it failed and nobody collected the error from the handle. The
+        interpreter waits for a pending save at exit.
+
+        Args:
+            snapshot: ``"host"`` (default): bytes are copied into the Saver's
+                snapshot pool in host memory (``snapshot_bytes``; GPU arrays
+                through the pinned buffers). ``"device"``: a GPU group is first
+                copied into spare device memory when its free memory (CuPy's
+                cached blocks included) holds the group, and written from there;
+                otherwise it is captured to the host as with ``"host"``.
+
+        Returns:
+            a :class:`~gpusaver.SaveHandle`: ``result(timeout=None)`` returns the
+            prefix once committed or raises the save's error; ``done()``.
+
+        Raises:
+            what :meth:`save` raises for bad arguments, before anything is written;
+            an error while capturing (nothing is committed).
+        """
+        if snapshot not in ("host", "device"):
+            raise InvalidArgumentError(f"snapshot must be 'host' or 'device', not {snapshot!r}")
+        self._settle()
+        plan = self._plan_save(save_path, global_step, latest_filename, write_state)
+        if plan is None:
+            return SaveHandle.finished(None)
+        from gpusaver.pipeline import snapshot as _snapshot
+
+        t0 = time.perf_counter()
+        pool = self._snapshot_pool()
+        pool.begin()
+        handle = SaveHandle(plan.prefix)
+        counter = Progress(progress, self._nbytes()) if progress is not None else None
+        background: list[Any] = []
+        captures: list[tuple[Any, Any]] = []
+        device_copies: list[Any] = []
+        for g in self._groups:
+            copy = self._device_snapshot(g) if snapshot == "device" and g.device.is_gpu else None
+            if copy is not None:
+                background.append(copy)
+                device_copies.append(copy)
+            else:
+                recorder = _snapshot.Recorder(pool)
+                background.append(_snapshot.ReplayGroup(g.device, recorder))
+                captures.append((g, recorder))
+
+        def write() -> str:
+            try:
+                return self._write(plan, background, counter, meta_graph_suffix)
+            except BaseException:
+                pool.stop()  # a capture still waiting for the pool stops
+                raise
+
+        open_recorders = [r for _, r in captures]
+        try:
+            with _gc.paused(), ordered_with_framework(self._sources):
+                for copy in device_copies:
+                    copy.capture()
+                handle._start(write)
+                self._pending = handle
+                for g, recorder in captures:
+                    g.backend.save_group(g.tensors(), recorder)
+                    recorder.close()
+                    open_recorders.remove(recorder)
+                for copy in device_copies:
+                    copy.synchronize()  # the device copies are complete: the arrays may change
+        except _snapshot._Stopped:
+            # The background save failed while this was capturing: its error is the handle's.
+            for recorder in open_recorders:
+                recorder.fail(CheckpointWriteError(0, "the save failed while capturing"))
+        except BaseException as e:
+            for recorder in open_recorders:
+                recorder.fail(e)
+            if handle._thread is not None:
+                handle.wait()
+                handle._collected = True  # raised here: not again by the next call
+            raise
+        handle.blocked_seconds = time.perf_counter() - t0
+        if self._on_phase:
+            self._on_phase("snapshot", handle.blocked_seconds)
+        return handle
+
+    def wait(self) -> None:
+        """Waits for this Saver's pending asynchronous save; raises its error if nobody has collected it."""
+        self._settle()
+
+    def _settle(self) -> None:
+        """Waits for the pending asynchronous save; raises its error if nobody collected it."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            error = pending._uncollected()
+            if error is not None:
+                raise error
+
+    def _snapshot_pool(self) -> Any:
+        from gpusaver.pipeline.snapshot import SnapshotPool, default_snapshot_bytes
+
+        if self._pool is None:
+            self._pool = SnapshotPool(self._snapshot_bytes or default_snapshot_bytes())
+        return self._pool
+
+    def _device_snapshot(self, group: Any) -> Any:
+        """A copy of a GPU group in spare device memory (see ``snapshot="device"``), or None if it does not fit."""
+        from gpusaver.pipeline import Group
+
+        backend = group.backend
+        free = getattr(backend, "_free_bytes", None)
+        need = sum(int(v.array.nbytes) for v in group.variables)
+        if free is None or need > free(group.device.index):
+            return None
+        return _DeviceCopy(group, backend)
+
+    def _plan_save(
+        self, save_path: Any, global_step: Any, latest_filename: str | None, write_state: bool
+    ) -> "_SavePlan | None":
+        """Checks a save's arguments and its directory (raising before anything is written)."""
         if save_path is None:
             save_path = self._filename
         if save_path is None:
@@ -327,8 +525,12 @@ class Saver:
                 f"cannot save to {prefix!r}: it is a directory; give a file prefix such as {prefix}/model"
             )
         self._check_state_collision(local, latest_filename, global_step, write_state)
-        clean_stale_temp_dirs(parent_local, self._fileops)
+        return _SavePlan(prefix, local, parent, parent_local, latest_filename, write_state)
 
+    def _write(self, plan: "_SavePlan", groups: Any, counter: Any, meta_graph_suffix: str) -> str:
+        """Writes ``groups`` as the checkpoint ``plan`` names, commits it, records it, applies retention."""
+        prefix, parent, parent_local, latest_filename = plan.prefix, plan.parent, plan.parent_local, plan.latest_filename
+        clean_stale_temp_dirs(parent_local, self._fileops)
         doomed: list[tuple[str, TempDir]] = []
 
         def record() -> None:
@@ -351,20 +553,18 @@ class Saver:
             )
             self._fileops.phase("state:written")
 
-        counter = Progress(progress, self._nbytes()) if progress is not None else None
         try:
-            with _gc.paused(), ordered_with_framework(self._sources):
-                save_checkpoint(
-                    local,
-                    self._groups,
-                    sharded=self._sharded,
-                    durable=self._durable,
-                    fileops=self._fileops,
-                    on_phase=self._on_phase,
-                    after_commit=record if write_state else None,
-                    state_file=latest_filename if write_state else None,
-                    progress=counter,
-                )
+            save_checkpoint(
+                plan.local,
+                groups,
+                sharded=self._sharded,
+                durable=self._durable,
+                fileops=self._fileops,
+                on_phase=self._on_phase,
+                after_commit=record if plan.write_state else None,
+                state_file=latest_filename if plan.write_state else None,
+                progress=counter,
+            )
         finally:
             # Once the state file no longer lists them, dropped checkpoints go, whatever happens.
             while doomed:
@@ -430,6 +630,7 @@ class Saver:
                 before it holds checkpoint values, the damaged one its old values
                 or unverified bytes. Raised once the group's other reads are done.
         """
+        self._settle()
         if self._is_empty:
             return None  # as TensorFlow: an empty Saver restores nothing, from anywhere
         if save_path is None:
@@ -546,8 +747,14 @@ class Saver:
 
         They are shared by every Saver on the same GPU and made again on the next save or restore;
         close when training is done to give the pinned memory back. ``with Saver(...) as saver:``
-        closes on exit.
+        closes on exit. Waits for a pending :meth:`save_async` first, gives back its snapshot
+        pool, and raises the save's error if it failed and nobody collected it.
         """
+        pending, self._pending = self._pending, None
+        error = pending._uncollected() if pending is not None else None
+        if self._pool is not None:
+            self._pool.close()
+            self._pool = None
         gpus = sorted({g.device.index for g in self._groups if g.device.is_gpu})
         if gpus:
             from gpusaver import backends
@@ -555,6 +762,8 @@ class Saver:
             backend = backends._cupy_backend
             if backend is not None:
                 backend.close(gpus)
+        if error is not None:
+            raise error
 
     def __enter__(self) -> "Saver":
         return self

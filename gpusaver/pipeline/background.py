@@ -1,0 +1,117 @@
+"""Saves that finish in the background: :class:`SaveHandle`, and waiting for them at interpreter exit.
+
+A background save runs on a thread of its own that is not a daemon, so the
+interpreter waits for it at exit (``threading`` joins such threads before
+``atexit`` handlers run); the handler registered here then reports, on
+stderr, any failure nobody collected.
+"""
+
+from __future__ import annotations
+
+import atexit
+import sys
+import threading
+import weakref
+from typing import Any, Callable
+
+from gpusaver.errors import SaveTimeoutError
+
+__all__ = ["SaveHandle"]
+
+_handles: "weakref.WeakSet[SaveHandle]" = weakref.WeakSet()
+_handles_lock = threading.Lock()
+
+
+class SaveHandle:
+    """The pending result of :meth:`gpusaver.Saver.save_async`.
+
+    Attributes:
+        prefix: the checkpoint prefix the save writes (as :meth:`~gpusaver.Saver.save` returns it).
+        blocked_seconds: how long ``save_async`` blocked (capturing the snapshot).
+    """
+
+    def __init__(self, prefix: str | None) -> None:
+        self.prefix = prefix
+        self.blocked_seconds = 0.0
+        self._done = threading.Event()
+        self._error: BaseException | None = None
+        self._collected = False
+        self._thread: threading.Thread | None = None
+        self._callbacks: list[Callable[["SaveHandle"], None]] = []
+        with _handles_lock:
+            _handles.add(self)
+
+    @classmethod
+    def finished(cls, prefix: str | None) -> "SaveHandle":
+        handle = cls(prefix)
+        handle._done.set()
+        return handle
+
+    def _start(self, target: Callable[[], Any]) -> None:
+        def run() -> None:
+            try:
+                target()
+            except BaseException as e:  # noqa: BLE001 - kept for result() and the Saver's next call
+                self._error = e
+            finally:
+                self._done.set()
+
+        self._thread = threading.Thread(target=run, name="gpusaver-save-async", daemon=False)
+        self._thread.start()
+
+    def done(self) -> bool:
+        """Whether the save has finished (committed, or failed)."""
+        return self._done.is_set()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Waits for the save to finish; returns :meth:`done` (False after ``timeout`` seconds)."""
+        return self._done.wait(timeout)
+
+    def result(self, timeout: float | None = None) -> str | None:
+        """The checkpoint prefix once the save is committed (the state file written, retention applied).
+
+        Raises:
+            SaveTimeoutError: not finished within ``timeout`` seconds (a TimeoutError; the save goes on).
+            the save's own error (e.g. :class:`~gpusaver.errors.CheckpointWriteError`) if it failed;
+                nothing was committed. Raised here, it is not raised again by the Saver's next call.
+        """
+        if not self._done.wait(timeout):
+            raise SaveTimeoutError(f"the save of {self.prefix!r} has not finished within {timeout} s")
+        if self._error is not None:
+            self._collected = True
+            raise self._error
+        return self.prefix
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        """The save's error (None if it succeeded), once finished; it counts as collected."""
+        if not self._done.wait(timeout):
+            raise SaveTimeoutError(f"the save of {self.prefix!r} has not finished within {timeout} s")
+        if self._error is not None:
+            self._collected = True
+        return self._error
+
+    def _uncollected(self) -> BaseException | None:
+        """The error nobody has seen yet (and marks it seen), for the Saver's next call."""
+        self._done.wait()
+        if self._error is not None and not self._collected:
+            self._collected = True
+            return self._error
+        return None
+
+    def __repr__(self) -> str:
+        state = "pending" if not self.done() else ("failed" if self._error is not None else "done")
+        return f"SaveHandle({self.prefix!r}, {state})"
+
+
+@atexit.register
+def _report_uncollected() -> None:
+    with _handles_lock:
+        handles = list(_handles)
+    for handle in handles:
+        handle.wait()
+        if handle._error is not None and not handle._collected:
+            print(
+                f"gpusaver: the asynchronous save of {handle.prefix!r} failed and nobody collected the error "
+                f"(nothing was committed): {type(handle._error).__name__}: {handle._error}",
+                file=sys.stderr,
+            )
