@@ -18,6 +18,7 @@
 #define NPY_NO_DEPRECATED_API NPY_1_7_API_VERSION
 #include <numpy/arrayobject.h>
 
+#include <limits.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -182,6 +183,88 @@ static PyArrayObject *new_array(npy_intp n, int typenum)
     return (PyArrayObject *)PyArray_ZEROS(1, &n, typenum, 0);
 }
 
+/* Memory for the columns a restore decodes, kept for the next restore when their arrays are
+ * freed: on the machines measured, the page faults of fresh memory for 100,000 tensors' columns
+ * cost more than decoding them. At most POOL_SLOTS blocks and POOL_KEEP bytes wait here. */
+#define POOL_SLOTS 32
+#define POOL_KEEP ((size_t)64 << 20)
+static void *pool_p[POOL_SLOTS];
+static size_t pool_size[POOL_SLOTS], pool_held;
+
+static void pool_give(void *p, size_t size)
+{
+    if (pool_held + size <= POOL_KEEP)
+        for (int k = 0; k < POOL_SLOTS; k++)
+            if (pool_p[k] == NULL) {
+                pool_p[k] = p;
+                pool_size[k] = size;
+                pool_held += size;
+                return;
+            }
+    PyMem_RawFree(p);
+}
+
+static void *pool_take(size_t size, size_t *got)
+{
+    for (int k = 0; k < POOL_SLOTS; k++)
+        if (pool_p[k] != NULL && pool_size[k] >= size && pool_size[k] / 2 <= size) {
+            void *p = pool_p[k];
+            *got = pool_size[k];
+            pool_p[k] = NULL;
+            pool_held -= pool_size[k];
+            return p;
+        }
+    *got = size;
+    return PyMem_RawMalloc(size ? size : 1);
+}
+
+static void pool_release(PyObject *capsule)
+{
+    void *p = PyCapsule_GetPointer(capsule, "gpusaver._native.pooled");
+    size_t *size = PyCapsule_GetContext(capsule);
+    if (p != NULL && size != NULL) {
+        pool_give(p, *size);
+        PyMem_RawFree(size);
+    }
+}
+
+/* A one-dimensional array of n items (typenum: uint8, int32, uint32 or int64) whose memory comes
+ * from the pool and goes back there when the array is freed. Not zeroed: the caller writes every item. */
+static PyArrayObject *new_pooled_array(npy_intp n, int typenum)
+{
+    size_t item = typenum == NPY_UINT8 ? 1 : typenum == NPY_INT32 || typenum == NPY_UINT32 ? 4 : 8;
+    PyArray_Descr *descr = PyArray_DescrFromType(typenum);
+    if (descr == NULL)
+        return NULL;
+    size_t bytes = (size_t)n * item, got;
+    size_t *ctx = PyMem_RawMalloc(sizeof(size_t));
+    void *p = ctx ? pool_take(bytes, &got) : NULL;
+    PyObject *capsule = NULL;
+    if (p == NULL) {
+        PyMem_RawFree(ctx);
+        Py_DECREF(descr);
+        PyErr_NoMemory();
+        return NULL;
+    }
+    *ctx = got;
+    capsule = PyCapsule_New(p, "gpusaver._native.pooled", pool_release);
+    if (capsule == NULL || PyCapsule_SetContext(capsule, ctx) < 0) {
+        Py_XDECREF(capsule);
+        PyMem_RawFree(ctx);
+        pool_give(p, got);
+        Py_DECREF(descr);
+        return NULL;
+    }
+    PyArrayObject *a = (PyArrayObject *)PyArray_NewFromDescr(&PyArray_Type, descr, 1, &n, NULL, p, NPY_ARRAY_CARRAY, NULL);
+    if (a == NULL || PyArray_SetBaseObject(a, capsule) < 0) { /* SetBaseObject takes the capsule, even failing */
+        Py_XDECREF(a);
+        if (a == NULL)
+            Py_DECREF(capsule);
+        return NULL;
+    }
+    return a;
+}
+
 static size_t put_varint(unsigned char *out, uint64_t v)
 {
     size_t i = 0;
@@ -203,19 +286,59 @@ static size_t varint_len(uint64_t v)
     return n;
 }
 
+/* codes (NumPy type number -> DataType enum) with the type numbers below 256 (NumPy's own types)
+ * in a table: a dict lookup for each of 100,000 arrays costs more than the rest of their checks. */
+typedef struct {
+    PyObject *dict;
+    int small[256]; /* -1: not in codes */
+    int use_small;
+} Codes;
+
+static void codes_init(Codes *c, PyObject *dict)
+{
+    c->dict = dict;
+    c->use_small = 1;
+    for (int t = 0; t < 256; t++)
+        c->small[t] = -1;
+    PyObject *key, *value;
+    Py_ssize_t pos = 0;
+    while (PyDict_Next(dict, &pos, &key, &value)) {
+        if (!PyLong_CheckExact(key) || !PyLong_CheckExact(value)) {
+            c->use_small = 0; /* not what gpusaver.native.type_codes makes: ask the dict */
+            return;
+        }
+        long t = PyLong_AsLong(key), v = PyLong_AsLong(value);
+        if (PyErr_Occurred()) {
+            PyErr_Clear();
+            c->use_small = 0;
+            return;
+        }
+        if (t >= 0 && t < 256) {
+            if (v < INT_MIN || v > INT_MAX) {
+                c->use_small = 0;
+                return;
+            }
+            c->small[t] = (int)v;
+        }
+    }
+}
+
 /* The tensor's type code for the format, or -1 when the array takes the
  * general path (not an ndarray, not C-contiguous, byte-swapped, unknown dtype). */
-static int fast_code(PyObject *obj, PyObject *codes)
+static int fast_code(PyObject *obj, const Codes *codes)
 {
     if (!PyArray_Check(obj))
         return -1;
     PyArrayObject *a = (PyArrayObject *)obj;
     if (!PyArray_IS_C_CONTIGUOUS(a) || !PyArray_ISNOTSWAPPED(a))
         return -1;
-    PyObject *key = PyLong_FromLong(PyArray_TYPE(a));
+    int type = PyArray_TYPE(a);
+    if (codes->use_small && type >= 0 && type < 256)
+        return codes->small[type];
+    PyObject *key = PyLong_FromLong(type);
     if (key == NULL)
         return -2;
-    PyObject *code = PyDict_GetItemWithError(codes, key);
+    PyObject *code = PyDict_GetItemWithError(codes->dict, key);
     Py_DECREF(key);
     if (code == NULL)
         return PyErr_Occurred() ? -2 : -1;
@@ -223,6 +346,38 @@ static int fast_code(PyObject *obj, PyObject *codes)
     if (v == -1 && PyErr_Occurred())
         return -2;
     return (int)v;
+}
+
+/* The arrays of a restore lie all over the heap: fetch the objects 16 ahead of i, their shapes 8 ahead. */
+static inline void prefetch_arrays(PyObject *const *items, Py_ssize_t n, Py_ssize_t i)
+{
+    if (i + 32 < n) {
+        __builtin_prefetch(items[i + 32]);
+        __builtin_prefetch((const char *)items[i + 32] + 64);
+    }
+    if (i + 16 < n && PyArray_Check(items[i + 16]))
+        __builtin_prefetch(PyArray_DIMS((PyArrayObject *)items[i + 16]));
+}
+
+/* 1 where obj can take a decoded entry's bytes on the fast path: a writable C-contiguous
+ * native-order ndarray whose dtype's code is dtype, of rank rank and shape dims, and of size
+ * bytes; 0 where not; -1 with an error set. */
+static int array_fits(PyObject *obj, const Codes *codes, int32_t dtype, int32_t rank, const int64_t *dims, int64_t size)
+{
+    int code = fast_code(obj, codes);
+    if (code == -2)
+        return -1;
+    if (code < 0 || code != dtype)
+        return 0;
+    PyArrayObject *a = (PyArrayObject *)obj;
+    if (!PyArray_ISWRITEABLE(a) || PyArray_NDIM(a) != rank)
+        return 0;
+    npy_intp *shape = PyArray_DIMS(a);
+    for (int k = 0; k < rank; k++)
+        if ((int64_t)shape[k] != dims[k])
+            return 0;
+    /* the same shape: the array's byte size is its itemsize times the product of those dims */
+    return (int64_t)PyArray_NBYTES(a) == size;
 }
 
 /* ------------------------------------------------------------ describe */
@@ -252,8 +407,10 @@ static PyObject *describe(PyObject *self, PyObject *args)
     int32_t *e = (int32_t *)PyArray_DATA(enums), *r = (int32_t *)PyArray_DATA(ndims);
     int64_t *s = (int64_t *)PyArray_DATA(sizes);
     npy_intp total_dims = 0;
+    Codes table;
+    codes_init(&table, codes);
     for (Py_ssize_t i = 0; i < n; i++) {
-        int code = fast_code(items[i], codes);
+        int code = fast_code(items[i], &table);
         if (code == -2)
             goto done;
         e[i] = code;
@@ -719,11 +876,169 @@ static int decode_common(const unsigned char *data, size_t end, int64_t *dims, i
     return rank;
 }
 
+/* Scratch buffers kept from one call to the next. On the machines measured, touching fresh
+ * pages costs more than the lookup itself, so lookup_entries reuses its working memory; more
+ * than SCRATCH_KEEP bytes in all are given back after each call. Callers hold the GIL
+ * throughout; scratch_busy turns away a call made from inside another (a finalizer run by the
+ * garbage collector while a result is built), which then takes the caller's Python path. */
+#define SCRATCH_KEEP ((size_t)64 << 20)
+enum { S_ARENA, S_KOFF, S_NEXT, S_SLOTS, S_HASH, S_VPTR, S_VLEN, S_KEY, S_LAST, S_DIMS, S_BATCH, S_COUNT };
+static void *scratch_p[S_COUNT];
+static size_t scratch_cap[S_COUNT];
+static int scratch_busy;
+
+static void *scratch(int k, size_t bytes)
+{
+    if (bytes > scratch_cap[k]) {
+        size_t cap = scratch_cap[k] ? scratch_cap[k] : 4096;
+        while (cap < bytes)
+            cap *= 2;
+        void *p = PyMem_Realloc(scratch_p[k], cap);
+        if (p == NULL) {
+            PyErr_NoMemory();
+            return NULL;
+        }
+        scratch_p[k] = p;
+        scratch_cap[k] = cap;
+    }
+    return scratch_p[k];
+}
+
+static void scratch_trim(void)
+{
+    size_t total = 0;
+    for (int k = 0; k < S_COUNT; k++)
+        total += scratch_cap[k];
+    if (total <= SCRATCH_KEEP)
+        return;
+    for (int k = 0; k < S_COUNT; k++) {
+        PyMem_Free(scratch_p[k]);
+        scratch_p[k] = NULL;
+        scratch_cap[k] = 0;
+    }
+}
+
 PyDoc_STRVAR(decode_entries_doc,
              "decode_entries(values) -> (ok, enums, shards, offsets, sizes, crcs, ndims, dim_starts, dims)\n\n"
              "Decodes BundleEntryProto bytes in the common layout (see entry._decode_common). ok[i] is 0\n"
              "where values[i] is None, not bytes, or in any other layout: decode those in Python. crcs\n"
              "are as stored (masked); tensor i's dims are dims[dim_starts[i]:dim_starts[i + 1]].");
+
+static uint32_t unmask_crc(uint32_t m)
+{
+    uint32_t rot = m - CRC_MASK_DELTA;
+    return (rot >> 17) | (rot << 15);
+}
+
+/* The columns of decode_entries for n entries given as (pointer, length) pairs; a NULL pointer
+ * is an entry that is missing. Shared by decode_entries and lookup_entries (which holds the
+ * scratch buffers: in_scratch). With num_shards >= 0, as reader.EntryColumns wants them: ok only
+ * where the shard is below num_shards, crcs unmasked. */
+static PyObject *decode_spans(Py_ssize_t n, const unsigned char *const *ptrs, const size_t *lens, int in_scratch,
+                              long long num_shards, PyObject *const *arrays, const Codes *codes)
+{
+    /* Every item of every column is written below: the pooled memory is not zeroed. */
+    PyArrayObject *(*make)(npy_intp, int) = in_scratch ? new_pooled_array : new_array;
+    PyArrayObject *good = arrays ? make(n, NPY_UINT8) : NULL;
+    if (arrays && good == NULL)
+        return NULL;
+    uint8_t *gp = good ? PyArray_DATA(good) : NULL;
+    PyArrayObject *ok = make(n, NPY_UINT8), *enums = make(n, NPY_INT32), *shards = make(n, NPY_INT64),
+                  *offsets = make(n, NPY_INT64), *sizes = make(n, NPY_INT64), *crcs = make(n, NPY_UINT32),
+                  *ndims = make(n, NPY_INT32), *starts = make(n + 1, NPY_INT64);
+    PyArrayObject *dims_arr = NULL;
+    int64_t *dims = NULL;
+    PyObject *result = NULL;
+    if (!ok || !enums || !shards || !offsets || !sizes || !crcs || !ndims || !starts)
+        goto done;
+    size_t cap = (size_t)(n > 0 ? n : 1) * 2, used = 0;
+    dims = in_scratch ? scratch(S_DIMS, cap * sizeof(int64_t)) : PyMem_Malloc(cap * sizeof(int64_t));
+    if (dims == NULL) {
+        if (!in_scratch) /* scratch() has said so */
+            PyErr_NoMemory();
+        goto done;
+    }
+    if (in_scratch)
+        cap = scratch_cap[S_DIMS] / sizeof(int64_t);
+    uint8_t *okp = PyArray_DATA(ok);
+    int32_t *ep = PyArray_DATA(enums), *rp = PyArray_DATA(ndims);
+    int64_t *shp = PyArray_DATA(shards), *op = PyArray_DATA(offsets), *sp = PyArray_DATA(sizes), *stp = PyArray_DATA(starts);
+    uint32_t *cp = PyArray_DATA(crcs);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        stp[i] = (int64_t)used;
+        okp[i] = 0;
+        ep[i] = rp[i] = 0;
+        shp[i] = op[i] = sp[i] = 0;
+        cp[i] = 0;
+        if (gp)
+            gp[i] = 0;
+        if (i + 8 < n && ptrs[i + 8])
+            __builtin_prefetch(ptrs[i + 8]);
+        if (arrays)
+            prefetch_arrays(arrays, n, i);
+        if (ptrs[i] == NULL)
+            continue;
+        if (used + MAX_RANK > cap) {
+            size_t ncap = cap * 2 + MAX_RANK;
+            int64_t *nd = in_scratch ? scratch(S_DIMS, ncap * sizeof(int64_t)) : PyMem_Realloc(dims, ncap * sizeof(int64_t));
+            if (nd == NULL) {
+                if (!in_scratch) /* scratch() has said so */
+                    PyErr_NoMemory();
+                goto done;
+            }
+            dims = nd;
+            cap = in_scratch ? scratch_cap[S_DIMS] / sizeof(int64_t) : ncap;
+        }
+        uint64_t shard, offset, size;
+        uint32_t crc;
+        int32_t dtype;
+        int rank = decode_common(ptrs[i], lens[i], dims + used, &dtype, &shard, &offset, &size, &crc);
+        if (rank < 0)
+            continue;
+        okp[i] = num_shards < 0 || shard < (uint64_t)num_shards;
+        ep[i] = dtype;
+        shp[i] = (int64_t)shard;
+        op[i] = (int64_t)offset;
+        sp[i] = (int64_t)size;
+        cp[i] = num_shards < 0 ? crc : unmask_crc(crc);
+        rp[i] = rank;
+        if (gp && okp[i]) {
+            int fits = array_fits(arrays[i], codes, dtype, rank, dims + used, (int64_t)size);
+            if (fits < 0)
+                goto done;
+            gp[i] = (uint8_t)fits;
+        }
+        used += (size_t)rank;
+    }
+    stp[n] = (int64_t)used;
+    dims_arr = make((npy_intp)used, NPY_INT64);
+    if (dims_arr == NULL)
+        goto done;
+    if (used)
+        memcpy(PyArray_DATA(dims_arr), dims, used * sizeof(int64_t));
+    if (good)
+        result = PyTuple_Pack(10, (PyObject *)ok, (PyObject *)enums, (PyObject *)shards, (PyObject *)offsets,
+                              (PyObject *)sizes, (PyObject *)crcs, (PyObject *)ndims, (PyObject *)starts,
+                              (PyObject *)dims_arr, (PyObject *)good);
+    else
+        result = PyTuple_Pack(9, (PyObject *)ok, (PyObject *)enums, (PyObject *)shards, (PyObject *)offsets,
+                              (PyObject *)sizes, (PyObject *)crcs, (PyObject *)ndims, (PyObject *)starts,
+                              (PyObject *)dims_arr);
+done:
+    Py_XDECREF(good);
+    if (!in_scratch)
+        PyMem_Free(dims);
+    Py_XDECREF(ok);
+    Py_XDECREF(enums);
+    Py_XDECREF(shards);
+    Py_XDECREF(offsets);
+    Py_XDECREF(sizes);
+    Py_XDECREF(crcs);
+    Py_XDECREF(ndims);
+    Py_XDECREF(starts);
+    Py_XDECREF(dims_arr);
+    return result;
+}
 
 static PyObject *decode_entries(PyObject *self, PyObject *args)
 {
@@ -735,75 +1050,575 @@ static PyObject *decode_entries(PyObject *self, PyObject *args)
         return NULL;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
     PyObject **items = PySequence_Fast_ITEMS(fast);
-    PyArrayObject *ok = new_array(n, NPY_UINT8), *enums = new_array(n, NPY_INT32), *shards = new_array(n, NPY_INT64),
-                  *offsets = new_array(n, NPY_INT64), *sizes = new_array(n, NPY_INT64), *crcs = new_array(n, NPY_UINT32),
-                  *ndims = new_array(n, NPY_INT32), *starts = new_array(n + 1, NPY_INT64);
-    PyArrayObject *dims_arr = NULL;
-    int64_t *dims = NULL;
     PyObject *result = NULL;
-    if (!ok || !enums || !shards || !offsets || !sizes || !crcs || !ndims || !starts)
-        goto done;
-    size_t cap = (size_t)(n > 0 ? n : 1) * 2, used = 0;
-    dims = PyMem_Malloc(cap * sizeof(int64_t));
-    if (dims == NULL) {
+    const unsigned char **ptrs = PyMem_Malloc(sizeof(*ptrs) * (size_t)(n > 0 ? n : 1));
+    size_t *lens = PyMem_Malloc(sizeof(*lens) * (size_t)(n > 0 ? n : 1));
+    if (ptrs == NULL || lens == NULL) {
         PyErr_NoMemory();
         goto done;
     }
-    uint8_t *okp = PyArray_DATA(ok);
-    int32_t *ep = PyArray_DATA(enums), *rp = PyArray_DATA(ndims);
-    int64_t *shp = PyArray_DATA(shards), *op = PyArray_DATA(offsets), *sp = PyArray_DATA(sizes), *stp = PyArray_DATA(starts);
-    uint32_t *cp = PyArray_DATA(crcs);
     for (Py_ssize_t i = 0; i < n; i++) {
-        stp[i] = (int64_t)used;
         PyObject *v = items[i];
-        if (!PyBytes_Check(v))
+        ptrs[i] = PyBytes_Check(v) ? (const unsigned char *)PyBytes_AS_STRING(v) : NULL;
+        lens[i] = ptrs[i] ? (size_t)PyBytes_GET_SIZE(v) : 0;
+    }
+    result = decode_spans(n, ptrs, lens, 0, -1, NULL, NULL);
+done:
+    PyMem_Free(ptrs);
+    PyMem_Free(lens);
+    Py_DECREF(fast);
+    return result;
+}
+
+/* ------------------------------------------------------- lookup_entries */
+
+/* A 64-bit hash of a key, eight bytes at a time (the keys are the caller's own names). */
+static uint64_t key_hash(const unsigned char *p, size_t n)
+{
+    uint64_t h = 0x9E3779B97F4A7C15ull ^ ((uint64_t)n * 0xC2B2AE3D27D4EB4Full);
+    while (n >= 8) {
+        uint64_t w;
+        memcpy(&w, p, 8);
+        h = (h ^ w) * 0xFF51AFD7ED558CCDull;
+        h ^= h >> 32;
+        p += 8;
+        n -= 8;
+    }
+    uint64_t w = 0;
+    memcpy(&w, p, n);
+    h = (h ^ w) * 0xC4CEB9FE1A85EC53ull;
+    return h ^ (h >> 29);
+}
+
+/* memcmp order, a prefix first. */
+static int key_cmp(const unsigned char *a, size_t an, const unsigned char *b, size_t bn)
+{
+    size_t common = an < bn ? an : bn;
+    int c = common ? memcmp(a, b, common) : 0; /* an empty key may have no buffer at all */
+    if (c)
+        return c;
+    return an < bn ? -1 : an > bn;
+}
+
+static uint32_t mask_crc(uint32_t c);
+static int varint32(const unsigned char *p, size_t limit, size_t *pos, uint32_t *out);
+
+/* Every entry of a table's data blocks in order, each block's crc and layout checked as
+ * TableReader._checked_block and parse_block check them. sorted stays 1 while every key is
+ * larger than the one before. */
+typedef struct {
+    const unsigned char *p;
+    size_t body_end;
+    const int64_t *handles;
+    Py_ssize_t nblocks, next_block;
+    size_t pos, limit;
+    unsigned char *key; /* the current key (scratch S_KEY) */
+    size_t key_len, key_cap;
+    size_t last_len; /* the previous block's last key, in scratch S_LAST */
+    int any, sorted;
+} Walk;
+
+/* 1: an entry (its key in w->key); 0: the end; -1: a damaged block; -2: an error set. */
+static int walk_next(Walk *w, const unsigned char **value, size_t *vlen_out)
+{
+    const unsigned char *p = w->p;
+    while (w->pos >= w->limit) {
+        if (w->next_block >= w->nblocks)
+            return 0;
+        int64_t off = w->handles[2 * w->next_block], size = w->handles[2 * w->next_block + 1];
+        w->next_block++;
+        if (off < 0 || size < 0 || (uint64_t)off + (uint64_t)size + 5 > w->body_end)
+            return -1;
+        size_t start = (size_t)off, end = start + (size_t)size;
+        uint32_t stored = (uint32_t)p[end + 1] | (uint32_t)p[end + 2] << 8 | (uint32_t)p[end + 3] << 16 |
+                          (uint32_t)p[end + 4] << 24;
+        if (mask_crc(crc32c_extend(crc32c_extend(0, p + start, (size_t)size), p + end, 1)) != stored || p[end] != 0 ||
+            size < 4)
+            return -1;
+        uint32_t restarts = (uint32_t)p[end - 4] | (uint32_t)p[end - 3] << 8 | (uint32_t)p[end - 2] << 16 |
+                            (uint32_t)p[end - 1] << 24;
+        if (restarts > (uint64_t)(size - 4) / 4)
+            return -1;
+        if (w->key_len) { /* the key the next block's first key must follow */
+            unsigned char *last = scratch(S_LAST, w->key_len);
+            if (last == NULL)
+                return -2;
+            memcpy(last, w->key, w->key_len);
+            w->last_len = w->key_len;
+        }
+        w->key_len = 0;
+        w->pos = start;
+        w->limit = restarts ? end - 4 - 4 * (size_t)restarts : start;
+    }
+    uint32_t shared, unshared, vlen;
+    size_t pos = w->pos;
+    if (!varint32(p, w->limit, &pos, &shared) || !varint32(p, w->limit, &pos, &unshared) ||
+        !varint32(p, w->limit, &pos, &vlen) || shared > w->key_len || (uint64_t)pos + unshared + vlen > w->limit)
+        return -1;
+    size_t klen = (size_t)shared + unshared;
+    if (w->sorted && w->any) {
+        int c = w->key_len ? key_cmp(p + pos, unshared, w->key + shared, w->key_len - shared)
+                           : key_cmp(p + pos, unshared, (const unsigned char *)scratch_p[S_LAST], w->last_len);
+        if (c <= 0)
+            w->sorted = 0;
+    }
+    if (klen > w->key_cap) {
+        unsigned char *k = scratch(S_KEY, klen);
+        if (k == NULL)
+            return -2;
+        w->key = k;
+        w->key_cap = scratch_cap[S_KEY];
+    }
+    if (unshared)
+        memcpy(w->key + shared, p + pos, unshared);
+    w->key_len = klen;
+    w->any = 1;
+    pos += unshared;
+    *value = p + pos;
+    *vlen_out = vlen;
+    w->pos = pos + vlen;
+    return 1;
+}
+
+static int walk_init(Walk *w, const Py_buffer *view, const Buf *blocks)
+{
+    memset(w, 0, sizeof *w);
+    w->p = (const unsigned char *)view->buf;
+    w->body_end = view->len >= 48 ? (size_t)view->len - 48 : 0;
+    w->handles = (const int64_t *)blocks->view.buf;
+    w->nblocks = blocks->view.len / 16;
+    w->sorted = 1;
+    w->key = scratch(S_KEY, 256);
+    w->key_cap = scratch_cap[S_KEY];
+    return w->key ? 0 : -1;
+}
+
+/* keys sorted, each larger than the one before: one merge of the two sorted lists. Returns
+ * 1 done, 0 when the table's keys are not in order (the caller hashes instead), -1 damaged,
+ * -2 error. */
+static int match_sorted(Walk *w, PyObject **items, Py_ssize_t n, const unsigned char **vptrs, size_t *vlens)
+{
+    Py_ssize_t k = 0;
+    const unsigned char *value;
+    size_t vlen;
+    int rc;
+    while ((rc = walk_next(w, &value, &vlen)) == 1) {
+        if (!w->sorted)
+            return 0;
+        while (k < n) {
+            PyObject *q = items[k];
+            int c = key_cmp((const unsigned char *)PyBytes_AS_STRING(q), (size_t)PyBytes_GET_SIZE(q), w->key, w->key_len);
+            if (c > 0)
+                break;
+            if (c == 0) {
+                vptrs[k] = value;
+                vlens[k] = vlen;
+                k++;
+                break;
+            }
+            k++;
+        }
+    }
+    return rc == 0 ? 1 : rc;
+}
+
+typedef struct {
+    uint32_t tag; /* the hash's high bits, compared before the key */
+    int32_t idx;  /* the first of the keys with this name, -1 for an empty slot */
+} Slot;
+
+/* Any keys: a hash table of them, probed with every key of the table. Returns 1, -1 or -2. */
+static int match_hashed(Walk *w, PyObject **items, Py_ssize_t n, const unsigned char **vptrs, size_t *vlens)
+{
+    size_t m = (size_t)(n > 0 ? n : 1), total = 0, slots = 16;
+    while (slots < m * 2)
+        slots *= 2;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (i + 16 < n)
+            __builtin_prefetch(items[i + 16]);
+        if (PyBytes_Check(items[i]))
+            total += (size_t)PyBytes_GET_SIZE(items[i]);
+    }
+    unsigned char *arena = scratch(S_ARENA, total + 1);
+    size_t *koff = scratch(S_KOFF, sizeof(size_t) * (m + 1));
+    int32_t *next = scratch(S_NEXT, sizeof(int32_t) * m);
+    Slot *table = scratch(S_SLOTS, sizeof(Slot) * slots);
+    uint64_t *hashes = scratch(S_HASH, sizeof(uint64_t) * m);
+    if (!arena || !koff || !next || !table || !hashes)
+        return -2;
+    size_t mask = slots - 1, at = 0;
+    for (size_t s = 0; s < slots; s++)
+        table[s].idx = -1;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (i + 16 < n)
+            __builtin_prefetch(items[i + 16]);
+        koff[i] = at;
+        next[i] = -1;
+        PyObject *k = items[i];
+        if (PyBytes_Check(k)) {
+            size_t len = (size_t)PyBytes_GET_SIZE(k);
+            memcpy(arena + at, PyBytes_AS_STRING(k), len);
+            hashes[i] = key_hash(arena + at, len);
+            at += len;
+        }
+    }
+    koff[n] = at;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (i + 8 < n)
+            __builtin_prefetch(&table[hashes[i + 8] & mask]);
+        if (!PyBytes_Check(items[i]))
+            continue; /* never found */
+        size_t len = koff[i + 1] - koff[i];
+        const unsigned char *kp = arena + koff[i];
+        uint32_t tag = (uint32_t)(hashes[i] >> 32);
+        for (size_t s = (size_t)hashes[i] & mask;; s = (s + 1) & mask) {
+            int32_t j = table[s].idx;
+            if (j < 0) {
+                table[s].tag = tag;
+                table[s].idx = (int32_t)i;
+                break;
+            }
+            if (table[s].tag == tag && koff[j + 1] - koff[j] == len && memcmp(arena + koff[j], kp, len) == 0) {
+                next[i] = next[j]; /* the same key asked for twice: both get its value */
+                next[j] = (int32_t)i;
+                break;
+            }
+        }
+    }
+    /* The table's keys go through in batches, each step prefetching what the next one reads:
+     * the probes are cache misses, and a batch overlaps them. */
+    enum { BATCH = 32 };
+    unsigned char *batch_keys = scratch(S_BATCH, 4096);
+    if (batch_keys == NULL)
+        return -2;
+    size_t bk_off[BATCH + 1], bvlen[BATCH];
+    const unsigned char *bval[BATCH];
+    uint64_t bh[BATCH];
+    int32_t cand[BATCH];
+    size_t bslot[BATCH];
+    int rc = 1;
+    while (rc == 1) {
+        int count = 0;
+        size_t used = 0;
+        while (count < BATCH && (rc = walk_next(w, &bval[count], &bvlen[count])) == 1) {
+            if (used + w->key_len > scratch_cap[S_BATCH]) {
+                batch_keys = scratch(S_BATCH, used + w->key_len);
+                if (batch_keys == NULL)
+                    return -2;
+            }
+            bk_off[count] = used;
+            memcpy(batch_keys + used, w->key, w->key_len);
+            used += w->key_len;
+            count++;
+        }
+        bk_off[count] = used;
+        for (int e = 0; e < count; e++) {
+            bh[e] = key_hash(batch_keys + bk_off[e], bk_off[e + 1] - bk_off[e]);
+            bslot[e] = (size_t)bh[e] & mask;
+            __builtin_prefetch(&table[bslot[e]]);
+        }
+        for (int e = 0; e < count; e++) { /* the first slot whose tag matches: a candidate */
+            uint32_t tag = (uint32_t)(bh[e] >> 32);
+            size_t slot = bslot[e];
+            cand[e] = -1;
+            for (;; slot = (slot + 1) & mask) {
+                int32_t j = table[slot].idx;
+                if (j < 0)
+                    break;
+                if (table[slot].tag == tag) {
+                    cand[e] = j;
+                    __builtin_prefetch(&koff[j]);
+                    break;
+                }
+            }
+            bslot[e] = slot;
+        }
+        for (int e = 0; e < count; e++)
+            if (cand[e] >= 0)
+                __builtin_prefetch(arena + koff[cand[e]]);
+        for (int e = 0; e < count; e++) {
+            if (cand[e] < 0)
+                continue;
+            const unsigned char *key = batch_keys + bk_off[e];
+            size_t klen = bk_off[e + 1] - bk_off[e];
+            uint32_t tag = (uint32_t)(bh[e] >> 32);
+            for (size_t slot = bslot[e];; slot = (slot + 1) & mask) {
+                int32_t j = table[slot].idx;
+                if (j < 0)
+                    break;
+                if (table[slot].tag == tag && koff[j + 1] - koff[j] == klen && memcmp(arena + koff[j], key, klen) == 0) {
+                    for (; j >= 0; j = next[j]) { /* a key stored twice: the later value wins */
+                        vptrs[j] = bval[e];
+                        vlens[j] = bvlen[e];
+                    }
+                    break;
+                }
+            }
+        }
+    }
+    return rc == 0 ? 1 : rc;
+}
+
+PyDoc_STRVAR(lookup_entries_doc,
+             "lookup_entries(data, blocks, keys, num_shards=None, arrays=None, codes=None) -> values, columns, or None\n\n"
+             "values[i] is the value the table in data stores under keys[i] (None where it has none,\n"
+             "or keys[i] is not bytes). Given num_shards, decode_entries(values) instead, made without\n"
+             "a Python object per entry, as reader.EntryColumns takes them: ok[i] only where the entry\n"
+             "names a shard below num_shards, crcs unmasked. blocks is an int64 buffer of (offset, size) pairs, the data\n"
+             "blocks in table order. Every block's crc32c (masked, over the block and its type byte)\n"
+             "and type byte (0) are checked, and its entries parsed as parse_block parses them; where\n"
+             "one of those fails the result is None, for the caller's own reader to raise the precise\n"
+             "error (None too for a call made while another runs). A key stored twice takes the value\n"
+             "stored last, as a dict built block by block. Keys in increasing order are matched by\n"
+             "one merge with the table's; others through a hash table of them. Given arrays (one per\n"
+             "key) and codes as check_arrays takes them, the columns end with a tenth, what\n"
+             "check_arrays(arrays, codes, ...) of those columns gives, made in the same pass.");
+
+static PyObject *lookup_entries(PyObject *self, PyObject *args)
+{
+    Py_buffer view;
+    PyObject *blocks_obj, *seq, *shards_obj = Py_None, *arrays_obj = Py_None, *codes_obj = Py_None;
+    if (!PyArg_ParseTuple(args, "y*OO|OOO:lookup_entries", &view, &blocks_obj, &seq, &shards_obj, &arrays_obj, &codes_obj))
+        return NULL;
+    if ((arrays_obj != Py_None) != (codes_obj != Py_None) || (codes_obj != Py_None && !PyDict_Check(codes_obj)) ||
+        (arrays_obj != Py_None && shards_obj == Py_None)) {
+        PyErr_SetString(PyExc_TypeError, "lookup_entries: arrays need num_shards and a codes dict");
+        PyBuffer_Release(&view);
+        return NULL;
+    }
+    long long num_shards = -1;
+    if (shards_obj != Py_None) {
+        num_shards = PyLong_AsLongLong(shards_obj);
+        if (num_shards == -1 && PyErr_Occurred()) {
+            PyBuffer_Release(&view);
+            return NULL;
+        }
+        if (num_shards < 0) {
+            PyErr_SetString(PyExc_ValueError, "lookup_entries: num_shards must be >= 0");
+            PyBuffer_Release(&view);
+            return NULL;
+        }
+    }
+    if (scratch_busy) {
+        PyBuffer_Release(&view);
+        Py_RETURN_NONE;
+    }
+    scratch_busy = 1;
+    PyObject *fast = NULL, *arrays = NULL, *result = NULL;
+    Buf blocks;
+    memset(&blocks, 0, sizeof blocks);
+    fast = PySequence_Fast(seq, "keys must be a sequence");
+    if (fast == NULL || get_buf(blocks_obj, &blocks, 0, 16, 0, "blocks") < 0)
+        goto done;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    PyObject **items = PySequence_Fast_ITEMS(fast);
+    Codes codes;
+    if (arrays_obj != Py_None) {
+        arrays = PySequence_Fast(arrays_obj, "arrays must be a sequence");
+        if (arrays == NULL)
+            goto done;
+        if (PySequence_Fast_GET_SIZE(arrays) != n) {
+            PyErr_SetString(PyExc_ValueError, "lookup_entries: as many arrays as keys");
+            goto done;
+        }
+        codes_init(&codes, codes_obj);
+    }
+    if ((size_t)n > (size_t)INT32_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "lookup_entries: too many keys");
+        goto done;
+    }
+    size_t m = (size_t)(n > 0 ? n : 1);
+    const unsigned char **vptrs = scratch(S_VPTR, sizeof(*vptrs) * m);
+    size_t *vlens = scratch(S_VLEN, sizeof(size_t) * m);
+    if (!vptrs || !vlens)
+        goto done;
+    memset((void *)vptrs, 0, sizeof(*vptrs) * m);
+    int in_order = 1;
+    for (Py_ssize_t i = 0; i < n && in_order; i++) {
+        if (i + 16 < n)
+            __builtin_prefetch(items[i + 16]);
+        if (!PyBytes_Check(items[i]))
+            in_order = 0;
+        else if (i > 0)
+            in_order = key_cmp((const unsigned char *)PyBytes_AS_STRING(items[i - 1]), (size_t)PyBytes_GET_SIZE(items[i - 1]),
+                               (const unsigned char *)PyBytes_AS_STRING(items[i]), (size_t)PyBytes_GET_SIZE(items[i])) < 0;
+    }
+    Walk w;
+    if (walk_init(&w, &view, &blocks) < 0)
+        goto done;
+    int rc = in_order ? match_sorted(&w, items, n, vptrs, vlens) : 0;
+    if (rc == 0) { /* keys out of order, in the request or the table */
+        memset((void *)vptrs, 0, sizeof(*vptrs) * m);
+        if (walk_init(&w, &view, &blocks) < 0)
+            goto done;
+        rc = match_hashed(&w, items, n, vptrs, vlens);
+    }
+    if (rc == -2)
+        goto done;
+    if (rc == -1) {
+        result = Py_None;
+        Py_INCREF(result);
+        goto done;
+    }
+    if (num_shards >= 0) {
+        result = decode_spans(n, vptrs, vlens, 1, num_shards, arrays ? PySequence_Fast_ITEMS(arrays) : NULL, &codes);
+        goto done;
+    }
+    PyObject *list = PyList_New(n);
+    if (list == NULL)
+        goto done;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *v = vptrs[i] ? PyBytes_FromStringAndSize((const char *)vptrs[i], (Py_ssize_t)vlens[i]) : Py_None;
+        if (v == NULL) {
+            Py_DECREF(list);
+            goto done;
+        }
+        if (v == Py_None)
+            Py_INCREF(v);
+        PyList_SET_ITEM(list, i, v);
+    }
+    result = list;
+done:
+    scratch_trim();
+    scratch_busy = 0;
+    release_buf(&blocks);
+    Py_XDECREF(fast);
+    Py_XDECREF(arrays);
+    PyBuffer_Release(&view);
+    return result;
+}
+
+PyDoc_STRVAR(first_entry_doc,
+             "first_entry(data, blocks) -> (key, value), None or False\n\n"
+             "The first entry of the first data block that has one, as TableReader.first gives it: the\n"
+             "blocks before it and that block whole checked and parsed as lookup_entries does. None\n"
+             "when no block has an entry; False where a block is damaged (or a call is running), for the\n"
+             "caller's own reader to raise the precise error.");
+
+static PyObject *first_entry(PyObject *self, PyObject *args)
+{
+    Py_buffer view;
+    PyObject *blocks_obj, *result = NULL;
+    if (!PyArg_ParseTuple(args, "y*O:first_entry", &view, &blocks_obj))
+        return NULL;
+    if (scratch_busy) {
+        PyBuffer_Release(&view);
+        Py_RETURN_FALSE;
+    }
+    scratch_busy = 1;
+    Buf blocks;
+    memset(&blocks, 0, sizeof blocks);
+    PyObject *key = NULL, *value = NULL;
+    Walk w;
+    if (get_buf(blocks_obj, &blocks, 0, 16, 0, "blocks") < 0 || walk_init(&w, &view, &blocks) < 0)
+        goto done;
+    const unsigned char *vp;
+    size_t vlen;
+    int rc = walk_next(&w, &vp, &vlen);
+    if (rc == 1) {
+        key = PyBytes_FromStringAndSize((const char *)w.key, (Py_ssize_t)w.key_len);
+        value = PyBytes_FromStringAndSize((const char *)vp, (Py_ssize_t)vlen);
+        if (key == NULL || value == NULL)
+            goto done;
+        while (rc == 1 && w.pos < w.limit) /* the rest of its block, parsed as TableReader parses it */
+            rc = walk_next(&w, &vp, &vlen);
+    }
+    if (rc == -2)
+        goto done;
+    if (rc == -1)
+        result = Py_False;
+    else if (key == NULL)
+        result = Py_None;
+    else
+        result = PyTuple_Pack(2, key, value);
+    if (result == Py_False || result == Py_None)
+        Py_INCREF(result);
+done:
+    Py_XDECREF(key);
+    Py_XDECREF(value);
+    scratch_trim();
+    scratch_busy = 0;
+    release_buf(&blocks);
+    PyBuffer_Release(&view);
+    return result;
+}
+
+PyDoc_STRVAR(extents_inside_doc,
+             "extents_inside(where, shards, offsets, sizes, num_shards, file_sizes) -> (inside, needed)\n\n"
+             "inside[i] (bool): where[i], shards[i] in [0, num_shards), and offsets[i] + sizes[i]\n"
+             "(uint64, wrapping as NumPy's does) at most file_sizes[shards[i]] (a dict; a negative\n"
+             "size is a file that cannot be read). needed: the shards, ascending, whose sizes\n"
+             "file_sizes lacks and an entry in where names; their entries are False until a call\n"
+             "that has them.");
+
+static PyObject *extents_inside(PyObject *self, PyObject *args)
+{
+    PyObject *objs[4], *files;
+    long long num_shards;
+    if (!PyArg_ParseTuple(args, "OOOOLO!:extents_inside", &objs[0], &objs[1], &objs[2], &objs[3], &num_shards,
+                          &PyDict_Type, &files))
+        return NULL;
+    Buf b[4];
+    memset(b, 0, sizeof b);
+    PyArrayObject *out = NULL;
+    PyObject *needed = NULL, *result = NULL;
+    if (get_buf(objs[0], &b[0], 0, 1, 0, "where") < 0)
+        goto done;
+    Py_ssize_t n = b[0].view.len;
+    if (get_buf(objs[1], &b[1], 0, 8, n, "shards") < 0 || get_buf(objs[2], &b[2], 0, 8, n, "offsets") < 0 ||
+        get_buf(objs[3], &b[3], 0, 8, n, "sizes") < 0)
+        goto done;
+    out = (PyArrayObject *)PyArray_ZEROS(1, (npy_intp[]){n}, NPY_BOOL, 0);
+    needed = PySet_New(NULL);
+    if (out == NULL || needed == NULL)
+        goto done;
+    const uint8_t *where = b[0].view.buf;
+    const int64_t *shards = b[1].view.buf, *offsets = b[2].view.buf, *sizes = b[3].view.buf;
+    npy_bool *o = PyArray_DATA(out);
+    int64_t last = -1, last_size = -1;
+    int last_known = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int64_t s = shards[i];
+        if (!where[i] || s < 0 || s >= num_shards)
             continue;
-        if (used + MAX_RANK > cap) {
-            size_t ncap = cap * 2 + MAX_RANK;
-            int64_t *nd = PyMem_Realloc(dims, ncap * sizeof(int64_t));
-            if (nd == NULL) {
-                PyErr_NoMemory();
+        if (s != last) {
+            PyObject *k = PyLong_FromLongLong(s);
+            if (k == NULL)
+                goto done;
+            PyObject *size = PyDict_GetItemWithError(files, k);
+            if (size == NULL && PyErr_Occurred()) {
+                Py_DECREF(k);
                 goto done;
             }
-            dims = nd;
-            cap = ncap;
+            last_known = size != NULL;
+            if (size == NULL) {
+                int rc = PySet_Add(needed, k);
+                Py_DECREF(k);
+                if (rc < 0)
+                    goto done;
+            } else {
+                Py_DECREF(k);
+                last_size = PyLong_AsLongLong(size);
+                if (last_size == -1 && PyErr_Occurred())
+                    goto done;
+            }
+            last = s;
         }
-        uint64_t shard, offset, size;
-        uint32_t crc;
-        int32_t dtype;
-        int rank = decode_common((const unsigned char *)PyBytes_AS_STRING(v), (size_t)PyBytes_GET_SIZE(v), dims + used,
-                                 &dtype, &shard, &offset, &size, &crc);
-        if (rank < 0)
-            continue;
-        okp[i] = 1;
-        ep[i] = dtype;
-        shp[i] = (int64_t)shard;
-        op[i] = (int64_t)offset;
-        sp[i] = (int64_t)size;
-        cp[i] = crc;
-        rp[i] = rank;
-        used += (size_t)rank;
+        if (last_known && last_size >= 0)
+            o[i] = (uint64_t)offsets[i] + (uint64_t)sizes[i] <= (uint64_t)last_size;
     }
-    stp[n] = (int64_t)used;
-    dims_arr = new_array((npy_intp)used, NPY_INT64);
-    if (dims_arr == NULL)
+    PyObject *ordered = PySequence_List(needed);
+    if (ordered == NULL || PyList_Sort(ordered) < 0) {
+        Py_XDECREF(ordered);
         goto done;
-    if (used)
-        memcpy(PyArray_DATA(dims_arr), dims, used * sizeof(int64_t));
-    result = PyTuple_Pack(9, (PyObject *)ok, (PyObject *)enums, (PyObject *)shards, (PyObject *)offsets,
-                          (PyObject *)sizes, (PyObject *)crcs, (PyObject *)ndims, (PyObject *)starts, (PyObject *)dims_arr);
+    }
+    result = PyTuple_Pack(2, (PyObject *)out, ordered);
+    Py_DECREF(ordered);
 done:
-    PyMem_Free(dims);
-    Py_DECREF(fast);
-    Py_XDECREF(ok);
-    Py_XDECREF(enums);
-    Py_XDECREF(shards);
-    Py_XDECREF(offsets);
-    Py_XDECREF(sizes);
-    Py_XDECREF(crcs);
-    Py_XDECREF(ndims);
-    Py_XDECREF(starts);
-    Py_XDECREF(dims_arr);
+    Py_XDECREF(out);
+    Py_XDECREF(needed);
+    for (int k = 0; k < 4; k++)
+        release_buf(&b[k]);
     return result;
 }
 
@@ -841,27 +1656,18 @@ static PyObject *check_arrays(PyObject *self, PyObject *args)
     const int64_t *stp = b[3].view.buf, *dp = b[4].view.buf, *sp = b[5].view.buf;
     Py_ssize_t ndims_total = b[4].view.len / 8;
     uint8_t *g = PyArray_DATA(good);
+    Codes table;
+    codes_init(&table, codes);
     for (Py_ssize_t i = 0; i < n; i++) {
+        prefetch_arrays(items, n, i);
         if (!okp[i])
-            continue;
-        int code = fast_code(items[i], codes);
-        if (code == -2)
-            goto done;
-        if (code < 0 || code != ep[i])
-            continue;
-        PyArrayObject *a = (PyArrayObject *)items[i];
-        if (!PyArray_ISWRITEABLE(a) || PyArray_NDIM(a) != rp[i] || (int64_t)PyArray_NBYTES(a) != sp[i])
             continue;
         if (stp[i] < 0 || stp[i] + rp[i] > ndims_total)
             continue;
-        npy_intp *shape = PyArray_DIMS(a);
-        int same = 1;
-        for (int k = 0; k < rp[i]; k++)
-            if ((int64_t)shape[k] != dp[stp[i] + k]) {
-                same = 0;
-                break;
-            }
-        g[i] = (uint8_t)same;
+        int fits = array_fits(items[i], &table, ep[i], rp[i], dp + stp[i], sp[i]);
+        if (fits < 0)
+            goto done;
+        g[i] = (uint8_t)fits;
     }
     result = (PyObject *)good;
     good = NULL;
@@ -1257,6 +2063,9 @@ static PyMethodDef methods[] = {
     {"crc32c", py_crc32c, METH_VARARGS, crc32c_doc},
     {"encode_entries", encode_entries, METH_VARARGS, encode_entries_doc},
     {"decode_entries", decode_entries, METH_VARARGS, decode_entries_doc},
+    {"lookup_entries", lookup_entries, METH_VARARGS, lookup_entries_doc},
+    {"first_entry", first_entry, METH_VARARGS, first_entry_doc},
+    {"extents_inside", extents_inside, METH_VARARGS, extents_inside_doc},
     {"check_arrays", check_arrays, METH_VARARGS, check_arrays_doc},
     {"build_table", build_table, METH_VARARGS, build_table_doc},
     {"parse_block", parse_block, METH_VARARGS, parse_block_doc},

@@ -54,10 +54,15 @@ class EntryColumns:
 
     __slots__ = ("ok", "enums", "shards", "offsets", "sizes", "crcs", "ndims", "dim_starts", "dims")
 
-    def __init__(self, decoded: tuple[np.ndarray, ...], num_shards: int) -> None:
+    def __init__(self, decoded: tuple[np.ndarray, ...], num_shards: int | None) -> None:
+        """``decoded``: ``decode_entries``' columns, or with ``num_shards`` None, columns whose ``ok``
+        already requires a shard of this checkpoint and whose crcs are unmasked."""
         ok, self.enums, self.shards, self.offsets, self.sizes, crcs, self.ndims, self.dim_starts, self.dims = decoded
-        self.ok = ok & (self.shards < num_shards)
-        self.crcs = crc.unmask_array(crcs)
+        if num_shards is None:
+            self.ok, self.crcs = ok, crcs
+        else:
+            self.ok = ok & (self.shards < num_shards)
+            self.crcs = crc.unmask_array(crcs)
 
 
 class BundleReader:
@@ -97,6 +102,8 @@ class BundleReader:
         self._files: dict[int, tuple[int, int, str]] = {}
         self._columns: tuple[list[bytes], EntryColumns] | None = None
         self._fits: tuple[EntryColumns, Sequence[Any], np.ndarray] | None = None
+        #: check_arrays' answer made by columns() in its pass: (columns, arrays, uint8 mask)
+        self._checked: tuple[EntryColumns, Sequence[Any], np.ndarray] | None = None
         self._lock = threading.Lock()
         self._progress: Any = None
 
@@ -171,11 +178,12 @@ class BundleReader:
             out.append(entry)
         return out
 
-    def columns(self, keys: list[bytes]) -> EntryColumns | None:
+    def columns(self, keys: list[bytes], arrays: Sequence[Any] | None = None) -> EntryColumns | None:
         """The entries of many tensors decoded as arrays by the C extension (None without it).
 
         The result for the same ``keys`` list object is cached: a restore's check
-        and its reads share it.
+        and its reads share it. Given the arrays the tensors are restored into (one per key),
+        the first part of :meth:`fits` is done in the same pass over them.
         """
         lib = native.lib
         if lib is None:
@@ -183,11 +191,19 @@ class BundleReader:
         cached = self._columns
         if cached is not None and cached[0] is keys:
             return cached[1]
+        num_shards = self.header.num_shards
         try:
-            values = self._table.get_many(keys)
+            decoded = self._table.get_many_decoded(
+                keys, num_shards, *((arrays, native.type_codes()) if arrays is not None else ())
+            )
+            if decoded is not None:
+                cols = EntryColumns(decoded[:9], None)
+                if arrays is not None:
+                    self._checked = (cols, arrays, decoded[9])
+            else:
+                cols = EntryColumns(lib.decode_entries(self._table.get_many(keys)), num_shards)
         except Malformed as e:
             raise self._corrupt(e) from None
-        cols = EntryColumns(lib.decode_entries(values), self.header.num_shards)
         self._columns = (keys, cols)
         return cols
 
@@ -268,6 +284,18 @@ class BundleReader:
         """Where each of the entries marked in ``where`` has its bytes inside a data file that exists: a
         bool mask (False outside ``where``). A missing file or bytes past its end are left to the general
         path, which raises the precise error, in order."""
+        lib = native.lib
+        if getattr(lib, "extents_inside", None) is not None:
+            sizes_of: dict[int, int] = {}
+            while True:
+                inside, needed = lib.extents_inside(where, shards, offsets, sizes, self.header.num_shards, sizes_of)
+                if not needed:
+                    return inside  # type: ignore[no-any-return]
+                for shard in needed:
+                    try:
+                        sizes_of[shard] = self.data_file_size(shard)
+                    except CorruptCheckpointError:
+                        sizes_of[shard] = -1
         # a shard id this checkpoint does not have: the general path says so
         inside = where & (shards >= 0) & (shards < self.header.num_shards)
         # offset and size are each below 2**63 (the decoder checks): their sum fits a uint64, not an int64
@@ -406,9 +434,13 @@ class BundleReader:
         cached = self._fits
         if cached is not None and cached[0] is cols and cached[1] is arrays:
             return cached[2].copy()  # a restore's check and its reads ask for the same arrays
-        good = lib.check_arrays(
-            arrays, native.type_codes(), cols.ok, cols.enums, cols.ndims, cols.dim_starts, cols.dims, cols.sizes
-        ).astype(bool)
+        checked = self._checked
+        if checked is not None and checked[0] is cols and checked[1] is arrays:
+            good = checked[2].view(bool)  # 0 or 1
+        else:
+            good = lib.check_arrays(
+                arrays, native.type_codes(), cols.ok, cols.enums, cols.ndims, cols.dim_starts, cols.dims, cols.sizes
+            ).view(bool)
         good = self.inside_data_files(cols.shards, cols.offsets, cols.sizes, good)
         self._fits = (cols, arrays, good.copy())
         return good

@@ -11,7 +11,9 @@ the same bytes as TensorFlow; :class:`TableReader` verifies every block's crc.
 from __future__ import annotations
 
 import bisect
-from typing import Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import numpy as np
 
 from gpusaver.errors import InvalidArgumentError
 from gpusaver import native
@@ -259,6 +261,7 @@ class TableReader:
             raise Malformed(f"{path!r} is not a valid checkpoint index: {e}", path) from None
         self._blocks: dict[int, tuple[list[bytes], list[bytes]]] = {}
         self._dict: dict[bytes, bytes] | None = None
+        self._handle_array: np.ndarray | None = None
 
     @classmethod
     def from_bytes(cls, data: bytes | bytearray | memoryview, path: str | None = None) -> "TableReader":
@@ -360,10 +363,49 @@ class TableReader:
             return values[j]
         return None
 
+    def _native_blocks(self) -> tuple[Any, np.ndarray] | None:
+        """The C extension's table functions and the data blocks' handles as they take them."""
+        lib = native.lib
+        if getattr(lib, "lookup_entries", None) is None:
+            return None
+        if self._handle_array is None:
+            self._handle_array = np.array(self._handles, np.int64).reshape(-1, 2)
+        return lib, self._handle_array
+
+    def _scan(self, keys: list[bytes], *args: Any) -> Any:
+        """``lib.lookup_entries`` over every data block (see :meth:`get_many`), or None: without the
+        C extension, for fewer keys than a scan pays for, or where a block is damaged (the Python
+        path then raises the precise error)."""
+        found = self._native_blocks()
+        if found is None or len(keys) < 8 * len(self._handles):
+            return None
+        lib, blocks = found
+        return lib.lookup_entries(self._data, blocks, keys, *args)
+
+    def get_many_decoded(
+        self, keys: list[bytes], num_shards: int, arrays: Sequence[Any] | None = None, codes: dict[int, int] | None = None
+    ) -> tuple[np.ndarray, ...] | None:
+        """The entries of ``keys`` decoded by the C extension in one pass over the blocks, with no
+        Python object per entry: ``decode_entries(self.get_many(keys))``, except that ``ok`` also
+        requires a shard below ``num_shards`` and the crcs are unmasked (as
+        :class:`~gpusaver.format.reader.EntryColumns` keeps them). Given ``arrays`` (one per key)
+        and ``codes`` (:func:`gpusaver.native.type_codes`), a tenth column: ``check_arrays`` of
+        the arrays against those entries, made in the same pass. None where :meth:`get_many` must
+        run instead."""
+        if arrays is None:
+            return self._scan(keys, num_shards)  # type: ignore[no-any-return]
+        return self._scan(keys, num_shards, arrays, codes)  # type: ignore[no-any-return]
+
     def get_many(self, keys: list[bytes]) -> list[bytes | None]:
-        """The values of many keys (None where missing); decodes the whole table once when that is cheaper."""
+        """The values of many keys (None where missing); reads the whole table once when that is cheaper.
+
+        Where a key is stored twice (a damaged table), the later value wins.
+        """
         if len(keys) < 8 * len(self._handles):
             return [self.get(k) for k in keys]
+        scanned = self._scan(keys, None)
+        if scanned is not None:
+            return scanned  # type: ignore[no-any-return]
         table = self._dict
         if table is None:
             table = {}
@@ -388,7 +430,17 @@ class TableReader:
         return out
 
     def first(self) -> tuple[bytes, bytes] | None:
-        """The first entry (a bundle's header), or None for an empty table."""
+        """The first entry (a bundle's header), or None for an empty table.
+
+        The blocks up to the first one with an entry are checked and parsed whole (in C, when the
+        extension is built: a block of thousands of entries makes no Python object but two).
+        """
+        found = self._native_blocks()
+        if found is not None:
+            lib, blocks = found
+            entry = lib.first_entry(self._data, blocks)
+            if entry is not False:  # False: a damaged block, which the loop below names
+                return entry  # type: ignore[no-any-return]
         for i in range(len(self._handles)):
             keys, values = self._block(i)
             if keys:

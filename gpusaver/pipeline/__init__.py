@@ -253,7 +253,7 @@ def check_restore(
     """
     if native.lib is not None:
         tensors = tensors if tensors is not None else TensorList((v.name, v.array) for v in variables)
-        cols = reader.columns(tensors.keys)
+        cols = reader.columns(tensors.keys, tensors.arrays)  # with the arrays: checked in the same pass
         assert cols is not None
         good = reader.fits(cols, tensors.arrays)
         if not good.all():
