@@ -438,18 +438,30 @@ class Saver:
                 raise
 
         open_recorders = [r for _, r in captures]
+        started = threading.Lock()
+
+        def start() -> None:
+            with started:
+                if handle._thread is None:
+                    handle._start(write)
+                    self._pending = handle
+
+        # A state the pool holds whole is captured before the writing starts, so the capture has
+        # the CPUs to itself; a larger one streams: the writing starts once the pool is full.
+        pool.on_full = start
         try:
             with _gc.paused(), ordered_with_framework(self._sources):
                 for copy in device_copies:
                     copy.capture()
-                handle._start(write)
-                self._pending = handle
+                if device_copies:
+                    start()
                 for g, recorder in captures:
                     g.backend.save_group(g.tensors(), recorder)
                     recorder.close()
                     open_recorders.remove(recorder)
                 for copy in device_copies:
                     copy.synchronize()  # the device copies are complete: the arrays may change
+            start()
         except _snapshot._Stopped:
             # The background save failed while this was capturing: its error is the handle's.
             for recorder in open_recorders:
@@ -457,10 +469,13 @@ class Saver:
         except BaseException as e:
             for recorder in open_recorders:
                 recorder.fail(e)
-            if handle._thread is not None:
-                handle.wait()
-                handle._collected = True  # raised here: not again by the next call
+            with started:
+                if handle._thread is not None:
+                    handle.wait()
+                    handle._collected = True  # raised here: not again by the next call
             raise
+        finally:
+            pool.on_full = None
         handle.blocked_seconds = time.perf_counter() - t0
         if self._on_phase:
             self._on_phase("snapshot", handle.blocked_seconds)

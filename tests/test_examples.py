@@ -65,6 +65,22 @@ def test_example_runs_to_the_end(script: str, tmp_path: Path) -> None:
     assert done.returncode == 0, f"{script} failed:\n{done.stdout}\n{done.stderr}"
 
 
+def test_train_with_async_saves_crashes_resumes_and_matches_an_uninterrupted_run(tmp_path: Path) -> None:
+    ckpts, reference = tmp_path / "ckpts", tmp_path / "reference"
+    common = ["--steps", "30", "--save-every", "5", "--async-save"]
+    crashed = run_example("train.py", "--ckpt-dir", str(ckpts), *common, "--crash-at", "17")
+    assert crashed.returncode != 0, "--crash-at must kill the run"
+    # step 15's save was in flight or done when the process died: the newest whole one is 10 or 15
+    latest = gs.latest_checkpoint(str(ckpts))
+    assert latest in (str(ckpts / "model-10"), str(ckpts / "model-15")), latest
+    resumed = run_example("train.py", "--ckpt-dir", str(ckpts), *common, "--print-digest")
+    assert resumed.returncode == 0, f"{resumed.stdout}\n{resumed.stderr}"
+    assert [int(s) for s in RESUMED.findall(resumed.stdout)] == [int(latest.rsplit("-", 1)[1])]
+    straight = run_example("train.py", "--ckpt-dir", str(reference), *common[:-1], "--print-digest")
+    assert DIGEST.findall(resumed.stdout) == DIGEST.findall(straight.stdout) != []
+    assert sorted(p.name for p in ckpts.glob("*.index")) == ["model-20.index", "model-25.index", "model-30.index"]
+
+
 def test_train_crashes_resumes_and_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     ckpts, reference = tmp_path / "ckpts", tmp_path / "reference"
     common = ["--steps", "30", "--save-every", "5"]

@@ -450,3 +450,17 @@ def test_kill9_in_the_background_leaves_a_whole_newest_checkpoint(tmp_path, phas
         ["checkpoint"]
         + [f"m-{s}{x}" for s in sorted({1, step, 3}) for x in (".index", ".data-00000-of-00001")]
     )
+
+
+def test_large_copies_split_over_threads_keep_every_byte(tmp_path) -> None:
+    from gpusaver.pipeline import snapshot
+
+    w = np.random.default_rng(5).integers(0, 2**63, (20 << 20) // 8 + 3, dtype=np.int64)  # not page-aligned
+    with config.set(snapshot_slab_bytes=16 << 20):
+        saver = gs.Saver({"w": w}, snapshot_bytes=64 << 20)
+        handle = saver.save_async(str(tmp_path / "m"))
+        w[...] = 0
+        handle.result()
+    assert snapshot._COPY_SPLIT * 2 <= 16 << 20  # the copies into 16 MiB slabs were split
+    want = np.random.default_rng(5).integers(0, 2**63, (20 << 20) // 8 + 3, dtype=np.int64)
+    assert np.array_equal(gs.load_checkpoint(handle.prefix).get_tensor("w"), want)

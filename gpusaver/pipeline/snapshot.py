@@ -88,6 +88,35 @@ def default_snapshot_bytes() -> int:
     return configured if configured else available_memory() // 4
 
 
+_COPY_SPLIT = 4 << 20  # copies at least this big are split over the copy threads
+_copy_threads: Any = None
+_copy_lock = threading.Lock()
+
+
+def _copy(dst: np.ndarray, src: np.ndarray) -> None:
+    """``dst[:] = src`` (bytes), a large copy split over a few threads: NumPy copies without the GIL, and one
+    core alone does not reach the memory bandwidth."""
+    global _copy_threads
+    n = len(dst)
+    ways = min(4, os.cpu_count() or 1, n // _COPY_SPLIT)
+    if ways < 2:
+        dst[:] = src
+        return
+    with _copy_lock:
+        if _copy_threads is None:
+            from concurrent.futures import ThreadPoolExecutor
+
+            _copy_threads = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1) - 1,
+                                               thread_name_prefix="gpusaver-snapshot-copy")
+    step = -(-n // ways)
+    step += -step % 4096  # page-aligned parts
+    cuts = list(range(0, n, step)) + [n]
+    parts = [_copy_threads.submit(dst.__setitem__, slice(a, b), src[a:b]) for a, b in zip(cuts[1:-1], cuts[2:])]
+    dst[: cuts[1]] = src[: cuts[1]]
+    for part in parts:
+        part.result()
+
+
 class _Slab:
     """One slab of the pool: its bytes, and how many queued records still use it."""
 
@@ -123,6 +152,8 @@ class SnapshotPool:
         self._stopped = False
         #: capture seconds spent waiting for a slab to be written (the pool was full)
         self.waited = 0.0
+        #: called (outside the lock) before the capture first waits for a slab: starts the writing
+        self.on_full: Callable[[], None] | None = None
 
     @property
     def allocated_bytes(self) -> int:
@@ -148,6 +179,10 @@ class SnapshotPool:
         """A free slab: a reused one, a new one while under the cap, or the next one written."""
         import time
 
+        with self._cond:
+            full = not self._free and len(self._slabs) >= self.max_slabs
+        if full and self.on_full is not None:
+            self.on_full()  # nothing is freed unless the writing has started
         with self._cond:
             t0 = None
             while True:
@@ -247,7 +282,7 @@ class Recorder:
         while done < n:
             slab, at, room = self._room()
             k = min(room, n - done)
-            slab.buf[at : at + k] = source[done : done + k]  # type: ignore[index]
+            _copy(slab.buf[at : at + k], source[done : done + k])  # type: ignore[index]
             self._used += k
             self._put(("chunk", memoryview(slab.buf[at : at + k])), slab)
             done += k
