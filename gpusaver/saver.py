@@ -203,6 +203,15 @@ class Saver:
             snapshots (``snapshot_bytes`` setting; default a quarter of the
             available memory). Kept and reused from one save to the next;
             :meth:`close` gives it back.
+        coordinator: several processes save one checkpoint together: ``"torch"``
+            (the initialised ``torch.distributed`` process group, ``group=`` for
+            another), ``"mpi"`` (mpi4py, ``comm=``, ``COMM_WORLD`` by default) or an
+            object implementing :class:`gpusaver.distributed.Coordinator`. Every rank
+            calls ``save`` and ``restore`` with the same arguments; a variable name held
+            by several ranks is replicated (written once, by one of them).
+        group, comm: the torch process group or the MPI communicator (see ``coordinator``).
+        check_replicas: with a coordinator, compare the crc32c of each replicated
+            variable's bytes across its holders before saving.
 
     Raises:
         ValueError: duplicate names, the same array twice, an empty var_list
@@ -231,6 +240,10 @@ class Saver:
         fileops: FileOps | None = None,
         on_phase: Callable[[str, float], None] | None = None,
         snapshot_bytes: int | None = None,
+        coordinator: Any = None,
+        group: Any = None,
+        comm: Any = None,
+        check_replicas: bool = False,
     ) -> None:
         if write_version != SaverDef.V2:
             raise InvalidArgumentError("gpusaver writes only the V2 checkpoint format (write_version=SaverDef.V2)")
@@ -272,6 +285,12 @@ class Saver:
         self._snapshot_bytes = int(snapshot_bytes) if snapshot_bytes is not None else None
         self._pool: Any = None  # save_async's snapshot pool, made on first use
         self._pending: SaveHandle | None = None
+        self._coordinator: Any = None
+        if coordinator is not None or group is not None or comm is not None:
+            from gpusaver.distributed import resolve_coordinator
+
+            self._coordinator = resolve_coordinator(coordinator, group=group, comm=comm)
+        self._check_replicas = bool(check_replicas)
 
     # ----------------------------------------------------------- properties
     @property
@@ -356,9 +375,31 @@ class Saver:
                 nothing changed on disk.
         """
         self._settle()
+        if self._coordinator is not None:
+            return self._save_ranks(save_path, global_step, latest_filename, write_state, meta_graph_suffix, progress)
         plan = self._plan_save(save_path, global_step, latest_filename, write_state)
         if plan is None:
             return None
+        counter = Progress(progress, self._nbytes()) if progress is not None else None
+        with _gc.paused(), ordered_with_framework(self._sources):
+            return self._write(plan, self._groups, counter, meta_graph_suffix)
+
+    def _save_ranks(
+        self, save_path: Any, global_step: Any, latest_filename: str | None, write_state: bool,
+        meta_graph_suffix: str, progress: ProgressCallback | None,
+    ) -> str:
+        """``save`` on every rank of a job: arguments checked and compared everywhere, then written together."""
+        from gpusaver.distributed import agree, check_same
+
+        c = self._coordinator
+        plan, error = None, None
+        try:
+            plan = self._plan_save(save_path, global_step, latest_filename, write_state, empty_ok=True)
+        except Exception as e:  # noqa: BLE001 - every rank raises it, naming this rank
+            error = e
+        agree(c, error=error, what="checking the save's arguments")
+        assert plan is not None
+        check_same(c, repr((plan.prefix, plan.latest_filename, plan.write_state)), what="the save's prefix and arguments")
         counter = Progress(progress, self._nbytes()) if progress is not None else None
         with _gc.paused(), ordered_with_framework(self._sources):
             return self._write(plan, self._groups, counter, meta_graph_suffix)
@@ -406,6 +447,8 @@ class Saver:
         """
         if snapshot not in ("host", "device"):
             raise InvalidArgumentError(f"snapshot must be 'host' or 'device', not {snapshot!r}")
+        if self._coordinator is not None and self._coordinator.size > 1:
+            raise InvalidArgumentError("save_async with several processes (coordinator=) is not available yet; use save")
         self._settle()
         plan = self._plan_save(save_path, global_step, latest_filename, write_state)
         if plan is None:
@@ -512,7 +555,7 @@ class Saver:
         return _DeviceCopy(group, backend)
 
     def _plan_save(
-        self, save_path: Any, global_step: Any, latest_filename: str | None, write_state: bool
+        self, save_path: Any, global_step: Any, latest_filename: str | None, write_state: bool, empty_ok: bool = False
     ) -> "_SavePlan | None":
         """Checks a save's arguments and its directory (raising before anything is written)."""
         if save_path is None:
@@ -525,7 +568,7 @@ class Saver:
             raise InvalidArgumentError(f"'latest_filename' must not contain path components: {latest_filename!r}")
         save_path = os.fspath(save_path)
         prefix = self._checkpoint_prefix(save_path, global_step)  # as spelled: returned and recorded
-        if self._is_empty:
+        if self._is_empty and not empty_ok:
             return None
         local = paths.local_path(prefix)  # what the file system is asked
         parent, parent_local = os.path.dirname(prefix), os.path.dirname(local)
@@ -568,23 +611,36 @@ class Saver:
             )
             self._fileops.phase("state:written")
 
+        options: dict[str, Any] = dict(
+            sharded=self._sharded,
+            durable=self._durable,
+            fileops=self._fileops,
+            on_phase=self._on_phase,
+            after_commit=record if plan.write_state else None,
+            state_file=latest_filename if plan.write_state else None,
+            progress=counter,
+        )
         try:
-            save_checkpoint(
-                plan.local,
-                groups,
-                sharded=self._sharded,
-                durable=self._durable,
-                fileops=self._fileops,
-                on_phase=self._on_phase,
-                after_commit=record if plan.write_state else None,
-                state_file=latest_filename if plan.write_state else None,
-                progress=counter,
-            )
+            if self._coordinator is not None:
+                from gpusaver.pipeline.ranks import save_across_ranks
+
+                save_across_ranks(
+                    plan.local, groups, self._coordinator, filter_groups=self._without,
+                    check_replicas=self._check_replicas, **options,
+                )
+            else:
+                save_checkpoint(plan.local, groups, **options)
         finally:
             # Once the state file no longer lists them, dropped checkpoints go, whatever happens.
             while doomed:
                 Retention.delete(*doomed.pop(0), meta_graph_suffix, self._fileops)
         return prefix
+
+    def _without(self, names: set[str]) -> list[Any]:
+        """This Saver's device groups without the variables named in ``names``."""
+        from gpusaver.pipeline import Group
+
+        return [Group(g.device, [v for v in g.variables if v.name not in names]) for g in self._groups]
 
     def _check_state_collision(self, local: str, latest_filename: str, global_step: Any, write_state: bool) -> None:
         """Refuses a save whose state file would overwrite a file of the checkpoint.
@@ -646,6 +702,22 @@ class Saver:
                 or unverified bytes. Raised once the group's other reads are done.
         """
         self._settle()
+        if self._coordinator is None:
+            return self._restore_here(save_path, strict, cast, progress)
+        from gpusaver.distributed import agree
+
+        result, error = None, None
+        try:
+            result = self._restore_here(save_path, strict, cast, progress)
+        except Exception as e:  # noqa: BLE001 - every rank raises it, naming this rank
+            error = e
+        agree(self._coordinator, error=error, what="restoring")
+        return result
+
+    def _restore_here(
+        self, save_path: Any, strict: bool, cast: bool, progress: ProgressCallback | None
+    ) -> RestoreResult | None:
+        """Restores this process's variables."""
         if self._is_empty:
             return None  # as TensorFlow: an empty Saver restores nothing, from anywhere
         if save_path is None:
