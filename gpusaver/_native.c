@@ -1622,6 +1622,61 @@ done:
     return result;
 }
 
+PyDoc_STRVAR(byte_bounds_doc,
+             "byte_bounds(arrays) -> (lo, hi)\n\n"
+             "For each ndarray, the address of its first byte and one past its last (uint64), as\n"
+             "variables._byte_bounds computes them from its data pointer, shape and strides; 0 and 0\n"
+             "for an array without elements.");
+
+static PyObject *byte_bounds(PyObject *self, PyObject *args)
+{
+    PyObject *seq;
+    if (!PyArg_ParseTuple(args, "O:byte_bounds", &seq))
+        return NULL;
+    PyObject *fast = PySequence_Fast(seq, "arrays must be a sequence");
+    if (fast == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    PyObject **items = PySequence_Fast_ITEMS(fast);
+    PyArrayObject *lo_arr = new_array(n, NPY_UINT64), *hi_arr = new_array(n, NPY_UINT64);
+    PyObject *result = NULL;
+    if (lo_arr == NULL || hi_arr == NULL)
+        goto done;
+    uint64_t *lo = PyArray_DATA(lo_arr), *hi = PyArray_DATA(hi_arr);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (i + 16 < n)
+            __builtin_prefetch(items[i + 16]);
+        if (!PyArray_Check(items[i])) {
+            PyErr_Format(PyExc_TypeError, "byte_bounds: item %zd is not an ndarray", i);
+            goto done;
+        }
+        PyArrayObject *a = (PyArrayObject *)items[i];
+        int nd = PyArray_NDIM(a);
+        npy_intp *shape = PyArray_DIMS(a), *strides = PyArray_STRIDES(a);
+        int empty = PyArray_ITEMSIZE(a) == 0;
+        for (int k = 0; k < nd; k++)
+            empty |= shape[k] == 0;
+        if (empty)
+            continue;
+        uint64_t first = (uint64_t)(uintptr_t)PyArray_DATA(a), last = first;
+        for (int k = 0; k < nd; k++) {
+            int64_t step = (int64_t)(shape[k] - 1) * (int64_t)strides[k];
+            if (step < 0)
+                first -= (uint64_t)(-step);
+            else
+                last += (uint64_t)step;
+        }
+        lo[i] = first;
+        hi[i] = last + (uint64_t)PyArray_ITEMSIZE(a);
+    }
+    result = PyTuple_Pack(2, (PyObject *)lo_arr, (PyObject *)hi_arr);
+done:
+    Py_XDECREF(lo_arr);
+    Py_XDECREF(hi_arr);
+    Py_DECREF(fast);
+    return result;
+}
+
 PyDoc_STRVAR(check_arrays_doc,
              "check_arrays(arrays, codes, ok, enums, ndims, dim_starts, dims, sizes) -> ndarray[uint8]\n\n"
              "1 where arrays[i] can be restored from its decoded entry by the fast path: ok[i], a\n"
@@ -2066,6 +2121,7 @@ static PyMethodDef methods[] = {
     {"lookup_entries", lookup_entries, METH_VARARGS, lookup_entries_doc},
     {"first_entry", first_entry, METH_VARARGS, first_entry_doc},
     {"extents_inside", extents_inside, METH_VARARGS, extents_inside_doc},
+    {"byte_bounds", byte_bounds, METH_VARARGS, byte_bounds_doc},
     {"check_arrays", check_arrays, METH_VARARGS, check_arrays_doc},
     {"build_table", build_table, METH_VARARGS, build_table_doc},
     {"parse_block", parse_block, METH_VARARGS, parse_block_doc},

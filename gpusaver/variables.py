@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import repeat
+from operator import attrgetter, is_, is_not
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from gpusaver import backends
-from gpusaver.devices import DeviceSpec, parse_device
+from gpusaver import backends, native
+from gpusaver.devices import CPU0, DeviceSpec, parse_device
 from gpusaver.errors import InvalidArgumentError, InvalidArgumentTypeError, UnsupportedDTypeError
 from gpusaver.format import dtypes
 from gpusaver.frameworks import adapt
@@ -71,7 +73,7 @@ class Variable:
         return f"Variable(name={self.name!r}, shape={self.shape}, dtype={self.dtype}, device={self.device.short!r})"
 
 
-@dataclass
+@dataclass(slots=True)
 class ResolvedVariable:
     """A variable ready for the pipeline.
 
@@ -118,6 +120,12 @@ def resolve_var_list(var_list: Mapping[str, Any] | Iterable[Any]) -> list[Resolv
         TypeError / UnsupportedDTypeError: not an array, or an unsupported dtype.
     """
     if isinstance(var_list, Mapping):
+        from gpusaver.pipeline import gc_pause  # not at the top: the pipeline imports this module
+
+        with gc_pause.paused():  # a million new objects, none of them cyclic: the collector would walk them again and again
+            fast = _resolve_host_arrays(var_list)
+        if fast is not None:
+            return fast
         items = [(k, v) for k, v in var_list.items()]
         for key, _ in items:
             if not isinstance(key, str) or not key:
@@ -175,6 +183,68 @@ def resolve_var_list(var_list: Mapping[str, Any] | Iterable[Any]) -> list[Resolv
         out.append(ResolvedVariable(v.name, v.array, v.device, backend, v.value, v.immutable, v.logical_dtype))
     check_no_overlap(out)
     return out
+
+
+_dtype_of = attrgetter("dtype")
+_base_of = attrgetter("base")
+
+
+def _resolve_host_arrays(var_list: Mapping[str, Any]) -> list[ResolvedVariable] | None:
+    """:func:`resolve_var_list` of a dict of plain NumPy arrays (the common case, up to millions of
+    them), checked in bulk: each check below is the general path's, made once over all variables
+    (a dtype once per distinct dtype). Returns None where any check would fail or anything else is
+    in the dict (other arrays, Variables, object arrays): the general path then resolves it one
+    variable at a time and raises its error, naming the first variable at fault."""
+    if type(var_list) is dict:
+        names, values = list(var_list), list(var_list.values())
+    else:
+        pairs = list(var_list.items())
+        names, values = [k for k, _ in pairs], [v for _, v in pairs]
+        if len(set(names)) != len(names):
+            return None
+    n = len(names)
+    if not n or set(map(type, values)) != {np.ndarray} or set(map(type, names)) != {str}:
+        return None
+    if "" in (var_list if type(var_list) is dict else set(names)):
+        return None
+    try:
+        "".join(names).encode("utf-8")
+    except UnicodeEncodeError:
+        return None
+    ids = np.fromiter(map(id, values), np.uintp, n)
+    ids.sort(kind="stable")  # ascending runs, as arrays made one after another have, sort in one pass
+    if n > 1 and not (ids[1:] != ids[:-1]).all():  # the same array under two names
+        return None
+    kinds = list(map(_dtype_of, values))
+    if all(map(is_, kinds, repeat(kinds[0]))):
+        distinct = [kinds[0]]  # one dtype object for them all, as NumPy's own dtypes are
+    else:
+        distinct = list(dict(zip(map(id, kinds), kinds)).values())
+    for dt in distinct:
+        if dt.kind in "SUO":
+            return None
+        try:
+            dtypes.from_numpy(dt)
+        except UnsupportedDTypeError:
+            return None
+    numpy_backend = backends.NUMPY
+    out = list(map(ResolvedVariable, names, values, repeat(CPU0), repeat(numpy_backend), values))
+    if any(map(is_not, map(_base_of, values), repeat(None))) and not _disjoint(values):
+        check_no_overlap(out)  # views of shared memory whose bounds meet: the exact check
+    return out
+
+
+def _disjoint(arrays: list[np.ndarray]) -> bool:
+    """True when no two of the NumPy arrays' byte ranges intersect (so no two share memory); False
+    when some do, or the C extension that measures them is missing."""
+    bounds = getattr(native.lib, "byte_bounds", None)
+    if bounds is None:
+        return False
+    lo, hi = bounds(arrays)
+    if len(lo) > 1 and not (lo[1:] >= lo[:-1]).all():
+        order = np.argsort(lo, kind="stable")
+        lo, hi = lo[order], hi[order]
+    return bool((np.maximum.accumulate(hi)[:-1] <= lo[1:]).all())
 
 
 def _byte_bounds(array: Any) -> tuple[bool, int, int] | None:

@@ -8,7 +8,7 @@ import numpy as np
 
 from gpusaver import config, native
 from gpusaver.backends.base import TensorList
-from gpusaver.devices import DeviceSpec
+from gpusaver.devices import CPU0, DeviceSpec
 from gpusaver.errors import ChecksumError, InvalidArgumentError
 from gpusaver.format import BundleReader, BundleWriter
 from gpusaver.format.tensors import byte_view
@@ -36,7 +36,7 @@ class NumpyBackend:
         return isinstance(array, np.ndarray)
 
     def default_device(self, array: Any) -> DeviceSpec:
-        return DeviceSpec()
+        return CPU0  # frozen: one object serves every host array
 
     def check_device(self, array: Any, device: DeviceSpec) -> None:
         if device.is_gpu:

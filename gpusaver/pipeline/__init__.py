@@ -76,9 +76,19 @@ class Group:
 
 def group_by_device(variables: Sequence[ResolvedVariable]) -> list[Group]:
     """Groups variables by canonical device string, sorted as TensorFlow sorts them."""
+    from itertools import repeat
+    from operator import attrgetter, is_
+
+    devices = list(map(attrgetter("device"), variables))
+    if devices and all(map(is_, devices, repeat(devices[0]))):
+        return [Group(devices[0], list(variables))]  # one device object for all (a dict of host arrays)
+    canonical: dict[int, str] = {}  # each device object's canonical string, made once
     by_device: dict[str, list[ResolvedVariable]] = {}
-    for v in variables:
-        by_device.setdefault(v.device.canonical, []).append(v)
+    for v, device in zip(variables, devices):
+        key = canonical.get(id(device))
+        if key is None:
+            key = canonical[id(device)] = device.canonical
+        by_device.setdefault(key, []).append(v)
     return [Group(by_device[k][0].device, by_device[k]) for k in sorted(by_device)]
 
 
