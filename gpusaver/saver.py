@@ -389,6 +389,13 @@ class Saver:
         meta_graph_suffix: str, progress: ProgressCallback | None,
     ) -> str:
         """``save`` on every rank of a job: arguments checked and compared everywhere, then written together."""
+        plan = self._agreed_plan(save_path, global_step, latest_filename, write_state)
+        counter = Progress(progress, self._nbytes()) if progress is not None else None
+        with _gc.paused(), ordered_with_framework(self._sources):
+            return self._write(plan, self._groups, counter, meta_graph_suffix)
+
+    def _agreed_plan(self, save_path: Any, global_step: Any, latest_filename: str | None, write_state: bool) -> "_SavePlan":
+        """The save's arguments checked on every rank (any rank's error raised on all) and compared."""
         from gpusaver.distributed import agree, check_same
 
         c = self._coordinator
@@ -400,9 +407,7 @@ class Saver:
         agree(c, error=error, what="checking the save's arguments")
         assert plan is not None
         check_same(c, repr((plan.prefix, plan.latest_filename, plan.write_state)), what="the save's prefix and arguments")
-        counter = Progress(progress, self._nbytes()) if progress is not None else None
-        with _gc.paused(), ordered_with_framework(self._sources):
-            return self._write(plan, self._groups, counter, meta_graph_suffix)
+        return plan
 
     def save_async(
         self,
@@ -447,12 +452,22 @@ class Saver:
         """
         if snapshot not in ("host", "device"):
             raise InvalidArgumentError(f"snapshot must be 'host' or 'device', not {snapshot!r}")
-        if self._coordinator is not None and self._coordinator.size > 1:
-            raise InvalidArgumentError("save_async with several processes (coordinator=) is not available yet; use save")
         self._settle()
-        plan = self._plan_save(save_path, global_step, latest_filename, write_state)
-        if plan is None:
-            return SaveHandle.finished(None)
+        rank_plan = None
+        capture_groups = self._groups
+        if self._coordinator is not None:
+            from gpusaver.pipeline.ranks import plan_ranks
+
+            plan = self._agreed_plan(save_path, global_step, latest_filename, write_state)
+            rank_plan = plan_ranks(
+                self._groups, self._coordinator, sharded=self._sharded, filter_groups=self._without,
+                check_replicas=self._check_replicas,
+            )
+            capture_groups = rank_plan.groups  # what this rank writes (replicas another rank writes left out)
+        else:
+            plan = self._plan_save(save_path, global_step, latest_filename, write_state)
+            if plan is None:
+                return SaveHandle.finished(None)
         from gpusaver.pipeline import snapshot as _snapshot
 
         t0 = time.perf_counter()
@@ -463,7 +478,7 @@ class Saver:
         background: list[Any] = []
         captures: list[tuple[Any, Any]] = []
         device_copies: list[Any] = []
-        for g in self._groups:
+        for g in capture_groups:
             copy = self._device_snapshot(g) if snapshot == "device" and g.device.is_gpu else None
             if copy is not None:
                 background.append(copy)
@@ -475,7 +490,7 @@ class Saver:
 
         def write() -> str:
             try:
-                return self._write(plan, background, counter, meta_graph_suffix)
+                return self._write(plan, background, counter, meta_graph_suffix, rank_plan=rank_plan)
             except BaseException:
                 pool.stop()  # a capture still waiting for the pool stops
                 raise
@@ -585,7 +600,9 @@ class Saver:
         self._check_state_collision(local, latest_filename, global_step, write_state)
         return _SavePlan(prefix, local, parent, parent_local, latest_filename, write_state)
 
-    def _write(self, plan: "_SavePlan", groups: Any, counter: Any, meta_graph_suffix: str) -> str:
+    def _write(
+        self, plan: "_SavePlan", groups: Any, counter: Any, meta_graph_suffix: str, rank_plan: Any = None
+    ) -> str:
         """Writes ``groups`` as the checkpoint ``plan`` names, commits it, records it, applies retention."""
         prefix, parent, parent_local, latest_filename = plan.prefix, plan.parent, plan.parent_local, plan.latest_filename
         clean_stale_temp_dirs(parent_local, self._fileops)
@@ -622,12 +639,15 @@ class Saver:
         )
         try:
             if self._coordinator is not None:
-                from gpusaver.pipeline.ranks import save_across_ranks
+                from gpusaver.pipeline.ranks import plan_ranks, save_across_ranks
 
-                save_across_ranks(
-                    plan.local, groups, self._coordinator, filter_groups=self._without,
-                    check_replicas=self._check_replicas, **options,
-                )
+                if rank_plan is None:
+                    rank_plan = plan_ranks(
+                        groups, self._coordinator, sharded=self._sharded, filter_groups=self._without,
+                        check_replicas=self._check_replicas,
+                    )
+                    groups = rank_plan.groups
+                save_across_ranks(plan.local, rank_plan, groups, self._coordinator, **options)
             else:
                 save_checkpoint(plan.local, groups, **options)
         finally:

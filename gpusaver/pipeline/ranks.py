@@ -33,7 +33,7 @@ import socket
 import threading
 import time
 import zlib
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -47,7 +47,7 @@ from gpusaver.pipeline.tempdirs import COMMITTING, make_temp_dir, roll_back_unre
 from gpusaver.storage import os_error
 from gpusaver.storage.fileops import POSIX, FileOps
 
-__all__ = ["save_across_ranks", "plan_replicas"]
+__all__ = ["RankPlan", "plan_ranks", "save_across_ranks", "plan_replicas"]
 
 
 def _frame(parts: Sequence[bytes]) -> bytes:
@@ -152,8 +152,52 @@ class _Written:
         self.crcs: list[dict[str, int]] = []
 
 
+class RankPlan(NamedTuple):
+    """What this rank writes: its device groups (replicated variables others write left out), its
+    first shard number and the checkpoint's number of shards."""
+
+    groups: list[Any]
+    base: int
+    total: int
+
+
+def plan_ranks(
+    groups: Sequence[Any],
+    coordinator: Any,
+    *,
+    sharded: bool,
+    filter_groups: Callable[[set[str]], Sequence[Any]] | None = None,
+    check_replicas: bool = False,
+) -> RankPlan:
+    """Step 1, on every rank: names, dtypes and shapes gathered; replicated variables assigned; shards numbered.
+
+    Args:
+        groups: this rank's device groups (with ``variables``).
+        filter_groups: ``filter_groups(skip)`` gives ``groups`` without the variables named in ``skip``.
+        check_replicas: compare the crc32c of every replicated variable's bytes across its holders.
+
+    Raises:
+        CoordinatorError: on every rank, when holders of a replicated variable disagree (or a rank failed).
+    """
+    c = coordinator
+    error: BaseException | None = None
+    described = agree(c, _describe(groups, check_replicas), what="planning the save")
+    skip: set[str] = set()
+    try:
+        skip = plan_replicas(described, c.rank)
+    except BaseException as e:  # noqa: BLE001 - the same on every rank; agreed below all the same
+        error = e
+    agree(c, error=error, what="planning the save")
+    mine = filter_groups(skip) if skip and filter_groups is not None else groups
+    mine = [g for g in mine if g.variables]
+    count = (len(mine) if sharded else 1) if mine else 0
+    counts = [int(x) for x in agree(c, str(count).encode(), what="counting the shards")]
+    return RankPlan(mine, sum(counts[: c.rank]), sum(counts))
+
+
 def save_across_ranks(
     prefix: str,
+    plan: RankPlan,
     groups: Sequence[Any],
     coordinator: Any,
     *,
@@ -164,19 +208,16 @@ def save_across_ranks(
     after_commit: Callable[[], None] | None = None,
     state_file: str | None = None,
     progress: Any = None,
-    filter_groups: Callable[[set[str]], Sequence[Any]] | None = None,
-    check_replicas: bool = False,
 ) -> str:
-    """Writes this rank's ``groups`` as part of the checkpoint ``prefix``; every rank commits it or raises.
+    """Steps 2 and 3: writes this rank's part of the checkpoint ``prefix``; every rank commits it or raises.
 
     Args:
         prefix: the checkpoint prefix (a local path), the same on every rank.
-        groups: this rank's device groups, in shard order.
+        plan: this rank's :func:`plan_ranks`.
+        groups: what to write: ``plan.groups`` (or stand-ins for them, one for one, in order: an
+            asynchronous save's recorded snapshot).
         coordinator: the job's :class:`~gpusaver.distributed.Coordinator`.
         sharded: one shard per device group; else one per rank.
-        filter_groups: ``filter_groups(skip)`` gives ``groups`` without the variables named in ``skip``
-            (replicated variables another rank writes).
-        check_replicas: compare the crc32c of every replicated variable's bytes across its holders.
         The others: as :func:`gpusaver.pipeline.save_checkpoint`; ``after_commit`` runs on the
         coordinator rank only.
 
@@ -189,21 +230,10 @@ def save_across_ranks(
     ops = fileops or POSIX
     started = time.perf_counter()
     ops.phase("save:start")
-
-    # 1. plan: names, dtypes and shapes of every rank; replicated variables assigned
     error: BaseException | None = None
-    described = agree(c, _describe(groups, check_replicas), what="planning the save")
-    skip: set[str] = set()
-    try:
-        skip = plan_replicas(described, rank)
-    except BaseException as e:  # noqa: BLE001 - the same on every rank; agreed below all the same
-        error = e
-    agree(c, error=error, what="planning the save")
-    mine = filter_groups(skip) if skip and filter_groups is not None else groups
-    mine = [g for g in mine if g.variables]
-    shard_lists = ([[g] for g in mine] if sharded else [list(mine)]) if mine else []
-    counts = [int(x) for x in agree(c, str(len(shard_lists)).encode(), what="counting the shards")]
-    base, total = sum(counts[:rank]), sum(counts)
+    groups = list(groups)
+    shard_lists = ([[g] for g in groups] if sharded else [groups]) if groups else []
+    base, total = plan.base, plan.total
 
     # 2. write this rank's shards into a temp directory of its own
     temp = None

@@ -11,6 +11,8 @@ SCENARIOs, in order:
 * ``mismatch``: rank 3 asks for another global_step: every rank raises, nothing is written;
 * ``unshared``: rank 1's data file vanishes before the commit (as on a file system the coordinator
   rank cannot see): every rank raises, naming the host and the path; nothing is committed;
+* ``async``: ``save_async`` by all ranks; every array is changed the instant it returns; the
+  checkpoint holds the values of the call, and the newest restores them;
 * ``kill``: after one good save, rank 2 SIGKILLs itself while writing the next one.
 
 Each rank appends JSON lines ``{"rank", "event", ...}`` to ``$GPUSAVER_TEST_OUT/rank-<rank>.jsonl``.
@@ -86,7 +88,7 @@ def main() -> None:
     values = {}
     saver = None
     for scenario in sys.argv[3:]:
-        step = {"save": 1, "mismatch": 4, "unshared": 5, "kill": 7}[scenario]
+        step = {"save": 1, "mismatch": 4, "unshared": 5, "async": 10, "kill": 7}[scenario]
         if saver is None:
             from gpusaver.distributed import resolve_coordinator
 
@@ -122,6 +124,15 @@ def main() -> None:
                     ops.at["shard:written:3"] = "vanish"  # rank 1 writes shards 2 and 3
                 saver.save(prefix, global_step=step)
                 report(rank, "no error")
+            elif scenario == "async":
+                set_step(10)
+                handle = saver.save_async(prefix, global_step=10)
+                set_step(11)  # the instant it returns
+                path = handle.result()
+                set_step(-50)
+                saver.restore(path)
+                good = all(np.array_equal(values[n], a) for n, a in {**own_values(rank, 10), **replicated_values(10)}.items())
+                report(rank, "saved", paths=[path], restored=good, kept=saver.last_checkpoints)
             elif scenario == "kill":
                 set_step(6)
                 saver.save(prefix, global_step=6)
