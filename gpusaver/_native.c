@@ -187,7 +187,7 @@ static PyArrayObject *new_array(npy_intp n, int typenum)
  * freed: on the machines measured, the page faults of fresh memory for 100,000 tensors' columns
  * cost more than decoding them. At most POOL_SLOTS blocks and POOL_KEEP bytes wait here. */
 #define POOL_SLOTS 32
-#define POOL_KEEP ((size_t)64 << 20)
+#define POOL_KEEP ((size_t)32 << 20)
 static void *pool_p[POOL_SLOTS];
 static size_t pool_size[POOL_SLOTS], pool_held;
 
@@ -881,7 +881,7 @@ static int decode_common(const unsigned char *data, size_t end, int64_t *dims, i
  * than SCRATCH_KEEP bytes in all are given back after each call. Callers hold the GIL
  * throughout; scratch_busy turns away a call made from inside another (a finalizer run by the
  * garbage collector while a result is built), which then takes the caller's Python path. */
-#define SCRATCH_KEEP ((size_t)64 << 20)
+#define SCRATCH_KEEP ((size_t)32 << 20)
 enum { S_ARENA, S_KOFF, S_NEXT, S_SLOTS, S_HASH, S_VPTR, S_VLEN, S_KEY, S_LAST, S_DIMS, S_BATCH, S_COUNT };
 static void *scratch_p[S_COUNT];
 static size_t scratch_cap[S_COUNT];

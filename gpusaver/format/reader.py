@@ -44,6 +44,31 @@ _IOV_MAX = 1024
 # threads from parallel_chunked_bytes.
 
 
+class _StagingPool:
+    """Staging buffers for chunked reads, kept from one restore to the next (at most ``keep`` of
+    them): a new one is fresh memory, whose page faults cost more than reading a few MiB into it."""
+
+    def __init__(self, keep: int) -> None:
+        self._free: list[bytearray] = []
+        self._keep = keep
+        self._lock = threading.Lock()
+
+    def take(self, size: int) -> bytearray:
+        with self._lock:
+            for i, buf in enumerate(self._free):
+                if size <= len(buf) <= 2 * size:
+                    return self._free.pop(i)
+        return bytearray(size)
+
+    def give(self, buf: bytearray) -> None:
+        with self._lock:
+            if len(self._free) < self._keep:
+                self._free.append(buf)
+
+
+_staging = _StagingPool(keep=4)
+
+
 class EntryColumns:
     """Many tensors' decoded entries, as arrays (see ``_native.decode_entries``).
 
@@ -486,10 +511,14 @@ class BundleReader:
         sizes = cols.sizes
         chunk_bytes, gap = config.get("pack_bytes"), config.get("gap_bytes")
         staging_bytes = chunk_bytes + config.get("pack_limit")  # a chunk plus the tensor that crosses its end
-        order = small[np.lexsort((cols.offsets[small], cols.shards[small]))].astype(np.int64)
-        starts = cols.offsets[order]
+        starts, shards = cols.offsets[small], cols.shards[small]
+        if len(small) > 1 and not (
+            (shards[1:] > shards[:-1]) | ((shards[1:] == shards[:-1]) & (starts[1:] >= starts[:-1]))
+        ).all():  # not yet in file order (a Saver restoring what it saved needs no sort)
+            by_file = np.lexsort((starts, shards))
+            small, starts, shards = small[by_file], starts[by_file], shards[by_file]
+        order = small.astype(np.int64, copy=False)
         ends = starts + sizes[order]
-        shards = cols.shards[order]
         brk = np.ones(len(order), bool)
         brk[1:] = (shards[1:] != shards[:-1]) | (starts[1:] > ends[:-1] + gap) | (starts[1:] < ends[:-1])
         seg_start = starts[brk][np.cumsum(brk) - 1]
@@ -502,8 +531,13 @@ class BundleReader:
         failures: list[tuple[int, ChecksumError]] = []
 
         def run(part: list[tuple[int, int]]) -> None:
-            staging = bytearray(staging_bytes)
-            view = memoryview(staging)
+            staging = _staging.take(staging_bytes)
+            try:
+                _read_chunks(part, memoryview(staging))
+            finally:
+                _staging.give(staging)
+
+        def _read_chunks(part: list[tuple[int, int]], view: memoryview) -> None:
             for a, b in part:
                 fd, _, path = self._data_file(int(shards[a]))
                 lo, hi = int(starts[a]), int(ends[b - 1])
