@@ -44,6 +44,7 @@ from gpusaver.frameworks import ordered_with_framework
 from gpusaver.progress import Progress, ProgressCallback
 from gpusaver.format import BundleReader
 from gpusaver.pipeline import (
+    write_group,
     check_restore,
     clean_stale_temp_dirs,
     group_by_device,
@@ -153,12 +154,14 @@ class _DeviceCopy:
         self._group = group
         self._copies: list[Any] = []
         self._logical: dict[int, Any] = {}
+        self.parts: list[Any] = []
 
     def capture(self) -> None:
         """Copies every array on its device (after the work queued on the current stream), and waits."""
         cp = self.backend._cp
         with cp.cuda.Device(self.device.index):
             self._copies = [v.array.copy() for v in self._group.variables]
+            self.parts = [dataclasses.replace(v, array=v.array.copy()) for v in self._group.parts]
             cp.cuda.get_current_stream().synchronize()
 
     def synchronize(self) -> None:
@@ -261,10 +264,25 @@ class Saver:
         self._variables: list[ResolvedVariable] = resolve_var_list(var_list) if var_list is not None else []
         if not self._variables and not allow_empty:
             raise InvalidArgumentError("No variables to save (pass allow_empty=True to allow an empty Saver)")
-        self._is_empty = not self._variables
-        self._groups = group_by_device(self._variables)
+        # Regions of partitioned variables travel beside the plain ones: saved as TensorFlow slices,
+        # restored from whatever partitioning the checkpoint holds.
+        self._parts = [v for v in self._variables if v.partition is not None]
+        if self._parts:
+            everything = self._variables
+            self._variables = [v for v in everything if v.partition is None]
+            self._groups = group_by_device(everything)
+            for g in self._groups:
+                g.parts = [v for v in g.variables if v.partition is not None]
+                if g.parts:
+                    g.variables = [v for v in g.variables if v.partition is None]
+        else:
+            self._groups = group_by_device(self._variables)
+        self._is_empty = not self._variables and not self._parts
+        self._restore_groups = [g for g in self._groups if g.variables]
         # The callers' objects where they are another framework's (torch: ordered with its streams).
-        self._sources = [v.source for v in self._variables if v.source is not None and v.source is not v.array]
+        self._sources = [
+            v.source for v in self._variables + self._parts if v.source is not None and v.source is not v.array
+        ]
         self._tensors: TensorList | None = None
         self._reshape = reshape
         self._sharded = sharded
@@ -514,7 +532,7 @@ class Saver:
                 if device_copies:
                     start()
                 for g, recorder in captures:
-                    g.backend.save_group(g.tensors(), recorder)
+                    write_group(g, recorder)
                     recorder.close()
                     open_recorders.remove(recorder)
                 for copy in device_copies:
@@ -564,7 +582,7 @@ class Saver:
 
         backend = group.backend
         free = getattr(backend, "_free_bytes", None)
-        need = sum(int(v.array.nbytes) for v in group.variables)
+        need = sum(int(v.array.nbytes) for v in group.variables + group.parts)
         if free is None or need > free(group.device.index):
             return None
         return _DeviceCopy(group, backend)
@@ -660,7 +678,10 @@ class Saver:
         """This Saver's device groups without the variables named in ``names``."""
         from gpusaver.pipeline import Group
 
-        return [Group(g.device, [v for v in g.variables if v.name not in names]) for g in self._groups]
+        return [
+            Group(g.device, [v for v in g.variables if v.key not in names], [v for v in g.parts if v.key not in names])
+            for g in self._groups
+        ]
 
     def _check_state_collision(self, local: str, latest_filename: str, global_step: Any, write_state: bool) -> None:
         """Refuses a save whose state file would overwrite a file of the checkpoint.
@@ -768,20 +789,25 @@ class Saver:
     @functools.cached_property
     def _name_set(self) -> frozenset[str]:
         """Every variable's name (a Saver's variables never change)."""
-        return frozenset(v.name for v in self._variables)
+        return frozenset(v.name for v in self._variables + self._parts)
 
     def _restore(
         self, prefix: str, strict: bool, cast: bool, progress: ProgressCallback | None
     ) -> RestoreResult:
         reader = BundleReader(prefix, self._fileops)
         try:
+            parts, missing_parts = self._check_parts(reader, strict, cast) if self._parts else ([], [])
+            if not self._variables:
+                self._restore_parts(reader, parts)
+                return RestoreResult(missing_parts, sorted(k for k in reader.variables() if k not in self._name_set))
             if strict and not cast and progress is None:
                 # The fast path: check_restore names a missing variable; nothing else needs the list.
                 check_restore(reader, self._variables, self._reshape, self._all_tensors())
-                for g in self._groups:
+                for g in self._restore_groups:
                     g.backend.check_restore_memory(g.device, g.tensors(), reader)
-                restore_checkpoint(reader, self._groups, sequential=self._restore_sequentially,
+                restore_checkpoint(reader, self._restore_groups, sequential=self._restore_sequentially,
                                    order=self._all_tensors().names)
+                self._restore_parts(reader, parts)
                 return RestoreResult([], _Unexpected(reader, self._name_set))
             mine = self._name_set
             stored = reader.variables()
@@ -799,7 +825,7 @@ class Saver:
             cast_ids = {id(v) for v in converted}
             direct = [v for v in present if id(v) not in cast_ids]
             whole = len(direct) == len(self._variables)
-            groups = self._groups if whole else group_by_device(direct)
+            groups = self._restore_groups if whole else group_by_device(direct)
             tensors = self._all_tensors() if whole else TensorList((v.name, v.array) for v in direct)
             check_restore(reader, direct, self._reshape, tensors)
             casts = [(v, self._check_cast(v, stored[v.name], reader)) for v in converted]
@@ -812,15 +838,63 @@ class Saver:
             restore_checkpoint(reader, groups, sequential=self._restore_sequentially, order=[v.name for v in direct])
             for v, value in casts:
                 v.backend.assign(v.array, value)
+            self._restore_parts(reader, parts)
             if counter is not None:
                 counter.finish()
-            return RestoreResult(missing, unexpected)
+            return RestoreResult(missing + missing_parts, unexpected)
         finally:
             reader.close()
 
+    def _check_parts(self, reader: BundleReader, strict: bool, cast: bool) -> tuple[list[tuple[Any, str]], list[str]]:
+        """Each region's stored tensor found and checked (full shape, dtype) before anything changes.
+
+        Returns the ``(variable, slice spec)`` pairs to restore and the names the checkpoint lacks.
+        """
+        from gpusaver.variables import slice_spec
+
+        todo, missing = [], []
+        for v in self._parts:
+            assert v.partition is not None
+            try:
+                entry = reader.entry(v.name)
+            except TensorNotFoundError:
+                if strict:
+                    raise TensorNotFoundError(
+                        f"variable {v.name!r} not found in checkpoint {reader.prefix!r}; "
+                        "restore(..., strict=False) restores the others", v.name,
+                    ) from None
+                if v.name not in missing:
+                    missing.append(v.name)
+                continue
+            full, _ = v.partition
+            if tuple(entry.shape) != full:
+                raise ShapeMismatchError(
+                    f"variable {v.name!r} is a region of a tensor of shape {list(full)}, but the checkpoint "
+                    f"holds shape {list(entry.shape)}"
+                )
+            if self._dtype_differs(v, entry) and not cast:
+                raise DTypeMismatchError(
+                    f"variable {v.name!r} is {v.dtype} but the checkpoint holds {reader.dtype(v.name)}; "
+                    "restore(..., cast=True) converts it"
+                )
+            if 0 not in tuple(v.array.shape):  # an empty region reads nothing
+                todo.append((v, slice_spec(v.partition, tuple(v.array.shape))))
+        return todo, missing
+
+    @staticmethod
+    def _restore_parts(reader: BundleReader, parts: list[tuple[Any, str]]) -> None:
+        """Reads each region from the stored slices that overlap it (each checked against its crc32c)."""
+        for v, spec in parts:
+            value = reader.read_slice(v.name, spec)
+            if value.dtype != v.dtype:
+                value = value.astype(v.dtype)
+            if v.logical_dtype is not None:
+                value = value.view(np.dtype(v.array.dtype))
+            v.backend.assign(v.array, value.reshape(tuple(v.array.shape)))
+
     def _nbytes(self) -> int:
         """The bytes a save writes (strings counted by their pointers: a bound, made exact at the end)."""
-        return sum(int(v.array.nbytes) for v in self._variables)
+        return sum(int(v.array.nbytes) for v in self._variables + self._parts)
 
     @staticmethod
     def _dtype_differs(v: ResolvedVariable, entry: Any) -> bool:

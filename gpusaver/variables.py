@@ -15,7 +15,7 @@ from gpusaver.errors import InvalidArgumentError, InvalidArgumentTypeError, Unsu
 from gpusaver.format import dtypes
 from gpusaver.frameworks import adapt
 
-__all__ = ["Variable", "ResolvedVariable", "resolve_var_list"]
+__all__ = ["Variable", "ResolvedVariable", "resolve_var_list", "slice_spec"]
 
 
 class Variable:
@@ -32,13 +32,28 @@ class Variable:
             ``/cpu:0``; GPU k: ``/gpu:k``, torch's ``cuda:k`` included). A host
             array may be put on a virtual CPU device ``/cpu:N``, which makes it
             a shard of its own.
+        full_shape, offset: the array is the region ``offset[i] : offset[i] +
+            shape[i]`` of a larger tensor of shape ``full_shape`` (TensorFlow's
+            ``save_slice_info``; one partition of a sharded embedding, a
+            tensor-parallel block). It is saved as a TensorFlow slice of that
+            tensor, and restored from whatever partitioning the checkpoint holds:
+            only the stored slices that overlap the region are read.
 
     Raises:
-        InvalidArgumentError: a device the array cannot live on, or a malformed device string.
+        InvalidArgumentError: a device the array cannot live on, a malformed device string,
+            or a region outside ``full_shape`` (or only one of ``full_shape`` and ``offset``).
         UnsupportedDTypeError: not an array gpusaver can see.
     """
 
-    def __init__(self, value: Any, name: str | None = None, device: "str | DeviceSpec | None" = None) -> None:
+    def __init__(
+        self,
+        value: Any,
+        name: str | None = None,
+        device: "str | DeviceSpec | None" = None,
+        *,
+        full_shape: Iterable[int] | None = None,
+        offset: Iterable[int] | None = None,
+    ) -> None:
         if name is not None and not isinstance(name, str):
             raise InvalidArgumentTypeError(f"a variable name is a str, not {type(name).__name__}")
         adapted = adapt(value, name)
@@ -60,6 +75,8 @@ class Variable:
         self.immutable = adapted.immutable
         #: the value's dtype where ``array`` holds a same-size integer stand-in (CUDA bfloat16, float8)
         self.logical_dtype = adapted.dtype
+        #: ``(full_shape, offset)`` of a partitioned variable, else None
+        self.partition = _partition(name, tuple(array.shape), full_shape, offset)
 
     @property
     def dtype(self) -> np.dtype:
@@ -90,6 +107,15 @@ class ResolvedVariable:
     source: Any = None
     immutable: str | None = None
     logical_dtype: np.dtype | None = None
+    #: ``(full_shape, offset)`` of a partitioned variable, else None
+    partition: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+
+    @property
+    def key(self) -> str:
+        """What tells it apart from the Saver's other variables: its name, and a region's slice spec."""
+        if self.partition is None:
+            return self.name
+        return f"{self.name}/{slice_spec(self.partition, tuple(self.array.shape))}"
 
     @property
     def dtype(self) -> np.dtype:
@@ -99,13 +125,44 @@ class ResolvedVariable:
         return np.dtype(self.backend.dtype(self.array))
 
 
+def _partition(
+    name: str | None, shape: tuple[int, ...], full_shape: Iterable[int] | None, offset: Iterable[int] | None
+) -> tuple[tuple[int, ...], tuple[int, ...]] | None:
+    """``(full_shape, offset)`` checked against the array's shape, or None for a whole variable."""
+    if full_shape is None and offset is None:
+        return None
+    if full_shape is None or offset is None:
+        raise InvalidArgumentError(f"variable {name!r}: give both full_shape and offset, or neither")
+    try:
+        full = tuple(int(d) for d in full_shape)
+        start = tuple(int(o) for o in offset)
+    except (TypeError, ValueError):
+        raise InvalidArgumentTypeError(f"variable {name!r}: full_shape and offset are sequences of integers") from None
+    if not (len(full) == len(start) == len(shape)):
+        raise InvalidArgumentError(
+            f"variable {name!r}: full_shape {list(full)} and offset {list(start)} need one entry per dimension "
+            f"of its shape {list(shape)}"
+        )
+    for d, (n, o, f) in enumerate(zip(shape, start, full)):
+        if o < 0 or f < 0 or o + n > f:
+            raise InvalidArgumentError(
+                f"variable {name!r}: dimension {d} covers {o}:{o + n}, outside the full shape's {f}"
+            )
+    return full, start
+
+
+def slice_spec(partition: tuple[tuple[int, ...], tuple[int, ...]], shape: tuple[int, ...]) -> str:
+    """TensorFlow's slice spec of a region (``"0,5:-"``): a dimension covered whole is ``-``."""
+    full, start = partition
+    return ":".join("-" if (o == 0 and n == f) else f"{o},{n}" for n, o, f in zip(shape, start, full))
+
+
 def _as_variable(name: str | None, value: Any) -> Variable:
     if isinstance(value, Variable):
-        if name is not None and value.name is not None and value.name != name:
-            # The dict key wins, as in TensorFlow; the Variable keeps its placement.
-            return Variable(value.value, name, value.device)
-        if value.name is None:
-            return Variable(value.value, name, value.device)
+        if (name is not None and value.name is not None and value.name != name) or value.name is None:
+            # The dict key wins, as in TensorFlow; the Variable keeps its placement and region.
+            part = value.partition
+            return Variable(value.value, name, value.device, full_shape=part and part[0], offset=part and part[1])
         return value
     return Variable(value, name)
 
@@ -147,6 +204,7 @@ def resolve_var_list(var_list: Mapping[str, Any] | Iterable[Any]) -> list[Resolv
 
     seen_names: dict[str, Variable] = {}
     seen_arrays: dict[int, str] = {}
+    partitions: dict[str, list[Variable]] = {}
     out = []
     for v in variables:
         assert v.name is not None
@@ -157,7 +215,14 @@ def resolve_var_list(var_list: Mapping[str, Any] | Iterable[Any]) -> list[Resolv
                 f"variable name {v.name!r} cannot be encoded as UTF-8 ({e.reason} at position {e.start})"
             ) from None
         if v.name in seen_names:
-            raise InvalidArgumentError(f"At least two variables have the same name: {v.name}")
+            other = seen_names[v.name]
+            if v.partition is None or other.partition is None:
+                raise InvalidArgumentError(f"At least two variables have the same name: {v.name}")
+            _check_partitions(v, other)
+            parts = partitions.setdefault(v.name, [other])
+            for p in parts:
+                _check_disjoint(v, p)
+            parts.append(v)
         if id(v.value) in seen_arrays:
             raise InvalidArgumentError(
                 f"the same array is saved under two names, {seen_arrays[id(v.value)]!r} and {v.name!r}"
@@ -180,9 +245,31 @@ def resolve_var_list(var_list: Mapping[str, Any] | Iterable[Any]) -> list[Resolv
                     raise InvalidArgumentTypeError(
                         f"string variable {v.name!r} holds a {type(item).__name__}; object arrays must hold bytes or str"
                     )
-        out.append(ResolvedVariable(v.name, v.array, v.device, backend, v.value, v.immutable, v.logical_dtype))
+        out.append(
+            ResolvedVariable(v.name, v.array, v.device, backend, v.value, v.immutable, v.logical_dtype, v.partition)
+        )
     check_no_overlap(out)
     return out
+
+
+def _check_partitions(a: Variable, b: Variable) -> None:
+    """Two regions of one name must be of the same tensor: its full shape and dtype."""
+    assert a.partition is not None and b.partition is not None
+    if a.partition[0] != b.partition[0] or a.dtype != b.dtype:
+        raise InvalidArgumentError(
+            f"the regions of {a.name!r} disagree about the tensor: full shape {list(b.partition[0])} {b.dtype} "
+            f"and {list(a.partition[0])} {a.dtype}"
+        )
+
+
+def _check_disjoint(a: Variable, b: Variable) -> None:
+    assert a.partition is not None and b.partition is not None
+    if all(oa < ob + nb and ob < oa + na
+           for oa, na, ob, nb in zip(a.partition[1], a.shape, b.partition[1], b.shape)) and 0 not in a.shape + b.shape:
+        raise InvalidArgumentError(
+            f"two regions of {a.name!r} overlap: offset {list(b.partition[1])} shape {list(b.shape)} and "
+            f"offset {list(a.partition[1])} shape {list(a.shape)}"
+        )
 
 
 _dtype_of = attrgetter("dtype")

@@ -242,3 +242,29 @@ def _cleanup_inputs(ops: FileOps, prefixes: list[str], merged_prefix: str, empty
                 ops.rmdir(in_dir)
             except OSError:
                 pass
+
+
+def combine_slices(items: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """Sorted index items of several shards, with each partitioned tensor's entries made one.
+
+    Each shard lists the slices it holds in its own entry for the tensor; the merged index holds one
+    entry listing them all (as TensorFlow's MergeBundles does).
+
+    Raises:
+        InvalidArgumentError: one name stored twice, or as slices that disagree on dtype or shape.
+    """
+    out: list[tuple[bytes, bytes]] = []
+    for key, value in items:
+        if out and out[-1][0] == key:
+            first, other = decode_entry(out[-1][1]), decode_entry(value)
+            if not first.slices or not other.slices:
+                raise InvalidArgumentError(f"tensor {key.decode('utf-8', 'replace')!r} is stored twice")
+            if first.dtype != other.dtype or tuple(first.shape) != tuple(other.shape):
+                raise InvalidArgumentError(
+                    f"the slices of {key.decode('utf-8', 'replace')!r} disagree: {list(first.shape)} and "
+                    f"{list(other.shape)}"
+                )
+            out[-1] = (key, encode_entry(first.dtype, first.shape, first.shard_id, slices=[*first.slices, *other.slices]))
+        else:
+            out.append((key, value))
+    return out

@@ -43,7 +43,7 @@ from gpusaver.errors import (
 from gpusaver.storage.fileops import POSIX, FileOps
 from gpusaver.format import BundleReader, BundleWriter, dtypes
 from gpusaver.format.entry import encode_header
-from gpusaver.format.merge import commit_merged
+from gpusaver.format.merge import combine_slices, commit_merged
 from gpusaver.format.naming import index_filename
 from gpusaver.format.slices import encode_slice_key
 from gpusaver.pipeline.tempdirs import COMMITTING, clean_stale_temp_dirs, make_temp_dir, roll_back_unrecorded
@@ -57,14 +57,18 @@ __all__ = ["Group", "group_by_device", "save_checkpoint", "restore_checkpoint", 
 class Group:
     """The variables of one device."""
 
-    def __init__(self, device: DeviceSpec, variables: list[ResolvedVariable]) -> None:
+    def __init__(
+        self, device: DeviceSpec, variables: list[ResolvedVariable], parts: list[ResolvedVariable] | None = None
+    ) -> None:
         self.device = device
         self.variables = variables
+        #: regions of partitioned variables on this device, saved as TensorFlow slices
+        self.parts: list[ResolvedVariable] = parts or []
         self._tensors: TensorList | None = None
 
     @property
     def backend(self) -> Any:
-        return self.variables[0].backend
+        return (self.variables or self.parts)[0].backend
 
     def tensors(self) -> TensorList:
         """The ``(name, array)`` pairs, made once (a Saver's variables never change)."""
@@ -93,6 +97,21 @@ def group_by_device(variables: Sequence[ResolvedVariable]) -> list[Group]:
 
 
 # ------------------------------------------------------------------------ save
+def write_group(group: Any, writer: Any) -> None:
+    """A group's variables through its backend, then its regions of partitioned variables as slices
+    (from host memory: a GPU region is copied to the host first)."""
+    group.backend.save_group(group.tensors(), writer)
+    for v in getattr(group, "parts", ()):
+        from gpusaver.variables import slice_spec
+
+        if 0 in tuple(v.array.shape):
+            continue  # an empty region (an uneven split's): nothing to store
+        host = v.array if isinstance(v.array, np.ndarray) else v.array.get()
+        if v.logical_dtype is not None:
+            host = host.view(v.logical_dtype)
+        writer.add_slice(v.name, v.partition[0], slice_spec(v.partition, tuple(v.array.shape)), host)
+
+
 def save_checkpoint(
     prefix: str,
     groups: Sequence[Group],
@@ -160,7 +179,7 @@ def save_checkpoint(
                 for group in shard_lists[k]:
                     if abort.is_set():
                         raise _Aborted()
-                    group.backend.save_group(group.tensors(), writer)
+                    write_group(group, writer)
                 staged = time.perf_counter() - t0
                 writer.finish(write_index=False)  # the coordinator merges from memory
             except BaseException:
@@ -188,7 +207,7 @@ def save_checkpoint(
                 t0 = time.perf_counter()
                 # Each writer's items are sorted already: merge them, don't sort again.
                 runs = [w.index_items(shard_id=j, header=False) for j, w in enumerate(writers)]
-                items = runs[0] if n == 1 else list(heapq.merge(*runs))
+                items = runs[0] if n == 1 else combine_slices(list(heapq.merge(*runs)))
                 file_ids = {w.data_path: j for j, w in enumerate(writers)}
                 if progress is not None:  # every byte is written: reported before the commit, so a
                     progress.finish()  # callback that raises fails the save with nothing committed

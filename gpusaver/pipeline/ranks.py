@@ -41,8 +41,9 @@ from gpusaver.distributed import agree, broadcast_result
 from gpusaver.errors import CheckpointWriteError, DTypeMismatchError, InvalidArgumentError, ShapeMismatchError
 from gpusaver.format import BundleWriter
 from gpusaver.format.entry import encode_header
-from gpusaver.format.merge import commit_merged
+from gpusaver.format.merge import combine_slices, commit_merged
 from gpusaver.format.naming import index_filename
+from gpusaver.pipeline import write_group
 from gpusaver.pipeline.tempdirs import COMMITTING, make_temp_dir, roll_back_unrecorded
 from gpusaver.storage import os_error
 from gpusaver.storage.fileops import POSIX, FileOps
@@ -91,15 +92,15 @@ def _host_crc(array: Any) -> int:
 def _describe(groups: Sequence[Any], with_crc: bool) -> bytes:
     """Each variable's name, dtype, shape (and with ``with_crc`` the crc32c of its bytes), as JSON."""
     rows = [
-        [v.name, str(v.dtype), list(np.shape(v.array)), _host_crc(v.array) if with_crc else None]
+        [v.key, str(v.dtype), list(np.shape(v.array)), _host_crc(v.array) if with_crc else None]
         for g in groups
-        for v in g.variables
+        for v in [*g.variables, *getattr(g, "parts", ())]
     ]
     return json.dumps(rows).encode()
 
 
 def plan_replicas(described: Sequence[bytes], rank: int) -> set[str]:
-    """The replicated names this rank does not write (another holder does), after checking that every
+    """The replicated keys (names; a region's name and slice spec) this rank does not write (another holder does), after checking that every
     holder of a name has the same dtype and shape.
 
     A name held by ranks ``h_0 < h_1 < ...`` is written by ``h_(c mod len(h))``, where ``c`` counts the
@@ -189,7 +190,7 @@ def plan_ranks(
         error = e
     agree(c, error=error, what="planning the save")
     mine = filter_groups(skip) if skip and filter_groups is not None else groups
-    mine = [g for g in mine if g.variables]
+    mine = [g for g in mine if g.variables or getattr(g, "parts", None)]
     count = (len(mine) if sharded else 1) if mine else 0
     counts = [int(x) for x in agree(c, str(count).encode(), what="counting the shards")]
     return RankPlan(mine, sum(counts[: c.rank]), sum(counts))
@@ -277,7 +278,7 @@ def save_across_ranks(
                 file_ids[path] = shard
                 runs.append(_decode_items(items))
                 shard += 1
-        items = runs[0] if len(runs) == 1 else list(heapq.merge(*runs))
+        items = runs[0] if len(runs) == 1 else combine_slices(list(heapq.merge(*runs)))
         if progress is not None:
             progress.finish()
         assert temp is not None
@@ -345,7 +346,7 @@ def _write_shards(
                 for group in shard_lists[k]:
                     if abort.is_set():
                         return
-                    group.backend.save_group(group.tensors(), writer)
+                    write_group(group, writer)
                 writer.finish(write_index=False)
             except BaseException:
                 writer.abort()

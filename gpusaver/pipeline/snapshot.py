@@ -244,8 +244,8 @@ class Recorder:
 
     It offers what backends call on a :class:`~gpusaver.format.BundleWriter`
     (``add_many``, ``add``, ``add_raw``, ``add_packed``, ``add_packed_run``,
-    ``packs_runs``); each returns once the bytes are copied, so the caller may
-    reuse or change its buffers right away.
+    ``packs_runs``) and ``add_slice``; each returns once the bytes are copied, so
+    the caller may reuse or change its buffers right away.
     """
 
     def __init__(self, pool: SnapshotPool) -> None:
@@ -339,6 +339,10 @@ class Recorder:
             close = getattr(chunks, "close", None)
             if close is not None:
                 close()
+
+    def add_slice(self, name: str, full_shape: Any, slice_spec: str, array: Any) -> None:
+        """A region of a partitioned tensor: copied whole (outside the pool), written as a slice."""
+        self._put(("slice", name, tuple(full_shape), slice_spec, np.array(array, copy=True)))
 
     def add_packed(self, tensors: Sequence[tuple[str, Any, Sequence[int], Any, int | None]], done: Any = None) -> None:
         try:
@@ -479,6 +483,8 @@ class ReplayGroup:
                 writer.add_raw(name, dtype, shape, self._chunks(nbytes), crc32c=checksum)
             elif kind == "add":
                 writer.add(record[1], record[2])
+            elif kind == "slice":
+                writer.add_slice(*record[1:])
             else:  # pragma: no cover - a record this module never makes
                 raise GpuSaverError(f"unknown snapshot record {kind!r}")
 

@@ -13,7 +13,10 @@ SCENARIOs, in order:
   rank cannot see): every rank raises, naming the host and the path; nothing is committed;
 * ``async``: ``save_async`` by all ranks; every array is changed the instant it returns; the
   checkpoint holds the values of the call, and the newest restores them;
-* ``kill``: after one good save, rank 2 SIGKILLs itself while writing the next one.
+* ``kill``: after one good save, rank 2 SIGKILLs itself while writing the next one;
+* ``reshard4`` (4 ranks): each rank saves its block of rows of ``emb`` (a partitioned variable)
+  as ``resharded-4``; ``reshard3`` (3 ranks): each rank restores another split of the rows from
+  ``resharded-4``, checks it, and saves its region again as ``resharded-3``.
 
 Each rank appends JSON lines ``{"rank", "event", ...}`` to ``$GPUSAVER_TEST_OUT/rank-<rank>.jsonl``.
 """
@@ -48,6 +51,32 @@ def own_values(rank: int, step: int) -> dict[str, np.ndarray]:
 
 def replicated_values(step: int) -> dict[str, np.ndarray]:
     return {f"shared/w{j:02d}": np.arange(j + 3, dtype=np.float64) * (step + 1) for j in range(REPLICATED)}
+
+
+EMB_SHAPE = (41, 6)
+
+
+def emb_full() -> np.ndarray:
+    return np.arange(EMB_SHAPE[0] * EMB_SHAPE[1], dtype=np.float32).reshape(EMB_SHAPE) / 7
+
+
+def rows(rank: int, size: int) -> tuple[int, int]:
+    """Rank ``rank``'s rows of ``emb`` when ``size`` ranks split it (uneven splits included)."""
+    edges = np.linspace(0, EMB_SHAPE[0], size + 1).astype(int)
+    return int(edges[rank]), int(edges[rank + 1])
+
+
+def reshard(coordinator: object, rank: int, size: int) -> None:
+    lo, hi = rows(rank, size)
+    if size == 3:
+        mine = np.zeros((hi - lo, EMB_SHAPE[1]), np.float32)
+        restorer = gs.Saver([gs.Variable(mine, "emb", full_shape=EMB_SHAPE, offset=[lo, 0])], coordinator=coordinator)
+        restorer.restore(os.path.join(CKPT, "resharded-4"), strict=False)
+        report(rank, "resharded", good=bool(np.array_equal(mine, emb_full()[lo:hi])), rows=[lo, hi])
+    else:
+        mine = emb_full()[lo:hi].copy()
+    saver = gs.Saver([gs.Variable(mine, "emb", full_shape=EMB_SHAPE, offset=[lo, 0])], coordinator=coordinator)
+    report(rank, "saved", paths=[saver.save(os.path.join(CKPT, f"resharded-{size}"))])
 
 
 def report(rank: int, event: str, **fields: object) -> None:
@@ -88,6 +117,12 @@ def main() -> None:
     values = {}
     saver = None
     for scenario in sys.argv[3:]:
+        if scenario.startswith("reshard"):
+            from gpusaver.distributed import resolve_coordinator
+
+            c = resolve_coordinator(coordinator)
+            reshard(c, c.rank, c.size)
+            continue
         step = {"save": 1, "mismatch": 4, "unshared": 5, "async": 10, "kill": 7}[scenario]
         if saver is None:
             from gpusaver.distributed import resolve_coordinator
@@ -146,7 +181,8 @@ def main() -> None:
             report(rank, "raised", type=type(e).__name__, message=str(e), cause=type(e.__cause__).__name__)
             if scenario == "kill":
                 raise  # a survivor's error: uncaught, so that the launcher ends the job
-    report(rank, "done")
+    if saver is not None:
+        report(rank, "done")
 
 
 if __name__ == "__main__":

@@ -29,13 +29,13 @@ sys.path.insert(0, str(HERE))
 import save_worker  # noqa: E402  (its value functions only; its main runs under the launchers)
 
 
-def _run(engine: str, out: pathlib.Path, ckpt: pathlib.Path, *scenarios: str) -> tuple[int, str]:
+def _run(engine: str, out: pathlib.Path, ckpt: pathlib.Path, *scenarios: str, ranks: int = RANKS) -> tuple[int, str]:
     if engine == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(RANKS),
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
                "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(WORKER), "torch", str(ckpt),
                *scenarios]
     else:
-        cmd = [str(_mpiexec()), "-n", str(RANKS), "--allow-run-as-root", "--oversubscribe",
+        cmd = [str(_mpiexec()), "-n", str(ranks), "--allow-run-as-root", "--oversubscribe",
                sys.executable, "-m", "mpi4py", str(WORKER), "mpi", str(ckpt), *scenarios]
     return _launch(cmd, _env(out))
 
@@ -127,3 +127,27 @@ def test_a_rank_killed_mid_save_leaves_the_previous_checkpoint(engine, tmp_path)
     gs.Saver(blank).save(str(ckpt / "model"), global_step=8)
     leftovers = [n for n in os.listdir(ckpt) if "_temp_" in n or n.startswith("model-7")]
     assert leftovers == [], leftovers
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_partitioned_variable_resharded_4_to_3_to_1(engine, tmp_path, tf) -> None:
+    out4, out3, ckpt = tmp_path / "out4", tmp_path / "out3", tmp_path / "ckpt"
+    for d in (out4, out3, ckpt):
+        d.mkdir()
+    rc, output = _run(engine, out4, ckpt, "reshard4")
+    assert rc == 0, output[-4000:]
+    rc, output = _run(engine, out3, ckpt, "reshard3", ranks=3)
+    assert rc == 0, output[-4000:]
+    got3 = _reports(out3)
+    for k in range(3):
+        assert got3[k][0]["event"] == "resharded" and got3[k][0]["good"], (k, got3[k])
+        assert got3[k][0]["rows"] == list(save_worker.rows(k, 3))
+    full = save_worker.emb_full()
+    for n in (4, 3):
+        prefix = str(ckpt / f"resharded-{n}")
+        # one process, the whole tensor; and TensorFlow's reader sees the full tensor
+        whole = np.zeros_like(full)
+        gs.Saver({"emb": whole}).restore(prefix)
+        assert np.array_equal(whole, full)
+        assert np.array_equal(tf.train.load_checkpoint(prefix).get_tensor("emb"), full)
+        assert tf.train.load_checkpoint(prefix).get_variable_to_shape_map() == {"emb": list(full.shape)}
