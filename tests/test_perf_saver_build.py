@@ -24,9 +24,16 @@ def _general(var_list: Mapping[str, Any]) -> list[variables.ResolvedVariable]:
         variables._resolve_host_arrays = saved
 
 
+def _array(v: Any) -> Any:
+    """The array by identity where it is the caller's own, else (a scalar's new 0-d array) by value."""
+    if v.array is v.source:
+        return id(v.array)
+    return v.array.dtype.str, v.array.shape, v.array.tobytes()
+
+
 def _outcome(resolve: Callable[[Any], Any], var_list: Any) -> Any:
     try:
-        return [(v.name, id(v.array), v.device, v.backend, id(v.source), v.immutable, v.logical_dtype) for v in resolve(var_list)]
+        return [(v.name, _array(v), v.device, v.backend, id(v.source), v.immutable, v.logical_dtype) for v in resolve(var_list)]
     except Exception as e:  # noqa: BLE001 - compared below
         return type(e), str(e)
 
