@@ -7,7 +7,8 @@
 ``restore``: a checkpoint of ``--count`` float32 tensors of mixed small shapes (``--shapes mixed``,
 16 to 160 elements, 256 bytes on average) or all ``(10, 16)`` (``--shapes many``, the benchmark's
 many workload) is saved under ``--dir`` (tmpfs by default), then restored in place ``--repeat``
-times by one Saver (after one untimed restore). Each restore is timed whole (``Saver.restore``) and
+times by one Saver (after one untimed restore), whose names come in sorted order or, with
+``--order shuffled``, in an order unrelated to the index's. Each restore is timed whole (``Saver.restore``) and
 split where it starts reading tensor bytes (``restore_checkpoint``, wrapped here): everything before
 is the up-front checks (opening the index, looking up every entry, checking names, dtypes and shapes).
 Prints the medians and the checks' share of the restore.
@@ -54,6 +55,10 @@ def restore(args: argparse.Namespace) -> dict[str, Any]:
     shapes = _SHAPES[args.shapes]
     rng = np.random.default_rng(0)
     arrays = {f"layer{i:07d}/w": rng.random(shapes[i % len(shapes)], dtype=np.float32) for i in range(args.count)}
+    if args.order == "shuffled":  # the Saver's order unrelated to the index's (a model's own order)
+        names = list(arrays)
+        rng.shuffle(names)
+        arrays = {k: arrays[k] for k in names}
     root = tempfile.mkdtemp(dir=args.dir)
     try:
         prefix = gs.Saver(arrays, durable=False).save(os.path.join(root, "ckpt"), write_state=False)
@@ -144,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=None)
     p.add_argument("--shapes", choices=sorted(_SHAPES), default="mixed")
     p.add_argument("--layout", default="separate,views")
+    p.add_argument("--order", choices=["sorted", "shuffled"], default="sorted", help="the restoring Saver's name order")
     p.add_argument("--dir", default="/dev/shm" if os.path.isdir("/dev/shm") else None)
     p.add_argument("--src", default=None, help="the directory holding the gpusaver package to measure")
     p.add_argument("--json-out", action="store_true", help="print one JSON line (used by ab)")
