@@ -28,6 +28,7 @@ setting                    environment variable        default          what it 
 ``batch_count``            ``GPUSAVER_BATCH_COUNT``    ``1024``         ... or this many tensors
 ``pack_limit``             ``GPUSAVER_PACK_LIMIT``     ``64 KiB``       with the C extension, tensors below this are packed (and unpacked)
 ``pack_bytes``             ``GPUSAVER_PACK_BYTES``     ``4 MiB``        packing staging buffers (and restore chunks) are about this big
+``read_chunk_bytes``       ``GPUSAVER_READ_CHUNK``     ``16 MiB``       a large tensor is read this much per call (then checksummed): big requests from a cold page cache
 ``parallel_read_bytes``    ``GPUSAVER_PARALLEL_READ``  ``64 MiB``       large tensors are read on several threads from this total up
 ``parallel_chunked_bytes`` ``GPUSAVER_PARALLEL_CHUNKED`` ``8 MiB``      small tensors are read on several threads from this total up
 ``gap_bytes``              ``GPUSAVER_GAP_BYTES``      ``64 KiB``       restore chunks read across gaps up to this size
@@ -106,6 +107,7 @@ _SETTINGS = {
         Setting("batch_count", "GPUSAVER_BATCH_COUNT", 1024, _count(1), "a batch of small tensors, in tensors"),
         Setting("pack_limit", "GPUSAVER_PACK_LIMIT", 64 << 10, _count(1), "packed below this (C extension)"),
         Setting("pack_bytes", "GPUSAVER_PACK_BYTES", 4 << 20, _count(1), "packing buffers and restore chunks"),
+        Setting("read_chunk_bytes", "GPUSAVER_READ_CHUNK", 16 << 20, _count(1), "one read call of a large tensor"),
         Setting("parallel_read_bytes", "GPUSAVER_PARALLEL_READ", 64 << 20, _count(1), "threaded big reads from"),
         Setting("parallel_chunked_bytes", "GPUSAVER_PARALLEL_CHUNKED", 8 << 20, _count(1), "threaded chunked reads"),
         Setting("gap_bytes", "GPUSAVER_GAP_BYTES", 64 << 10, _count(0), "restore chunks read across gaps this big"),

@@ -37,8 +37,8 @@ from gpusaver.storage.reads import track_progress, untrack_progress
 __all__ = ["BundleReader"]
 
 _IOV_MAX = 1024
-# The sizes are settings (gpusaver.config), read when a read starts: reads go in segments of
-# segment_bytes, checksummed while still in the CPU cache; reads of parallel_read_bytes and more
+# The sizes are settings (gpusaver.config), read when a read starts: reads go in chunks of
+# read_chunk_bytes, each checksummed as it arrives; reads of parallel_read_bytes and more
 # are split across threads; with the C extension, tensors below pack_limit are read in chunks of
 # about pack_bytes (gaps under gap_bytes included) and unpacked into their arrays, on several
 # threads from parallel_chunked_bytes.

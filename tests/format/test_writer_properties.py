@@ -101,7 +101,7 @@ _SOURCES = {
 }
 #: Names the reader's thresholds have in gpusaver.config (they share the writer's settings).
 _CONFIG_NAMES = {
-    "read_segment_bytes": "segment_bytes",
+    "read_segment_bytes": "read_chunk_bytes",
     "unpack_limit": "pack_limit",
     "chunk_bytes": "pack_bytes",
 }
@@ -352,6 +352,7 @@ def tunings(draw: Any, largest: int) -> dict[str, int]:
 
         out.update(
             segment_bytes=pick(1, 3, 4096, 65537),
+            read_chunk_bytes=pick(1, 3, 4096, 65537),
             host_chunk_bytes=pick(1, 5, 4096, 65537),
             small_bytes=draw(st.sampled_from([1, 2, 100, 4096])),
             batch_bytes=draw(st.sampled_from([1, 2, 100, 65536])),
