@@ -99,7 +99,8 @@ class Ops(PosixFileOps):
                         if f" {os.getpid()} " not in f.read():
                             continue
                     for part in os.listdir(os.path.join(CKPT, entry)):
-                        if ".data-" in part:
+                        # shard 3's finished data file only (shard 2 may still be writing its own)
+                        if part.startswith("part-00003-of-") and ".data-" in part and "tempstate" not in part:
                             os.remove(os.path.join(CKPT, entry, part))
         elif what == "die":
             os.kill(os.getpid(), signal.SIGKILL)
