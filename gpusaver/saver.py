@@ -508,7 +508,9 @@ class Saver:
 
         def write() -> str:
             try:
-                return self._write(plan, background, counter, meta_graph_suffix, rank_plan=rank_plan)
+                # A shard that fails stops the pool at once: a capture waiting for memory that shard
+                # would have freed raises instead of waiting for ever.
+                return self._write(plan, background, counter, meta_graph_suffix, rank_plan=rank_plan, on_failure=pool.stop)
             except BaseException:
                 pool.stop()  # a capture still waiting for the pool stops
                 raise
@@ -549,6 +551,8 @@ class Saver:
                 if handle._thread is not None:
                     handle.wait()
                     handle._collected = True  # raised here: not again by the next call
+                else:
+                    handle._abandon(e)  # never started: done, its error raised here
             raise
         finally:
             pool.on_full = None
@@ -619,7 +623,8 @@ class Saver:
         return _SavePlan(prefix, local, parent, parent_local, latest_filename, write_state)
 
     def _write(
-        self, plan: "_SavePlan", groups: Any, counter: Any, meta_graph_suffix: str, rank_plan: Any = None
+        self, plan: "_SavePlan", groups: Any, counter: Any, meta_graph_suffix: str, rank_plan: Any = None,
+        on_failure: Callable[[], None] | None = None,
     ) -> str:
         """Writes ``groups`` as the checkpoint ``plan`` names, commits it, records it, applies retention."""
         prefix, parent, parent_local, latest_filename = plan.prefix, plan.parent, plan.parent_local, plan.latest_filename
@@ -654,6 +659,7 @@ class Saver:
             after_commit=record if plan.write_state else None,
             state_file=latest_filename if plan.write_state else None,
             progress=counter,
+            on_failure=on_failure,
         )
         try:
             if self._coordinator is not None:

@@ -17,9 +17,11 @@ Named phases (``fileops.phase``) mark each step for fault injection.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import uuid
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from gpusaver.errors import CorruptCheckpointError, InvalidArgumentError
 from gpusaver.storage.fileops import POSIX, FileOps
@@ -178,6 +180,45 @@ def _commit(
     index = index_filename(merged_prefix)
     directory = os.path.dirname(merged_prefix) or "."
     ops.phase("merge:start")
+    with _commit_lock(directory):
+        ops.phase("merge:locked")
+        _commit_locked(ops, merged_prefix, header, items, file_ids, num_files, durable, index, directory)
+
+
+@contextlib.contextmanager
+def _commit_lock(directory: str) -> Iterator[None]:
+    """Holds an exclusive ``flock`` on the checkpoint's directory for one commit.
+
+    Two saves committing one prefix at once (two Savers, two processes) would otherwise interleave:
+    one's data files renamed in, the other's whole commit, then the first one's index over the
+    other's data. Commits in one directory take turns instead (a commit is renames and one index
+    write). Where the file system has no such lock (some network file systems), commits go on
+    without it.
+    """
+    fd = None
+    try:
+        fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0))
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError:
+        pass
+    try:
+        yield
+    finally:
+        if fd is not None:
+            os.close(fd)  # drops the lock
+
+
+def _commit_locked(
+    ops: FileOps,
+    merged_prefix: str,
+    header: bytes,
+    items: Sequence[tuple[bytes, bytes]],
+    file_ids: dict[str, int],
+    num_files: int,
+    durable: bool,
+    index: str,
+    directory: str,
+) -> None:
     if os.path.lexists(index):
         ops.remove(index)
         ops.phase("merge:old_index_removed")

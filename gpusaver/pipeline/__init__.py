@@ -11,7 +11,7 @@ directory and leaves every earlier checkpoint untouched.
 
 Phases reported to ``FileOps.phase`` (fault-injection points), in order:
 ``save:start``, ``shard:written:<k>`` for each shard, then the merge's
-``merge:start``, ``merge:old_index_removed`` (only when replacing),
+``merge:start``, ``merge:locked`` (the directory's commit lock taken), ``merge:old_index_removed`` (only when replacing),
 ``merge:data_renamed:<k>``, ``merge:index_written``, ``merge:index_fsynced``,
 ``merge:before_index_rename``, ``merge:index_renamed``, ``merge:dir_fsynced``,
 and ``save:committed``. The Saver adds ``state:written`` and
@@ -123,6 +123,7 @@ def save_checkpoint(
     after_commit: Callable[[], None] | None = None,
     state_file: str | None = None,
     progress: Any = None,
+    on_failure: Callable[[], None] | None = None,
 ) -> str:
     """Writes ``groups`` as the checkpoint ``prefix``, atomically. Returns ``prefix``.
 
@@ -145,6 +146,8 @@ def save_checkpoint(
         state_file: the state file ``after_commit`` writes, noted in the temp
             directory so that a crash in between can be cleaned up.
         progress: a :class:`gpusaver.progress.Progress` counting the bytes written.
+        on_failure: called as soon as a shard fails, before the others stop (an asynchronous
+            save's capture waiting for memory that shard would have freed stops waiting).
 
     Raises:
         CheckpointWriteError: an OSError, keeping its errno; nothing is committed.
@@ -196,6 +199,8 @@ def save_checkpoint(
         except BaseException as e:  # noqa: BLE001 - re-raised by the caller
             abort.set()
             errors.append(e)
+            if on_failure is not None:
+                on_failure()
         finally:
             done[k].set()
         if k == n - 1:  # the last device's worker coordinates the merge

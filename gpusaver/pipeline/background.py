@@ -9,6 +9,7 @@ stderr, any failure nobody collected.
 from __future__ import annotations
 
 import atexit
+import os
 import sys
 import threading
 import weakref
@@ -37,6 +38,7 @@ class SaveHandle:
         self._error: BaseException | None = None
         self._collected = False
         self._thread: threading.Thread | None = None
+        self._pid = os.getpid()
         self._callbacks: list[Callable[["SaveHandle"], None]] = []
         with _handles_lock:
             _handles.add(self)
@@ -47,6 +49,12 @@ class SaveHandle:
         handle._done.set()
         return handle
 
+    def _abandon(self, error: BaseException) -> None:
+        """The save never started writing (its capture failed, and the caller got ``error``): done."""
+        self._error = error
+        self._collected = True
+        self._done.set()
+
     def _start(self, target: Callable[[], Any]) -> None:
         def run() -> None:
             try:
@@ -56,6 +64,7 @@ class SaveHandle:
             finally:
                 self._done.set()
 
+        self._pid = os.getpid()
         self._thread = threading.Thread(target=run, name="gpusaver-save-async", daemon=False)
         self._thread.start()
 
@@ -103,10 +112,21 @@ class SaveHandle:
         return f"SaveHandle({self.prefix!r}, {state})"
 
 
+def _forget_in_child() -> None:
+    """A forked child has none of its parent's background threads: their saves are not its own."""
+    global _handles_lock
+    _handles_lock = threading.Lock()  # the parent may have held it while forking
+    _handles.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_in_child)
+
+
 @atexit.register
 def _report_uncollected() -> None:
     with _handles_lock:
-        handles = list(_handles)
+        handles = [h for h in _handles if h._pid == os.getpid()]
     for handle in handles:
         handle.wait()
         if handle._error is not None and not handle._collected:

@@ -209,6 +209,7 @@ def save_across_ranks(
     after_commit: Callable[[], None] | None = None,
     state_file: str | None = None,
     progress: Any = None,
+    on_failure: Callable[[], None] | None = None,
 ) -> str:
     """Steps 2 and 3: writes this rank's part of the checkpoint ``prefix``; every rank commits it or raises.
 
@@ -242,12 +243,14 @@ def save_across_ranks(
     payload = b""
     try:
         temp = make_temp_dir(prefix, ops, state_file=state_file if rank == root else None)
-        _write_shards(temp.path, shard_lists, base, total, written, durable, ops, on_phase, progress)
+        _write_shards(temp.path, shard_lists, base, total, written, durable, ops, on_phase, progress, on_failure)
         host = socket.gethostname()
         meta = json.dumps({"host": host, "files": written.files}).encode()
         payload = _frame([meta] + [_encode_items(items) for items in written.items])
     except BaseException as e:  # noqa: BLE001 - reported to every rank
         error = e
+        if on_failure is not None:
+            on_failure()
     try:
         gathered = agree(c, payload, error=error, what="writing the shards")
     except BaseException:
@@ -324,6 +327,7 @@ def _write_shards(
     ops: FileOps,
     on_phase: Callable[[str, float], None] | None,
     progress: Any,
+    on_failure: Callable[[], None] | None = None,
 ) -> None:
     """Writes each shard (global number ``base + k``) on a thread of its own; raises the first error."""
     n = len(shard_lists)
@@ -358,6 +362,8 @@ def _write_shards(
         except BaseException as e:  # noqa: BLE001 - raised below
             abort.set()
             errors.append(e)
+            if on_failure is not None:
+                on_failure()
 
     threads = [threading.Thread(target=write, args=(k,), name=f"gpusaver-shard-{base + k}") for k in range(1, n)]
     for t in threads:

@@ -196,18 +196,6 @@ class FaultOps(PosixFileOps):
             assert self.release.wait(HANG), "the test never released the gate"
 
 
-def _finish_orphan_handles() -> int:
-    """Works around the bug of test_a_capture_error_before_the_writing_starts_lets_the_interpreter_exit
-    (so that this test process can end): a handle whose save_async raised before its background
-    thread started is never finished, and the interpreter's exit would wait for it forever."""
-    from gpusaver.pipeline import background
-
-    orphans = [h for h in list(background._handles) if h._thread is None and not h.done()]
-    for h in orphans:
-        h._done.set()
-    return len(orphans)
-
-
 def _is_disk_full(e: BaseException) -> bool:
     return isinstance(e, CheckpointWriteError) and e.errno == errno.ENOSPC
 
@@ -484,7 +472,6 @@ class AsyncSaverMachine(RuleBasedStateMachine):
                 self.saver.save_async(os.path.join(self.dir, "m"), global_step=step)
         finally:
             NumpyBackend.save_group = real  # type: ignore[method-assign]
-            _finish_orphan_handles()
         self._mutate(version)
         # raised once, by save_async: the next call raises nothing (self.pending stays None)
 
@@ -689,35 +676,48 @@ class _OrderOps(PosixFileOps):
             assert self.events[self.wait_for].wait(HANG), "the other saver never got there"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: two Savers committing the same prefix at once can leave one's index over the other's data "
-    "file (gpusaver/format/merge.py _commit: data files renamed in, then the index, with nothing "
-    "serialising two commits of one prefix): restore raises ChecksumError, yet both result() "
-    "returned the prefix. Not specific to save_async: two synchronous saves interleave the same way"))
 def test_two_savers_into_the_same_prefix_at_once_never_mix(tmp_path) -> None:
-    """A commits its data file; B then commits wholly (its data file replaces A's); A renames its index
-    last. Whichever commits last must win whole, or fail: never an index over the other's data."""
-    events = {"merge:data_renamed:0": threading.Event(), "merge:index_renamed": threading.Event()}
+    """A has renamed its data file in when B starts its commit: B's commit waits for A's (the
+    directory's commit lock), so the last to commit wins whole: never one's index over the other's data."""
+    order: list[str] = []
+    lock = threading.Lock()
+    b_started = threading.Event()
+
+    class Ops(PosixFileOps):
+        def __init__(self, who: str) -> None:
+            self.who = who
+
+        def phase(self, name: str) -> None:
+            with lock:
+                order.append(f"{self.who}:{name}")
+            if self.who == "B" and name == "merge:start":
+                b_started.set()
+            if self.who == "A" and name == "merge:data_renamed:0":
+                assert b_started.wait(HANG), "B never started its commit"
+
     a, b = _state(salt=1), _state(salt=2)
     want_a, want_b = _copy(a), _copy(b)
-    ops_a = _OrderOps(events, "merge:data_renamed:0", "merge:index_renamed", "merge:data_renamed:0")
-    ops_b = _OrderOps(events, "merge:start", "merge:data_renamed:0", "merge:index_renamed")
-    sa = gs.Saver(a, fileops=ops_a, snapshot_bytes=1 << 22)
-    sb = gs.Saver(b, fileops=ops_b, snapshot_bytes=1 << 22)
+    sa = gs.Saver(a, fileops=Ops("A"), snapshot_bytes=1 << 22)
+    sb = gs.Saver(b, fileops=Ops("B"), snapshot_bytes=1 << 22)
     ha = sa.save_async(str(tmp_path / "m"))
+    orig = Ops.phase
+
+    def b_waits_for_a(self, name):  # B starts its commit only once A is inside its own
+        if self.who == "B" and name == "merge:start":
+            deadline = time.monotonic() + HANG  # a hang guard only
+            while "A:merge:locked" not in order:
+                assert time.monotonic() < deadline, "A never took the commit lock"
+                threading.Event().wait(0.01)
+        orig(self, name)
+
+    Ops.phase = b_waits_for_a  # type: ignore[method-assign]
     hb = sb.save_async(str(tmp_path / "m"))
-    outcomes = []
-    for h in (ha, hb):
-        try:
-            outcomes.append(h.result(HANG))
-        except CheckpointWriteError as e:  # losing the race may fail; it must not corrupt
-            outcomes.append(e)
-    assert any(o == str(tmp_path / "m") for o in outcomes), outcomes
-    try:
-        stored = _stored(str(tmp_path / "m"))
-    except gs.ChecksumError as e:
-        raise AssertionError(f"the checkpoint is a mixture of the two saves ({outcomes}): {e}") from e
-    assert all(_same(want_a[n], stored[n]) for n in want_a) or all(_same(want_b[n], stored[n]) for n in want_b)
+    assert ha.result(HANG) == hb.result(HANG) == str(tmp_path / "m")
+    # B took the lock only after A's commit ended
+    assert order.index("B:merge:locked") > order.index("A:merge:index_renamed"), order
+    stored = _stored(str(tmp_path / "m"))
+    assert all(_same(want_b[n], stored[n]) for n in want_b)
+    assert not all(_same(want_a[n], stored[n]) for n in want_a)
     _only_checkpoints(str(tmp_path), str(tmp_path / "m"))
 
 
@@ -867,7 +867,6 @@ def test_keyboard_interrupt_inside_the_capture(tmp_path, monkeypatch, sharded) -
     with pytest.raises(KeyboardInterrupt):
         saver.save_async(str(tmp_path / "m"), global_step=1)
     monkeypatch.setattr(NumpyBackend, "save_group", real)
-    _finish_orphan_handles()
     saver.wait()  # raised once, by save_async
     assert gs.latest_checkpoint(str(tmp_path)) == str(tmp_path / "m-0")
     shards = 2 if sharded else 1
@@ -1096,12 +1095,6 @@ class _Shard0Full(PosixFileOps):
         return super().create(path)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a sharded save_async over several devices deadlocks when a shard other than the last fails "
-    "while the capture waits for the pool: the failed shard never drains its feed, pool.stop() "
-    "(gpusaver/saver.py save_async, write()) only runs once the whole background save has ended, and "
-    "the last shard (gpusaver/pipeline/__init__.py write_shard) waits for the feed of a group the "
-    "blocked capture never reaches"))
 def test_a_sharded_save_failing_on_one_shard_while_the_capture_waits(tmp_path) -> None:
     """Shard 0 fails at once (its data file cannot be created); group 0 is 50 slabs through a 2-slab
     pool. save_async must return (or raise), and the save must fail with nothing committed.
@@ -1205,10 +1198,6 @@ _FORK_CHILD = textwrap.dedent(
 )
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a child forked while a save_async is pending hangs at its interpreter exit: "
-    "gpusaver/pipeline/background.py _report_uncollected waits (no timeout) on every handle, "
-    "including the parent's pending one, whose thread does not exist in the child"))
 def test_a_child_forked_while_a_save_is_pending_can_exit(tmp_path) -> None:
     done = subprocess.run([sys.executable, "-c", _FORK_CHILD, str(tmp_path)], capture_output=True, text=True,
                           timeout=HANG)
@@ -1252,12 +1241,6 @@ _CTRL_C_CHILD = textwrap.dedent(
 )
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: Ctrl-C (any exception) in save_async's capture before the background thread starts "
-    "(a state the pool holds whole) leaves a SaveHandle that is never finished; an uncaught "
-    "KeyboardInterrupt keeps it alive (sys.last_traceback) and the interpreter's exit hangs in "
-    "gpusaver/pipeline/background.py _report_uncollected -> handle.wait() (saver.py save_async: "
-    "the except BaseException branch only waits when handle._thread is not None, and never sets _done)"))
 def test_a_capture_error_before_the_writing_starts_lets_the_interpreter_exit(tmp_path) -> None:
     done = subprocess.run([sys.executable, "-c", _CTRL_C_CHILD, str(tmp_path)], capture_output=True, text=True,
                           timeout=HANG)

@@ -14,7 +14,8 @@ Outcomes, in the order of the save (this table belongs in the README):
   --------------------------------------------  -----------------  ------------------  -------------------
   A  save:start, temp dir and OWNER, every      does not exist     unchanged:          all restore,
      shard write/fsync/rename, shard:written:k, (checkpoint_exists latest is model-3   none deleted
-     merge:start, merge:data_renamed:k,         is false, restore
+     merge:start, merge:locked,                 is false, restore
+     merge:data_renamed:k,
      merge:index_written, merge:index_fsynced,  raises)
      merge:before_index_rename, up to the
      rename of model-4.index
@@ -61,6 +62,7 @@ PHASE_OUTCOMES = {
     "save:start": "A",
     "shard:written:<k>": "A",
     "merge:start": "A",
+    "merge:locked": "A",
     "merge:old_index_removed": "R",
     "merge:data_renamed:<k>": "A",
     "merge:index_written": "A",

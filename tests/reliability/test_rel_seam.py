@@ -189,7 +189,7 @@ def _save4(directory: str, ops: Any) -> str:
     return saver.save(os.path.join(directory, "model"), global_step=4)
 
 
-PRE_COMMIT = {"save:start", "shard:written:<k>", "merge:start", "merge:data_renamed:<k>", "merge:index_written",
+PRE_COMMIT = {"save:start", "shard:written:<k>", "merge:start", "merge:locked", "merge:data_renamed:<k>", "merge:index_written",
               "merge:index_fsynced", "merge:before_index_rename"}
 UNRECORDED = PRE_COMMIT | {"merge:index_renamed", "merge:dir_fsynced", "save:committed"}
 
