@@ -20,6 +20,7 @@ from gpusaver.errors import CoordinatorError
 from gpusaver.format import BundleReader
 from gpusaver.storage.fileops import PosixFileOps
 from threadranks import run_ranks
+from gpu_fake import fake  # noqa: F401 - the fixture
 
 
 def _raised_everywhere(results: list, text: str) -> None:
@@ -96,3 +97,28 @@ def test_a_rank_failing_to_write_fails_every_rank_and_the_next_save_commits(tmp_
     assert gs.latest_checkpoint(str(tmp_path)) == str(tmp_path / "m-2")
     assert sorted(gs.list_variables(str(tmp_path / "m-2"))) == [("v1", [1000]), ("v2", [1000])]
     assert not any("_temp_" in n or n.startswith("m-1") for n in os.listdir(tmp_path))
+
+
+def test_gpu_arrays_of_two_ranks_fake_cupy(tmp_path, fake) -> None:
+    """Each rank's arrays on its own (fake) GPU, one replicated on both, one partitioned across them:
+    one checkpoint, the same bytes as one process saving the same values."""
+    from gpu_fake import put, same, values
+
+    hosts = {f"own{r}": values((33, 5), np.float32) for r in range(2)}
+    hosts["shared"] = values((17,), np.float64)
+    full = values((10, 4), np.int32)
+
+    def rank(c):
+        r = c.rank
+        mine = [
+            gs.Variable(put(fake, hosts[f"own{r}"], r), f"own{r}"),
+            gs.Variable(put(fake, hosts["shared"], r), "shared"),
+            gs.Variable(put(fake, full[5 * r : 5 * r + 5], r), "emb", full_shape=[10, 4], offset=[5 * r, 0]),
+        ]
+        return gs.Saver(mine, coordinator=c).save(str(tmp_path / "m"))
+
+    assert run_ranks(2, rank) == [str(tmp_path / "m")] * 2
+    reader = gs.load_checkpoint(str(tmp_path / "m"))
+    for name, host in hosts.items():
+        assert same(reader.get_tensor(name), host), name  # bit patterns (NaNs included)
+    assert same(reader.get_tensor("emb"), full)
