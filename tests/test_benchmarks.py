@@ -178,3 +178,47 @@ def test_groups_bench_runs() -> None:
     )
     assert done.returncode == 0, done.stderr[-4000:]
     assert "3 groups / 1 group = " in done.stdout
+
+
+def test_async_bench_runs(tmp_path: pathlib.Path) -> None:
+    """benchmarks/async_bench.py runs end to end at a tiny size (save, save_async, memcpy; train.py loops)."""
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "async_bench.py"), "--size-gib", "0.02", "--repeat", "1",
+         "--train-steps", "3", "--train-repeat", "1", "--hidden", "64", "--dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=HANG_GUARD, cwd=REPO,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "save_async blocked" in done.stdout and "save_async every step" in done.stdout
+
+
+def test_ranks_bench_runs(tmp_path: pathlib.Path) -> None:
+    """benchmarks/ranks_bench.py runs end to end with 2 ranks under torchrun at a tiny size."""
+    pytest.importorskip("torch.distributed")
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "ranks_bench.py"), "--ranks", "2", "--mib", "4", "--tensors", "200",
+         "--repeat", "1", "--dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=HANG_GUARD, cwd=REPO,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "merge+commit s" in done.stdout
+
+
+def test_cold_bench_runs_its_readers_at_a_tiny_scale(tmp_path: pathlib.Path) -> None:
+    """benchmarks/cold_bench.py's readers (gpusaver, raw) read a tiny state; dropping the page cache needs
+    root, so the children run directly on a saved state."""
+    import gpusaver as gs
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import _benchlib as bl
+
+    wl = bl.gpt2m_workload(0.02)
+    os.makedirs(tmp_path / "cold")
+    gs.Saver(bl.build_arrays(wl)).save(str(tmp_path / "cold" / "m"))
+    for reader in ("gpusaver", "raw:2:1"):
+        done = subprocess.run(
+            [sys.executable, str(REPO / "benchmarks" / "cold_bench.py"), "--dir", str(tmp_path), "--scale", "0.02",
+             "--child", reader],
+            capture_output=True, text=True, timeout=HANG_GUARD, cwd=REPO,
+        )
+        assert done.returncode == 0, done.stderr[-4000:]
+        assert '"s":' in done.stdout
