@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 import gpusaver as gs
-from test_engines import RANKS, _env, _launch, _mpiexec, _free_port, needs_mpi, needs_torch
+from test_engines import RANKS, _env, _launch, _mpiexec, _free_port, _ulfm_missing, needs_mpi, needs_torch
 
 pytestmark = pytest.mark.slow
 
@@ -29,13 +29,15 @@ sys.path.insert(0, str(HERE))
 import save_worker  # noqa: E402  (its value functions only; its main runs under the launchers)
 
 
-def _run(engine: str, out: pathlib.Path, ckpt: pathlib.Path, *scenarios: str, ranks: int = RANKS) -> tuple[int, str]:
+def _run(
+    engine: str, out: pathlib.Path, ckpt: pathlib.Path, *scenarios: str, ranks: int = RANKS, options: tuple = ()
+) -> tuple[int, str]:
     if engine == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks),
                "--master-addr", "127.0.0.1", "--master-port", str(_free_port()), str(WORKER), "torch", str(ckpt),
                *scenarios]
     else:
-        cmd = [str(_mpiexec()), "-n", str(ranks), "--allow-run-as-root", "--oversubscribe",
+        cmd = [str(_mpiexec()), "-n", str(ranks), "--allow-run-as-root", "--oversubscribe", *options,
                sys.executable, "-m", "mpi4py", str(WORKER), "mpi", str(ckpt), *scenarios]
     return _launch(cmd, _env(out))
 
@@ -151,3 +153,24 @@ def test_partitioned_variable_resharded_4_to_3_to_1(engine, tmp_path, tf) -> Non
         assert np.array_equal(whole, full)
         assert np.array_equal(tf.train.load_checkpoint(prefix).get_tensor("emb"), full)
         assert tf.train.load_checkpoint(prefix).get_variable_to_shape_map() == {"emb": list(full.shape)}
+
+
+@needs_mpi
+def test_a_rank_killed_mid_save_under_ulfm_the_survivors_raise(tmp_path) -> None:
+    """With Open MPI's fault tolerance on (``--with-ft ulfm``) the job goes on after a rank dies: every
+    survivor's save raises a CoordinatorError (plain mpiexec ends the job instead)."""
+    missing = _ulfm_missing()
+    if missing:
+        pytest.skip(missing)
+    out, ckpt = tmp_path / "out", tmp_path / "ckpt"
+    out.mkdir()
+    ckpt.mkdir()
+    rc, output = _run("mpiexec", out, ckpt, "kill", options=("--with-ft", "ulfm"))
+    got = _reports(out)
+    for k in (0, 1, 3):
+        events = [r["event"] for r in got[k]]
+        assert events == ["saved", "raised"], (k, got[k], output[-3000:])
+        assert got[k][1]["type"] == "CoordinatorError", got[k][1]
+    assert [r["event"] for r in got[2]] == ["saved"], got[2]
+    assert gs.latest_checkpoint(str(ckpt)) == str(ckpt / "model-6")
+    assert not (ckpt / "model-7.index").exists()
