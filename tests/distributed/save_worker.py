@@ -35,7 +35,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import gpusaver as gs  # noqa: E402
 from gpusaver.storage.fileops import PosixFileOps  # noqa: E402
 
-ENGINE, CKPT = sys.argv[1], sys.argv[2]
+ENGINE = CKPT = ""  # set by main() from the command line (this module is also imported by the test)
 RANKS = 4
 REPLICATED = 12
 
@@ -107,6 +107,8 @@ class Ops(PosixFileOps):
 
 
 def main() -> None:
+    global ENGINE, CKPT
+    ENGINE, CKPT = sys.argv[1], sys.argv[2]
     if ENGINE == "torch":
         import torch.distributed as dist
 
