@@ -547,6 +547,8 @@ class Saver:
         except BaseException as e:
             for recorder in open_recorders:
                 recorder.fail(e)
+            if self._coordinator is not None:
+                start()  # the other ranks' saves wait for this one's: it fails at once, and they raise
             with started:
                 if handle._thread is not None:
                     handle.wait()

@@ -122,3 +122,43 @@ def test_gpu_arrays_of_two_ranks_fake_cupy(tmp_path, fake) -> None:
     for name, host in hosts.items():
         assert same(reader.get_tensor(name), host), name  # bit patterns (NaNs included)
     assert same(reader.get_tensor("emb"), full)
+
+
+def test_a_capture_failing_on_one_rank_fails_every_rank_at_once(tmp_path, monkeypatch) -> None:
+    """save_async by 3 ranks; rank 1's capture raises before its writing started: it raises that
+    error, and the other ranks' results raise a CoordinatorError naming rank 1, without waiting for
+    the coordinator's timeout; nothing is committed."""
+    import threading
+
+    from gpusaver import config
+    from gpusaver.backends.numpy_backend import NumpyBackend
+
+    local = threading.local()
+    real = NumpyBackend.save_group
+
+    def faulty(self, tensors, writer):
+        if getattr(local, "fail", False):
+            raise RuntimeError("a device fault while capturing")
+        return real(self, tensors, writer)
+
+    monkeypatch.setattr(NumpyBackend, "save_group", faulty)
+
+    def rank(c):
+        local.fail = c.rank == 1
+        saver = gs.Saver({f"v{c.rank}": np.arange(100.0)}, coordinator=c)
+        try:
+            handle = saver.save_async(str(tmp_path / "m"))
+        except RuntimeError as e:
+            return e
+        try:
+            return handle.result(60)
+        except CoordinatorError as e:
+            return e
+
+    with config.set(coordinator_timeout=120):  # far above the test's own wait: a timeout would show
+        results = run_ranks(3, rank, timeout=120)
+    assert isinstance(results[1], RuntimeError), results
+    for k in (0, 2):
+        assert isinstance(results[k], CoordinatorError) and "failed on rank 1 of 3" in str(results[k]), results
+    assert gs.latest_checkpoint(str(tmp_path)) is None
+    assert os.listdir(tmp_path) == []
