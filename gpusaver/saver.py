@@ -51,6 +51,9 @@ from gpusaver.pipeline import (
     restore_checkpoint,
     save_checkpoint,
 )
+# Imported here, not when first used: a process that later cannot read its install (it dropped
+# privileges, its directory was unmounted) still saves.
+from gpusaver.pipeline import snapshot as _snapshot
 from gpusaver.pipeline.background import SaveHandle
 from gpusaver.pipeline.retention import Retention
 from gpusaver.pipeline.tempdirs import TempDir
@@ -486,8 +489,6 @@ class Saver:
             plan = self._plan_save(save_path, global_step, latest_filename, write_state)
             if plan is None:
                 return SaveHandle.finished(None)
-        from gpusaver.pipeline import snapshot as _snapshot
-
         t0 = time.perf_counter()
         pool = self._snapshot_pool()
         pool.begin()
@@ -576,10 +577,8 @@ class Saver:
                 raise error
 
     def _snapshot_pool(self) -> Any:
-        from gpusaver.pipeline.snapshot import SnapshotPool, default_snapshot_bytes
-
         if self._pool is None:
-            self._pool = SnapshotPool(self._snapshot_bytes or default_snapshot_bytes())
+            self._pool = _snapshot.SnapshotPool(self._snapshot_bytes or _snapshot.default_snapshot_bytes())
         return self._pool
 
     def _device_snapshot(self, group: Any) -> Any:

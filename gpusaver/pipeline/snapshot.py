@@ -24,6 +24,8 @@ from __future__ import annotations
 import os
 import queue
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
@@ -104,8 +106,6 @@ def _copy(dst: np.ndarray, src: np.ndarray) -> None:
         return
     with _copy_lock:
         if _copy_threads is None:
-            from concurrent.futures import ThreadPoolExecutor
-
             _copy_threads = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1) - 1,
                                                thread_name_prefix="gpusaver-snapshot-copy")
     step = -(-n // ways)
@@ -177,8 +177,6 @@ class SnapshotPool:
 
     def acquire(self) -> _Slab:
         """A free slab: a reused one, a new one while under the cap, or the next one written."""
-        import time
-
         with self._cond:
             full = not self._free and len(self._slabs) >= self.max_slabs
         if full and self.on_full is not None:

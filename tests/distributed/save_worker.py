@@ -186,6 +186,10 @@ def main() -> None:
                 raise  # a survivor's error: uncaught, so that the launcher ends the job
     if saver is not None:
         report(rank, "done")
+    if ENGINE == "torch":
+        import torch.distributed as dist
+
+        dist.destroy_process_group()  # every group, gpusaver's own gloo group included, before exit
 
 
 if __name__ == "__main__":
