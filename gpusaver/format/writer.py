@@ -469,7 +469,7 @@ class BundleWriter:
             counts = np.ones(len(keys), np.int64)
             np.multiply.at(counts, np.repeat(np.arange(len(keys)), ndims), dims)
             itemsizes = np.zeros(len(keys), np.int64)
-            for enum in np.unique(enums).tolist():
+            for enum in set(enums.tolist()):  # not np.unique: it imports numpy.ma on first use
                 itemsizes[enums == enum] = dtypes.to_numpy(enum).itemsize
             bad = np.flatnonzero(counts * itemsizes != sizes)
             if len(bad):

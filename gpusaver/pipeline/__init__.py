@@ -325,8 +325,7 @@ def _device_arrays_fit(
     owner = np.repeat(np.arange(n), ndims)
     pos = np.arange(len(dims)) - mine_at[owner]
     stored = cols.dims[np.minimum(starts[owner] + pos, max(len(cols.dims) - 1, 0))] if len(cols.dims) else dims * 0
-    bad = np.unique(owner[stored != dims])
-    fit[bad] = False
+    fit[owner[stored != dims]] = False  # (no np.unique: it imports numpy.ma on first use)
     return reader.inside_data_files(cols.shards[which], cols.offsets[which], cols.sizes[which], fit)
 
 

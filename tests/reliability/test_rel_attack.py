@@ -698,3 +698,18 @@ def test_a_child_forked_during_a_save_does_not_keep_a_dead_saves_lock(tmp_path: 
         import signal
 
         os.kill(child, signal.SIGKILL)
+
+
+def test_the_package_never_calls_numpy_functions_that_import_more_numpy_lazily() -> None:
+    """A static check: np.unique (and the set routines built on it) import numpy.ma on their first call,
+    which a process that has since lost access to its install (dropped privileges) cannot do: a save or
+    restore then fails half way. Twice already a fresh clone in a 0700 directory caught one."""
+    lazy = {"unique", "isin", "in1d", "setdiff1d", "intersect1d", "union1d", "setxor1d"}
+    problems = []
+    for path in sorted((ROOT / "gpusaver").rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Attribute) and node.attr in lazy and isinstance(node.value, ast.Name) \
+                    and node.value.id in ("np", "numpy"):
+                problems.append(f"{path.relative_to(ROOT)}:{node.lineno}: np.{node.attr}")
+    assert not problems, "\n".join(problems)
