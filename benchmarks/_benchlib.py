@@ -557,6 +557,16 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str | No
     return "\n".join(out)
 
 
+def emit(lines: Sequence[str], path: str | None) -> str:
+    """Prints a report and, with ``path``, writes it there too; returns its text."""
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if path:
+        with open(path, "w") as f:
+            f.write(text)
+    return text
+
+
 def fmt(x: float | None, digits: int = 3) -> str:
     if x is None:
         return "-"

@@ -137,11 +137,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = [[k, bl.fmt(v["median_s"]), bl.fmt(v["best_s"]), bl.fmt(v["spread_s"]), f"{v['median_s'] / base:.2f}x"]
             for k, v in tt.items()]
     lines.append(bl.table(["loop", "median s", "min s", "range s", "vs none"], rows))
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.text:
-        with open(args.text, "w") as f:
-            f.write(text)
+    bl.emit(lines, args.text)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": info, "saves": saves, "train": train}, f, indent=1)

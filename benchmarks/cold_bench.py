@@ -114,11 +114,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append([name, bl.fmt(st["median_s"]), bl.fmt(st["best_s"]), bl.fmt(st["spread_s"]),
                      f"{st['median_s'] / ref:.2f}x"])
     lines.append(bl.table(["reader", "median s", "min s", "range s", "x fastest raw"], rows))
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.text:
-        with open(args.text, "w") as f:
-            f.write(text)
+    bl.emit(lines, args.text)
     return 0
 
 

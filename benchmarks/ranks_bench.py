@@ -120,11 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         many = bl.summary(slowest)["median_s"]
         rows.append([what, bl.fmt(one), bl.fmt(many), f"{many / one:.2f}x", bl.fmt(bl.summary(merge)["median_s"])])
     lines.append(bl.table(["state", "1 process s", f"{args.ranks} ranks s", "ratio", "merge+commit s"], rows))
-    text = "\n".join(lines) + "\n"
-    print(text)
-    if args.text:
-        with open(args.text, "w") as f:
-            f.write(text)
+    bl.emit(lines, args.text)
     return 0
 
 

@@ -156,7 +156,6 @@ class _DeviceCopy:
         self.backend = backend
         self._group = group
         self._copies: list[Any] = []
-        self._logical: dict[int, Any] = {}
         self.parts: list[Any] = []
 
     def capture(self) -> None:
@@ -166,9 +165,6 @@ class _DeviceCopy:
             self._copies = [v.array.copy() for v in self._group.variables]
             self.parts = [dataclasses.replace(v, array=v.array.copy()) for v in self._group.parts]
             cp.cuda.get_current_stream().synchronize()
-
-    def synchronize(self) -> None:
-        return None  # capture() waited already
 
     def tensors(self) -> TensorList:
         listed = TensorList((v.name, c) for v, c in zip(self._group.variables, self._copies))
@@ -538,8 +534,6 @@ class Saver:
                     write_group(g, recorder)
                     recorder.close()
                     open_recorders.remove(recorder)
-                for copy in device_copies:
-                    copy.synchronize()  # the device copies are complete: the arrays may change
             start()
         except _snapshot._Stopped:
             # The background save failed while this was capturing: its error is the handle's.

@@ -162,27 +162,13 @@ def commit_merged(
     Raises:
         CheckpointWriteError: an OSError, keeping its errno.
     """
+    ops.phase("merge:start")
     try:
-        _commit(ops, merged_prefix, header, items, file_ids, len(file_ids), durable)
+        with _commit_lock(os.path.dirname(merged_prefix) or "."):
+            ops.phase("merge:locked")
+            _commit(ops, merged_prefix, header, items, file_ids, len(file_ids), durable)
     except OSError as e:
         raise os_error(e, "merging into", merged_prefix) from e
-
-
-def _commit(
-    ops: FileOps,
-    merged_prefix: str,
-    header: bytes,
-    items: Sequence[tuple[bytes, bytes]],
-    file_ids: dict[str, int],
-    num_files: int,
-    durable: bool,
-) -> None:
-    index = index_filename(merged_prefix)
-    directory = os.path.dirname(merged_prefix) or "."
-    ops.phase("merge:start")
-    with _commit_lock(directory):
-        ops.phase("merge:locked")
-        _commit_locked(ops, merged_prefix, header, items, file_ids, num_files, durable, index, directory)
 
 
 @contextlib.contextmanager
@@ -208,7 +194,7 @@ def _commit_lock(directory: str) -> Iterator[None]:
             os.close(fd)  # drops the lock
 
 
-def _commit_locked(
+def _commit(
     ops: FileOps,
     merged_prefix: str,
     header: bytes,
@@ -216,9 +202,10 @@ def _commit_locked(
     file_ids: dict[str, int],
     num_files: int,
     durable: bool,
-    index: str,
-    directory: str,
 ) -> None:
+    """The commit itself, under the directory's commit lock."""
+    index = index_filename(merged_prefix)
+    directory = os.path.dirname(merged_prefix) or "."
     if os.path.lexists(index):
         ops.remove(index)
         ops.phase("merge:old_index_removed")

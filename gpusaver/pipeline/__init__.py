@@ -48,7 +48,7 @@ from gpusaver.format.naming import index_filename
 from gpusaver.format.slices import encode_slice_key
 from gpusaver.pipeline.tempdirs import COMMITTING, clean_stale_temp_dirs, make_temp_dir, roll_back_unrecorded
 from gpusaver.storage import os_error
-from gpusaver.variables import ResolvedVariable
+from gpusaver.variables import ResolvedVariable, slice_spec
 
 __all__ = ["Group", "group_by_device", "save_checkpoint", "restore_checkpoint", "clean_stale_temp_dirs"]
 
@@ -102,8 +102,6 @@ def write_group(group: Any, writer: Any) -> None:
     (from host memory: a GPU region is copied to the host first)."""
     group.backend.save_group(group.tensors(), writer)
     for v in getattr(group, "parts", ()):
-        from gpusaver.variables import slice_spec
-
         if 0 in tuple(v.array.shape):
             continue  # an empty region (an uneven split's): nothing to store
         host = v.array if isinstance(v.array, np.ndarray) else v.array.get()

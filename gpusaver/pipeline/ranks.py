@@ -145,12 +145,11 @@ def plan_replicas(described: Sequence[bytes], rank: int) -> set[str]:
 
 
 class _Written:
-    """What one rank wrote: per shard, its data file, its host, and its sorted index entries."""
+    """What one rank wrote: per shard, its data file and its sorted index entries."""
 
     def __init__(self) -> None:
         self.files: list[str] = []
         self.items: list[list[tuple[bytes, bytes]]] = []
-        self.crcs: list[dict[str, int]] = []
 
 
 class RankPlan(NamedTuple):
