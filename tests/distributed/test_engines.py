@@ -143,14 +143,18 @@ def _check_basic_then_timeout(got: dict[int, list[dict]], rc: int, output: str, 
         assert events[:2] == ["ok", "ok"], (k, got[k], output[-4000:])
         assert [r["step"] for r in got[k][:2]] == ["helpers", "basic"]
     # rank 1 fell silent: the others raised after the timeout, a typed error saying so ...
+    # The first to time out says so; on a busy machine another may first see that rank leave (its
+    # peer's connection closed) and say that instead: either way it raised, not before the timeout.
+    timed_out = f"did not all answer within {TIMEOUT} s (coordinator_timeout)"
     for k in (0, 2, 3):
         assert _events(got[k])[2:] == ["raised", "spent"], (k, got[k], output[-4000:])
         raised = got[k][2]
         assert raised["seconds"] >= TIMEOUT * 0.99, raised
         assert f"rank {k} of {RANKS}: all_gather_bytes" in raised["message"], raised
-        assert f"did not all answer within {TIMEOUT} s (coordinator_timeout)" in raised["message"], raised
+        assert timed_out in raised["message"] or "another rank has probably died or left the job" in raised["message"], raised
         assert engine in raised["message"], raised
         assert "failed earlier and cannot be used again" in got[k][3]["message"]
+    assert any(timed_out in got[k][2]["message"] for k in (0, 2, 3)), got
     # ... left it uncaught, and the launcher ended the job, the silent rank included
     assert "left" not in _events(got[1]), got[1]
     assert rc != 0, output[-4000:]
