@@ -3,8 +3,11 @@
     .venv/bin/python benchmarks/async_bench.py --repeat 5 --text benchmarks/results/out.txt
 
 Per repetition, interleaved: ``save`` (wall time), ``save_async`` (the time it
-blocks, then the time until ``result()`` returns), and a plain ``memcpy`` of the
-same bytes into memory already touched (the floor of a host snapshot). Files of
+blocks, then the time until ``result()`` returns), a plain ``memcpy`` of the
+same bytes into memory already touched (NumPy, one thread), and the same copy
+in non-temporal stores split over the snapshot's copy threads (the routine the
+capture uses; without the C extension, NumPy's copy): the floor of a host
+snapshot. Files of
 each save are deleted before the next one, so the memory in use stays steady.
 Then ``examples/train.py`` with a checkpoint every step: its loop time with
 ``save``, with ``save_async`` and with no checkpoints, interleaved.
@@ -50,7 +53,10 @@ def bench_saves(args: argparse.Namespace) -> dict[str, Any]:
     floor_buf = np.empty(total, np.uint8)
     floor_buf[:] = 1  # touched: the floor copies into memory already mapped, as the reused pool is
     saver = gs.Saver(arrays, max_to_keep=1)
-    times: dict[str, list[float]] = {"save": [], "save_async blocked": [], "save_async until result": [], "memcpy": []}
+    from gpusaver.pipeline.snapshot import _copy as snapshot_copy
+
+    times: dict[str, list[float]] = {"save": [], "save_async blocked": [], "save_async until result": [], "memcpy": [],
+                                     "stream copy, threads": []}
     first: dict[str, float] = {}
     try:
         for rep in range(args.repeat + 1):
@@ -73,11 +79,20 @@ def bench_saves(args: argparse.Namespace) -> dict[str, Any]:
                 floor_buf[at : at + n] = a.reshape(-1).view(np.uint8)
                 at += n
             copy = time.perf_counter() - t0
+
+            t0 = time.perf_counter()
+            at = 0
+            for a in arrays.values():
+                n = a.nbytes
+                snapshot_copy(floor_buf[at : at + n], a.reshape(-1).view(np.uint8))
+                at += n
+            stream = time.perf_counter() - t0
+            now = {"save": sync, "save_async blocked": blocked, "save_async until result": until, "memcpy": copy,
+                   "stream copy, threads": stream}
             if rep == 0:
-                first = {"save": sync, "save_async blocked": blocked, "save_async until result": until, "memcpy": copy}
+                first = now
                 continue
-            for key, value in (("save", sync), ("save_async blocked", blocked),
-                               ("save_async until result", until), ("memcpy", copy)):
+            for key, value in now.items():
                 times[key].append(value)
     finally:
         saver.close()
@@ -113,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=5, help="timed repetitions after a first, untimed one")
     p.add_argument("--dir", default="/dev/shm", help="where to save (default tmpfs)")
     p.add_argument("--train-steps", type=int, default=30)
-    p.add_argument("--train-repeat", type=int, default=3)
+    p.add_argument("--train-repeat", type=int, default=3, help="runs of each train.py mode (0: none)")
     p.add_argument("--hidden", type=int, default=4096, help="train.py's hidden width (about 256 KiB per 1k)")
     p.add_argument("--json", metavar="OUT")
     p.add_argument("--text", metavar="OUT")
@@ -121,22 +136,24 @@ def main(argv: list[str] | None = None) -> int:
 
     info = bl.machine_info(("gpusaver", "numpy"))
     saves = bench_saves(args)
-    train = bench_train(args)
+    train = bench_train(args) if args.train_repeat > 0 else None
     lines = bl.header_lines(info)
     lines += ["", f"mixed workload on {args.dir}: {saves['workload']}",
-              f"{args.repeat} timed repetitions, interleaved (save, save_async, memcpy), after one untimed", ""]
+              f"{args.repeat} timed repetitions, interleaved (save, save_async, memcpy, stream copy), after one untimed",
+              ""]
     st = saves["stats"]
     ref = st["save"]["median_s"]
     rows = [[k, bl.fmt(v["median_s"]), bl.fmt(v["best_s"]), bl.fmt(v["spread_s"]), f"{v['median_s'] / ref:.2f}x",
              bl.fmt(saves["first"][k])] for k, v in st.items()]
     lines.append(bl.table(["", "median s", "min s", "range s", "vs save", "first s"], rows))
-    lines += ["", f"examples/train.py, a checkpoint every step ({train['steps']} steps, --hidden {train['hidden']}), "
-              f"{args.train_repeat} runs each, interleaved", ""]
-    tt = train["stats"]
-    base = tt["no checkpoints"]["median_s"]
-    rows = [[k, bl.fmt(v["median_s"]), bl.fmt(v["best_s"]), bl.fmt(v["spread_s"]), f"{v['median_s'] / base:.2f}x"]
-            for k, v in tt.items()]
-    lines.append(bl.table(["loop", "median s", "min s", "range s", "vs none"], rows))
+    if train is not None:
+        lines += ["", f"examples/train.py, a checkpoint every step ({train['steps']} steps, --hidden {train['hidden']}), "
+                  f"{args.train_repeat} runs each, interleaved", ""]
+        tt = train["stats"]
+        base = tt["no checkpoints"]["median_s"]
+        rows = [[k, bl.fmt(v["median_s"]), bl.fmt(v["best_s"]), bl.fmt(v["spread_s"]), f"{v['median_s'] / base:.2f}x"]
+                for k, v in tt.items()]
+        lines.append(bl.table(["loop", "median s", "min s", "range s", "vs none"], rows))
     bl.emit(lines, args.text)
     if args.json:
         with open(args.json, "w") as f:

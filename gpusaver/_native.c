@@ -23,11 +23,12 @@
 #include <string.h>
 
 #if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
 #include <nmmintrin.h>
 #define HAVE_X86_CRC 1
 #endif
 
-#define NATIVE_API 2
+#define NATIVE_API 3
 #define MAX_RANK 254
 #define INT64_MAXU ((uint64_t)INT64_MAX)
 #define CRC_MASK_DELTA 0xA282EAD8u
@@ -36,6 +37,10 @@
 
 static uint32_t crc_table[8][256];
 static int crc_hw;
+static int stream_hw; /* AVX2 streaming stores */
+#ifdef HAVE_X86_CRC
+static void crc_shift_init(void);
+#endif
 
 static void crc_init(void)
 {
@@ -51,6 +56,9 @@ static void crc_init(void)
 #ifdef HAVE_X86_CRC
     __builtin_cpu_init();
     crc_hw = __builtin_cpu_supports("sse4.2") ? 1 : 0;
+    if (crc_hw)
+        crc_shift_init();
+    stream_hw = __builtin_cpu_supports("avx2") ? 1 : 0;
 #endif
 }
 
@@ -78,12 +86,70 @@ static uint32_t crc_sw(uint32_t crc, const unsigned char *p, size_t n)
 }
 
 #ifdef HAVE_X86_CRC
+/* Three lanes at once. One crc32 instruction has a latency of three cycles but
+ * the CPU can start one every cycle, so a single chain runs at a third of the
+ * instruction's throughput. A block of 3L bytes is split into three lanes of L
+ * bytes, each chained on its own; the CRC register is linear, so
+ *     crc(s, A|B|C) = shift(shift(crc(s, A)) ^ crc(0, B)) ^ crc(0, C)
+ * where shift(r) = r * x^(8L) mod P (appending L zero bytes), done by four
+ * table lookups built at import for each lane length. */
+#define CRC_LANES 3
+static const size_t crc_lane[CRC_LANES] = {8192, 512, 64};
+static uint32_t crc_shift[CRC_LANES][4][256];
+
+/* a * b mod P in the reflected representation (bit 31 is x^0). */
+static uint32_t crc_mulmod(uint32_t a, uint32_t b)
+{
+    uint32_t prod = 0;
+    for (int i = 0; i < 32; i++) {
+        if (a & (0x80000000u >> i))
+            prod ^= b;
+        b = (b >> 1) ^ (0x82F63B78u & (0u - (b & 1u))); /* b * x */
+    }
+    return prod;
+}
+
+static void crc_shift_init(void)
+{
+    for (int t = 0; t < CRC_LANES; t++) {
+        uint32_t k = 0x80000000u; /* x^0, then x^(8L) mod P */
+        for (size_t i = 0; i < 8 * crc_lane[t]; i++)
+            k = (k >> 1) ^ (0x82F63B78u & (0u - (k & 1u)));
+        for (int j = 0; j < 4; j++)
+            for (uint32_t v = 0; v < 256; v++)
+                crc_shift[t][j][v] = crc_mulmod(v << (8 * j), k);
+    }
+}
+
+static inline uint32_t crc_shift_by(int t, uint32_t r)
+{
+    return crc_shift[t][0][r & 0xFF] ^ crc_shift[t][1][(r >> 8) & 0xFF] ^ crc_shift[t][2][(r >> 16) & 0xFF] ^
+           crc_shift[t][3][r >> 24];
+}
+
 __attribute__((target("sse4.2"))) static uint32_t crc_x86(uint32_t crc, const unsigned char *p, size_t n)
 {
     uint64_t c = ~crc;
     while (n && ((uintptr_t)p & 7)) {
         c = _mm_crc32_u8((uint32_t)c, *p++);
         n--;
+    }
+    for (int t = 0; t < CRC_LANES; t++) {
+        size_t lane = crc_lane[t];
+        while (n >= 3 * lane) {
+            uint64_t c1 = 0, c2 = 0, w0, w1, w2;
+            for (size_t i = 0; i < lane; i += 8) {
+                memcpy(&w0, p + i, 8);
+                memcpy(&w1, p + lane + i, 8);
+                memcpy(&w2, p + 2 * lane + i, 8);
+                c = _mm_crc32_u64(c, w0);
+                c1 = _mm_crc32_u64(c1, w1);
+                c2 = _mm_crc32_u64(c2, w2);
+            }
+            c = crc_shift_by(t, crc_shift_by(t, (uint32_t)c) ^ (uint32_t)c1) ^ (uint32_t)c2;
+            p += 3 * lane;
+            n -= 3 * lane;
+        }
     }
     while (n >= 8) {
         uint64_t w;
@@ -98,8 +164,8 @@ __attribute__((target("sse4.2"))) static uint32_t crc_x86(uint32_t crc, const un
 }
 #endif
 
-/* The crc32c of tensors that are small next to a cache; large buffers take
- * the crc32c package, whose interleaved loop is faster for them. */
+/* The crc32c of the bytes the C extension touches (small tensors; the crc32c
+ * package takes large buffers from Python). */
 static uint32_t crc32c_extend(uint32_t crc, const void *data, size_t n)
 {
 #ifdef HAVE_X86_CRC
@@ -443,6 +509,115 @@ done:
     return result;
 }
 
+/* ------------------------------------------------------------ stream copy */
+
+/* Below this, a copy fits the caches and plain memcpy is as fast. */
+#define STREAM_MIN ((size_t)256 << 10)
+
+#ifdef HAVE_X86_CRC
+/* Copies with non-temporal stores: the destination lines are written without
+ * first being read into the cache (no read-for-ownership), so a copy much
+ * larger than the caches moves two bytes over the memory bus per byte copied
+ * instead of three. glibc's memcpy switches to such stores only above a
+ * threshold derived from the last-level cache size, which some VMs report as
+ * hundreds of MiB: a snapshot's copies never reach it there. The partial
+ * lines at either end take memcpy; copy_stream_done fences the stores. */
+__attribute__((target("avx2"))) static void copy_stream_avx2(unsigned char *dst, const unsigned char *src, size_t n)
+{
+    size_t head = (size_t)(-(uintptr_t)dst & 31);
+    if (head > n)
+        head = n;
+    memcpy(dst, src, head);
+    dst += head;
+    src += head;
+    n -= head;
+    while (n >= 128) {
+        __m256i a = _mm256_loadu_si256((const __m256i *)src);
+        __m256i b = _mm256_loadu_si256((const __m256i *)(src + 32));
+        __m256i c = _mm256_loadu_si256((const __m256i *)(src + 64));
+        __m256i d = _mm256_loadu_si256((const __m256i *)(src + 96));
+        _mm256_stream_si256((__m256i *)dst, a);
+        _mm256_stream_si256((__m256i *)(dst + 32), b);
+        _mm256_stream_si256((__m256i *)(dst + 64), c);
+        _mm256_stream_si256((__m256i *)(dst + 96), d);
+        src += 128;
+        dst += 128;
+        n -= 128;
+    }
+    memcpy(dst, src, n);
+}
+#endif
+
+/* Any size, in streaming stores where the CPU has them; copy_stream_done after the last. */
+static void copy_stream_small(unsigned char *dst, const unsigned char *src, size_t n)
+{
+#ifdef HAVE_X86_CRC
+    if (stream_hw && n >= 256) {
+        copy_stream_avx2(dst, src, n);
+        return;
+    }
+#endif
+    if (n)
+        memcpy(dst, src, n);
+}
+
+/* The streamed stores are visible to other threads once this returns. */
+static void copy_stream_done(void)
+{
+#ifdef HAVE_X86_CRC
+    if (stream_hw)
+        _mm_sfence();
+#endif
+}
+
+static void copy_stream(unsigned char *dst, const unsigned char *src, size_t n)
+{
+#ifdef HAVE_X86_CRC
+    if (stream_hw && n >= STREAM_MIN) {
+        copy_stream_avx2(dst, src, n);
+        copy_stream_done();
+        return;
+    }
+#endif
+    memcpy(dst, src, n);
+}
+
+PyDoc_STRVAR(stream_copy_doc,
+             "stream_copy(dst, src) -> None\\n\\n"
+             "Copies the bytes of src into the writable buffer dst (the same length; they must not\\n"
+             "overlap). Large copies use non-temporal stores where the CPU has them. The GIL is released.");
+
+static PyObject *stream_copy(PyObject *self, PyObject *args)
+{
+    PyObject *dst_obj, *src_obj;
+    if (!PyArg_ParseTuple(args, "OO:stream_copy", &dst_obj, &src_obj))
+        return NULL;
+    Buf dst, src;
+    memset(&dst, 0, sizeof dst);
+    memset(&src, 0, sizeof src);
+    PyObject *result = NULL;
+    if (get_buf(dst_obj, &dst, 1, 0, 0, "stream_copy dst") < 0 || get_buf(src_obj, &src, 0, 0, 0, "stream_copy src") < 0)
+        goto done;
+    if (dst.view.len != src.view.len) {
+        PyErr_Format(PyExc_ValueError, "stream_copy: dst holds %zd bytes, src %zd", dst.view.len, src.view.len);
+        goto done;
+    }
+    const unsigned char *d = dst.view.buf, *sp = src.view.buf;
+    size_t n = (size_t)dst.view.len;
+    if (n && d < sp + n && sp < d + n) {
+        PyErr_SetString(PyExc_ValueError, "stream_copy: dst and src overlap");
+        goto done;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    copy_stream(dst.view.buf, src.view.buf, n);
+    Py_END_ALLOW_THREADS
+    result = Py_NewRef(Py_None);
+done:
+    release_buf(&dst);
+    release_buf(&src);
+    return result;
+}
+
 /* ---------------------------------------------------------- pack / unpack */
 
 typedef struct {
@@ -502,16 +677,19 @@ fail:
 }
 
 PyDoc_STRVAR(pack_doc,
-             "pack(arrays, start, stop, out, crcs) -> int\n\n"
+             "pack(arrays, start, stop, out, crcs, stream=False) -> int\n\n"
              "Copies the bytes of arrays[start:stop] back to back into the writable buffer out and\n"
              "stores each one's crc32c (unmasked) in crcs[i] (a uint32 buffer indexed like arrays).\n"
-             "Returns the number of bytes copied. The GIL is released while copying.");
+             "Returns the number of bytes copied. The GIL is released while copying. With stream,\n"
+             "out is written in non-temporal stores where the CPU has them (for a buffer nobody\n"
+             "reads soon, such as a snapshot); else each crc is taken from the copy, in cache.");
 
 static PyObject *pack(PyObject *self, PyObject *args)
 {
     PyObject *seq, *out_obj, *crc_obj;
     Py_ssize_t start, stop;
-    if (!PyArg_ParseTuple(args, "OnnOO:pack", &seq, &start, &stop, &out_obj, &crc_obj))
+    int stream = 0;
+    if (!PyArg_ParseTuple(args, "OnnOO|p:pack", &seq, &start, &stop, &out_obj, &crc_obj, &stream))
         return NULL;
     PyObject *fast = PySequence_Fast(seq, "arrays must be a sequence");
     if (fast == NULL)
@@ -541,12 +719,23 @@ static PyObject *pack(PyObject *self, PyObject *args)
     unsigned char *dst = out.view.buf;
     uint32_t *c = (uint32_t *)crcs.view.buf;
     Py_BEGIN_ALLOW_THREADS
-    for (Py_ssize_t k = 0; k < stop - start; k++) {
-        size_t n = spans[k].n;
-        if (n)
-            memcpy(dst, spans[k].src, n);
-        c[start + k] = crc32c_extend(0, dst, n); /* from the copy: it is in cache */
-        dst += n;
+    if (stream) {
+        /* the crc first, from the source: the copy then reads it again from the cache */
+        for (Py_ssize_t k = 0; k < stop - start; k++) {
+            size_t n = spans[k].n;
+            c[start + k] = crc32c_extend(0, spans[k].src, n);
+            copy_stream_small(dst, spans[k].src, n);
+            dst += n;
+        }
+        copy_stream_done();
+    } else {
+        for (Py_ssize_t k = 0; k < stop - start; k++) {
+            size_t n = spans[k].n;
+            if (n)
+                memcpy(dst, spans[k].src, n);
+            c[start + k] = crc32c_extend(0, dst, n); /* from the copy: it is in cache */
+            dst += n;
+        }
     }
     Py_END_ALLOW_THREADS
     result = PyLong_FromSize_t(total);
@@ -2116,6 +2305,7 @@ static PyMethodDef methods[] = {
     {"pack", pack, METH_VARARGS, pack_doc},
     {"unpack", unpack, METH_VARARGS, unpack_doc},
     {"crc32c", py_crc32c, METH_VARARGS, crc32c_doc},
+    {"stream_copy", stream_copy, METH_VARARGS, stream_copy_doc},
     {"encode_entries", encode_entries, METH_VARARGS, encode_entries_doc},
     {"decode_entries", decode_entries, METH_VARARGS, decode_entries_doc},
     {"lookup_entries", lookup_entries, METH_VARARGS, lookup_entries_doc},
@@ -2140,7 +2330,8 @@ PyMODINIT_FUNC PyInit__native(void)
     PyObject *m = PyModule_Create(&module);
     if (m == NULL)
         return NULL;
-    if (PyModule_AddIntConstant(m, "API", NATIVE_API) < 0 || PyModule_AddIntConstant(m, "HARDWARE_CRC", crc_hw) < 0) {
+    if (PyModule_AddIntConstant(m, "API", NATIVE_API) < 0 || PyModule_AddIntConstant(m, "HARDWARE_CRC", crc_hw) < 0 ||
+        PyModule_AddIntConstant(m, "STREAM_STORES", stream_hw) < 0) {
         Py_DECREF(m);
         return NULL;
     }

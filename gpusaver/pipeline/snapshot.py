@@ -95,14 +95,24 @@ _copy_threads: Any = None
 _copy_lock = threading.Lock()
 
 
+def _copy_part(dst: np.ndarray, src: np.ndarray) -> None:
+    """``dst[:] = src``: with the C extension, in non-temporal stores (twice the copy rate measured here on a 1 GiB
+    snapshot, see ``stream_copy``), else NumPy's copy. Both release the GIL."""
+    lib = native.lib
+    if lib is not None:
+        lib.stream_copy(dst, src)
+    else:
+        dst[:] = src
+
+
 def _copy(dst: np.ndarray, src: np.ndarray) -> None:
-    """``dst[:] = src`` (bytes), a large copy split over a few threads: NumPy copies without the GIL, and one
-    core alone does not reach the memory bandwidth."""
+    """``dst[:] = src`` (bytes), a large copy split over a few threads: one core alone does not reach the memory
+    bandwidth."""
     global _copy_threads
     n = len(dst)
     ways = min(4, os.cpu_count() or 1, n // _COPY_SPLIT)
     if ways < 2:
-        dst[:] = src
+        _copy_part(dst, src)
         return
     with _copy_lock:
         if _copy_threads is None:
@@ -111,8 +121,8 @@ def _copy(dst: np.ndarray, src: np.ndarray) -> None:
     step = -(-n // ways)
     step += -step % 4096  # page-aligned parts
     cuts = list(range(0, n, step)) + [n]
-    parts = [_copy_threads.submit(dst.__setitem__, slice(a, b), src[a:b]) for a, b in zip(cuts[1:-1], cuts[2:])]
-    dst[: cuts[1]] = src[: cuts[1]]
+    parts = [_copy_threads.submit(_copy_part, dst[a:b], src[a:b]) for a, b in zip(cuts[1:-1], cuts[2:])]
+    _copy_part(dst[: cuts[1]], src[: cuts[1]])
     for part in parts:
         part.result()
 
@@ -440,7 +450,7 @@ class Recorder:
                     self._pool.seal(slab)
                     self._slab = None
                     continue
-                total = lib.pack(arrays, i, b, memoryview(slab.buf[at:]), crcs)
+                total = lib.pack(arrays, i, b, memoryview(slab.buf[at:]), crcs, True)
                 self._used += total
                 self.captured += total
                 self._put(

@@ -31,6 +31,28 @@ for lo in range(8):
     for n in range(0, 80):
         assert lib.crc32c(data[lo : lo + n]) == crc32c.crc32c(data[lo : lo + n])
 
+# crc32c across the three lane-block sizes (3 x 64, 3 x 512, 3 x 8192 bytes) and their edges
+long = rng.integers(0, 256, 3 * 8192 * 2 + 3 * 512 + 200, dtype=np.uint8).tobytes()
+for n in (191, 192, 193, 1535, 1536, 1537, 24575, 24576, 24577, len(long) - 9, len(long) - 1):
+    for lo in (0, 1, 5, 8):
+        assert lib.crc32c(long[lo : lo + n], 7) == crc32c.crc32c(long[lo : lo + n], 7)
+
+# stream_copy: sizes around its streaming threshold and block size, odd alignments, refused buffers
+for n in (0, 1, 300, (256 << 10) - 1, 256 << 10, (256 << 10) + 129):
+    src_b = rng.integers(0, 256, n + 40, dtype=np.uint8)
+    dst_b = np.zeros(n + 80, np.uint8)
+    lib.stream_copy(dst_b[3 : 3 + n], src_b[5 : 5 + n])
+    assert bytes(dst_b[3 : 3 + n]) == bytes(src_b[5 : 5 + n])
+    assert not dst_b[:3].any() and not dst_b[3 + n :].any()
+shared = np.zeros(9, np.uint8)
+for bad in ((bytearray(3), b"abcd"), (bytes(4), b"abcd"), (shared[1:], shared[:8])):
+    try:
+        lib.stream_copy(*bad)
+    except (TypeError, ValueError, BufferError):
+        pass
+    else:
+        raise AssertionError(f"stream_copy accepted {bad!r}")
+
 # describe / pack / unpack, including zero-size, 0-d and refused arrays
 arrays = [rng.standard_normal(int(k)).astype(np.float32) for k in rng.integers(0, 50, 200)]
 arrays += [np.zeros((3, 0, 2), np.int8), np.array(2.5), np.arange(6)[::2], np.zeros(2, ">f4"), "x"]
@@ -40,6 +62,9 @@ take = [arrays[i] for i in ok]
 out = bytearray(int(sizes.sum()))
 crcs = np.zeros(len(take), np.uint32)
 assert lib.pack(take, 0, len(take), out, crcs) == len(out)
+streamed, crcs2 = bytearray(len(out) + 3), np.zeros(len(take), np.uint32)
+assert lib.pack(take, 0, len(take), memoryview(streamed)[3:], crcs2, True) == len(out)
+assert bytes(streamed[3:]) == bytes(out) and crcs2.tolist() == crcs.tolist()
 for bad in ((take, 0, len(take), bytearray(1), crcs), (arrays, 0, len(arrays), out, np.zeros(len(arrays), np.uint32))):
     try:
         lib.pack(*bad)

@@ -153,6 +153,97 @@ def test_crc32c_property(data: bytes, seed_crc: int, skip: int) -> None:
     assert C.crc32c(piece, seed_crc) == crc32c_pkg.crc32c(piece, seed_crc)
 
 
+# The C crc32c chains three lanes at a time in blocks of 3 x 8192, 3 x 512 and 3 x 64 bytes, then
+# the rest 8 bytes at a time: lengths on both sides of each block size, and their sums.
+_LANE_BLOCKS = (3 * 8192, 3 * 512, 3 * 64)
+_LANE_EDGES = sorted({n + d for b in _LANE_BLOCKS for k in (1, 2) for n in (k * b,) for d in (-9, -8, -1, 0, 1, 7, 8)}
+                     | {sum(_LANE_BLOCKS) + d for d in (-1, 0, 1, 8)} | {2 * _LANE_BLOCKS[0] + _LANE_BLOCKS[2] + 5})
+
+
+@needs_native
+def test_crc32c_lane_block_edges() -> None:
+    """Every length around a lane block, at every start alignment and with any starting crc: the crc32c package."""
+    rng = np.random.default_rng(11)
+    buf = memoryview(rng.bytes(max(_LANE_EDGES) + 16))
+    for n in _LANE_EDGES:
+        for start in range(9):
+            seed = int(rng.integers(0, 2**32))
+            piece = buf[start : start + n]
+            assert C.crc32c(piece, seed) == crc32c_pkg.crc32c(piece, seed), (n, start)
+
+
+@needs_native
+@PROPERTY
+@given(st.integers(0, 3 * 8192 * 3 + 777), st.integers(0, 15), st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1))
+def test_crc32c_long_property(n: int, skip: int, seed_crc: int, seed: int) -> None:
+    """Random bytes of any length up to several of the largest lane blocks, any offset and starting crc."""
+    data = np.random.default_rng(seed).bytes(n + skip)
+    piece = memoryview(data)[skip:]
+    assert C.crc32c(piece, seed_crc) == crc32c_pkg.crc32c(piece, seed_crc)
+    flipped = bytearray(piece)
+    if flipped:  # a flipped bit anywhere changes it
+        at = seed % len(flipped)
+        flipped[at] ^= 1 << (seed_crc % 8)
+        assert C.crc32c(flipped, seed_crc) != C.crc32c(piece, seed_crc)
+
+
+# -------------------------------------------------------------- stream copy
+
+# stream_copy takes memcpy below 256 KiB; above, a head up to the destination's 32-byte
+# boundary, 128-byte blocks in streaming stores, then the tail.
+_STREAM_MIN = 256 << 10
+
+
+@needs_native
+@pytest.mark.parametrize("n", [0, 1, 127, 128, 4096, _STREAM_MIN - 1, _STREAM_MIN, _STREAM_MIN + 1,
+                               _STREAM_MIN + 127, _STREAM_MIN + 128, (3 << 20) + 77])
+def test_stream_copy_every_size_and_alignment(n: int) -> None:
+    """The bytes arrive exactly, whatever the sizes and the two buffers' alignments; nothing around them is written."""
+    rng = np.random.default_rng(n)
+    src_buf = rng.integers(0, 256, n + 64, dtype=np.uint8)
+    for s_off, d_off in ((0, 0), (1, 0), (0, 1), (31, 33), (7, 63), (32, 32)):
+        dst_buf = np.full(n + 128, 0xAB, np.uint8)
+        C.stream_copy(dst_buf[d_off : d_off + n], src_buf[s_off : s_off + n])
+        assert np.array_equal(dst_buf[d_off : d_off + n], src_buf[s_off : s_off + n]), (s_off, d_off)
+        assert (dst_buf[:d_off] == 0xAB).all() and (dst_buf[d_off + n :] == 0xAB).all()
+
+
+@needs_native
+def test_stream_copy_takes_buffers_and_refuses_bad_ones() -> None:
+    """Any contiguous buffers of equal length; a length mismatch, an overlap or a read-only destination raises,
+    writing nothing."""
+    src = np.arange(_STREAM_MIN, dtype=np.uint8)
+    out = bytearray(_STREAM_MIN)
+    C.stream_copy(out, src.tobytes())
+    assert bytes(out) == src.tobytes()
+    C.stream_copy(memoryview(out), memoryview(bytes(_STREAM_MIN)))
+    assert out == bytearray(_STREAM_MIN)
+    with pytest.raises(ValueError, match="holds"):
+        C.stream_copy(bytearray(10), b"x" * 11)
+    buf = np.zeros(2 * _STREAM_MIN, np.uint8)
+    with pytest.raises(ValueError, match="overlap"):
+        C.stream_copy(buf[: _STREAM_MIN + 1], buf[_STREAM_MIN - 1 :])
+    assert not buf.any()
+    with pytest.raises((TypeError, BufferError)):
+        C.stream_copy(bytes(10), b"y" * 10)
+    with pytest.raises((TypeError, BufferError, ValueError)):
+        C.stream_copy(np.zeros((4, 4), np.uint8)[:, ::2], b"z" * 8)  # not contiguous
+
+
+@needs_native
+def test_stream_copy_from_many_threads() -> None:
+    """Parts of one big copy on several threads at once (as a snapshot does) leave the whole copy exact."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rng = np.random.default_rng(3)
+    src = rng.integers(0, 256, (16 << 20) + 5, dtype=np.uint8)
+    dst = np.zeros_like(src)
+    cuts = [0, 3 << 20, (7 << 20) + 1, (12 << 20) + 3, len(src)]
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda ab: C.stream_copy(dst[ab[0] : ab[1]], src[ab[0] : ab[1]]), zip(cuts, cuts[1:])))
+    assert np.array_equal(dst, src)
+
+
 # ------------------------------------------------------------------ describe
 
 
@@ -314,6 +405,23 @@ def test_pack_matches_tobytes() -> None:
     assert C.pack(tuple(arrays), 0, 2, out, crcs) == 42
     assert bytes(out) == arrays[0].tobytes() + arrays[1].tobytes()
     assert C.pack(arrays, 1, 1, bytearray(0), np.zeros(2, np.uint32)) == 0
+
+
+@needs_native
+@PROPERTY
+@given(st.lists(st.integers(0, 3000), max_size=40), st.integers(0, 63), st.integers(0, 2**32 - 1))
+def test_pack_stream_equals_pack(sizes: list[int], out_offset: int, seed: int) -> None:
+    """pack(..., stream=True) writes the same bytes and crcs as the plain pack, at any output alignment and with
+    tensors on both sides of the 256-byte size from which it streams."""
+    rng = np.random.default_rng(seed)
+    arrays = [rng.integers(0, 256, n, dtype=np.uint8) for n in sizes]
+    total = sum(sizes)
+    outs = [np.full(total + out_offset + 64, 0xCD, np.uint8) for _ in range(2)]
+    crcs = [np.zeros(len(arrays), np.uint32) for _ in range(2)]
+    for out, c, stream in zip(outs, crcs, (False, True)):
+        assert C.pack(arrays, 0, len(arrays), out[out_offset:], c, stream) == total
+    assert np.array_equal(outs[0], outs[1])
+    assert crcs[0].tolist() == crcs[1].tolist() == _unmasked_crcs(arrays).tolist()
 
 
 @needs_native
