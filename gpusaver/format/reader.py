@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
 from gpusaver import config, native
-from gpusaver.storage.parallel import run_parallel
+from gpusaver.storage.parallel import run_jobs
 from gpusaver.errors import (
     CheckpointNotFoundError,
     ChecksumError,
@@ -31,7 +31,7 @@ from gpusaver.format.table import TableReader
 from gpusaver.format.tensors import decode_strings
 from gpusaver.format.wire import Malformed
 from gpusaver.storage.paths import local_path, read_regular
-from gpusaver.storage import POSIX, FileOps, read_exact, read_with_checksums, read_workers
+from gpusaver.storage import POSIX, FileOps, checked_read_jobs, read_exact, read_with_checksums, read_workers
 from gpusaver.storage.reads import track_progress, untrack_progress
 
 __all__ = ["BundleReader"]
@@ -414,6 +414,21 @@ class BundleReader:
         Args:
             items: ``(name, out)`` pairs; ``out`` as for :meth:`read_into`.
         """
+        runs, checks = self._plan_many(items)
+        actual = read_with_checksums(runs, len(checks), self.fileops)
+        self._check_many(checks, actual)
+
+    def _check_many(self, checks: list[tuple[str, Any, int, str]], actual: list[int]) -> None:
+        """Raises ChecksumError for the first of ``checks`` whose bytes read do not match."""
+        for (name, view, stored, path), got in zip(checks, actual):
+            if got != crc.unmask(stored):
+                raise ChecksumError(path, name, crc.unmask(stored), got)
+
+    def _plan_many(
+        self, items: Sequence[tuple[str, Any]]
+    ) -> tuple[list[tuple[int, int, str, list[Any]]], list[tuple[str, Any, int, str]]]:
+        """The scatter reads of :meth:`read_many_into` (fd, offset, path, buffers) and, per tensor, what to check;
+        every argument error is raised here, before anything is read."""
         runs: list[tuple[int, int, str, list[Any]]] = []  # fd, start, path, views
         checks: list[tuple[str, Any, int, str]] = []
         run_fd = run_end = -1
@@ -439,10 +454,7 @@ class BundleReader:
             else:
                 runs.append((fd, offset, path, [view]))
             run_fd, run_end = fd, offset + size
-        actual = read_with_checksums(runs, len(checks), self.fileops)
-        for (name, view, stored, path), got in zip(checks, actual):
-            if got != crc.unmask(stored):
-                raise ChecksumError(path, name, crc.unmask(stored), got)
+        return runs, checks
 
     def fits(self, cols: EntryColumns, arrays: Sequence[Any]) -> np.ndarray:
         """Where each array can be restored by :meth:`read_columns_into`: a bool mask.
@@ -474,9 +486,10 @@ class BundleReader:
         """Restores ``arrays[i]`` for every ``i`` in ``which`` (all passed :meth:`fits`), crc32c verified.
 
         Large tensors are read straight into their arrays' memory; small ones in
-        chunks of a few MiB that the C extension checks and copies into place,
-        on several threads for big restores. Every read completes before an
-        error is raised.
+        chunks of a few MiB that the C extension checks and copies into place.
+        Both kinds of reads are jobs in one queue, taken by several threads for
+        big restores. A damaged tensor does not stop the other reads; every
+        thread has stopped before an error is raised.
 
         Raises:
             ChecksumError: for the first damaged tensor in ``keys`` order. Every
@@ -490,23 +503,36 @@ class BundleReader:
         big = which[sizes[which] >= unpack_limit]
         small = which[sizes[which] < unpack_limit]
         failures: list[tuple[int, ChecksumError]] = []
+        jobs: list[Callable[[], None]] = []
+        workers = 1
         if len(big):
             from gpusaver.format.tensors import byte_view
 
             names = [keys[i].decode("utf-8") for i in big]
+            runs, checks = self._plan_many(list(zip(names, (byte_view(arrays[i]) for i in big))))
+            big_jobs, finish = checked_read_jobs(runs, len(checks), self.fileops)
+            jobs += big_jobs
+            workers = read_workers(int(sizes[big].sum()))
+        if len(small):
+            small_jobs, small_bytes = self._small_jobs(keys, arrays, cols, small, failures)
+            jobs += small_jobs
+            workers = max(workers, read_workers(small_bytes, config.get("parallel_chunked_bytes")))
+        # one queue for both: no thread waits at the end of the large reads while the other finishes its share
+        run_jobs(jobs, workers, "gpusaver-read")
+        if len(big):
             try:
-                self.read_many_into(list(zip(names, (byte_view(arrays[i]) for i in big))))
+                self._check_many(checks, finish())
             except ChecksumError as e:  # the first damaged large one, in order
                 failures.append((int(big[names.index(e.tensor)]), e))
-        if len(small):
-            failures += self._read_small(keys, arrays, cols, small)
         if failures:
             raise min(failures, key=lambda f: f[0])[1]
 
-    def _read_small(
-        self, keys: list[bytes], arrays: Sequence[Any], cols: EntryColumns, small: np.ndarray
-    ) -> list[tuple[int, ChecksumError]]:
-        """Reads small tensors in chunks, verified and copied by the C extension; returns the damaged ones."""
+    def _small_jobs(
+        self, keys: list[bytes], arrays: Sequence[Any], cols: EntryColumns, small: np.ndarray,
+        failures: list[tuple[int, ChecksumError]],
+    ) -> tuple[list[Callable[[], None]], int]:
+        """Jobs that read small tensors in chunks, verified and copied by the C extension (the damaged ones are
+        appended to ``failures``), and the bytes they read."""
         lib = native.lib
         sizes = cols.sizes
         chunk_bytes, gap = config.get("pack_bytes"), config.get("gap_bytes")
@@ -525,32 +551,28 @@ class BundleReader:
         chunk = (ends - seg_start - 1) // chunk_bytes
         brk[1:] |= chunk[1:] != chunk[:-1]
         cuts = np.append(np.flatnonzero(brk), len(order))
-        jobs = [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:])]
-        total = int(ends[-1] - starts[0])
-        workers = min(read_workers(total, config.get("parallel_chunked_bytes")), len(jobs))
-        failures: list[tuple[int, ChecksumError]] = []
+        lock = threading.Lock()
 
-        def run(part: list[tuple[int, int]]) -> None:
-            staging = _staging.take(staging_bytes)
-            try:
-                _read_chunks(part, memoryview(staging))
-            finally:
-                _staging.give(staging)
+        def job(a: int, b: int) -> Callable[[], None]:
+            def run() -> None:
+                staging = _staging.take(staging_bytes)
+                try:
+                    view = memoryview(staging)
+                    fd, _, path = self._data_file(int(shards[a]))
+                    lo, hi = int(starts[a]), int(ends[b - 1])
+                    read_exact(fd, view[: hi - lo], lo, path, self.fileops)
+                    for bad in lib.unpack(view[: hi - lo], lo, arrays, order, a, b, cols.offsets, cols.crcs):
+                        at = int(cols.offsets[bad]) - lo
+                        actual = crc.value(view[at : at + int(sizes[bad])])
+                        name = keys[bad].decode("utf-8", "replace")
+                        with lock:
+                            failures.append((bad, ChecksumError(path, name, int(cols.crcs[bad]), actual)))
+                finally:
+                    _staging.give(staging)
+            return run
 
-        def _read_chunks(part: list[tuple[int, int]], view: memoryview) -> None:
-            for a, b in part:
-                fd, _, path = self._data_file(int(shards[a]))
-                lo, hi = int(starts[a]), int(ends[b - 1])
-                read_exact(fd, view[: hi - lo], lo, path, self.fileops)
-                for bad in lib.unpack(view[: hi - lo], lo, arrays, order, a, b, cols.offsets, cols.crcs):
-                    at = int(cols.offsets[bad]) - lo
-                    actual = crc.value(view[at : at + int(sizes[bad])])
-                    name = keys[bad].decode("utf-8", "replace")
-                    failures.append((bad, ChecksumError(path, name, int(cols.crcs[bad]), actual)))
-
-        per = -(-len(jobs) // max(1, workers))
-        run_parallel(run, [jobs[k : k + per] for k in range(0, len(jobs), per)], "gpusaver-read")
-        return failures
+        total = int((ends - starts).sum())
+        return [job(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:])], total
 
     def get_tensor(self, name: str) -> np.ndarray:
         """Reads a whole tensor as a NumPy array, checksums verified.

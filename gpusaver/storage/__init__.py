@@ -15,7 +15,7 @@ a :class:`FileOps` whose ``pwrite``/``preadv`` take device buffers.
 """
 
 from gpusaver.storage.fileops import IOV_MAX, POSIX, FileOps, PosixFileOps
-from gpusaver.storage.reads import read_exact, read_with_checksums, read_workers, scatter_read
+from gpusaver.storage.reads import checked_read_jobs, read_exact, read_with_checksums, read_workers, scatter_read
 from gpusaver.storage.writes import Pack, Piece, WriterPool, os_error, writer_count
 
 __all__ = [
@@ -28,6 +28,7 @@ __all__ = [
     "WriterPool",
     "os_error",
     "read_exact",
+    "checked_read_jobs",
     "read_with_checksums",
     "read_workers",
     "scatter_read",

@@ -1,22 +1,25 @@
-"""The read engine: exact reads, and big reads split across threads and checksummed while in cache.
+"""The read engine: exact reads, and big reads in jobs taken by several threads, checksummed while in cache.
 
 Every read goes through a :class:`~gpusaver.storage.fileops.FileOps` (``preadv``), so faults can be
 injected into restores as into saves. The sizes are settings (:mod:`gpusaver.config`), read when a
-read starts: reads go in chunks of ``read_chunk_bytes``, each checksummed right after it arrives;
-reads of ``parallel_read_bytes`` and more are split across ``reader_threads`` threads.
+read starts: reads go in jobs of ``read_chunk_bytes``, each checksummed right after it arrives;
+reads of ``parallel_read_bytes`` and more are shared by ``reader_threads`` threads.
 """
 
 from __future__ import annotations
 
 import threading
-from typing import Any
+from typing import Any, Callable
 
 from gpusaver import config
-from gpusaver.storage.parallel import run_parallel
+from gpusaver.storage.parallel import run_jobs
 from gpusaver.errors import CorruptCheckpointError
 from gpusaver.storage.fileops import POSIX, FileOps, io_threads
 
-__all__ = ["read_exact", "scatter_read", "read_with_checksums", "read_workers", "track_progress", "untrack_progress"]
+__all__ = [
+    "read_exact", "scatter_read", "checked_read_jobs", "read_with_checksums", "read_workers", "track_progress",
+    "untrack_progress",
+]
 
 _IOV_MAX = 1024
 
@@ -68,40 +71,71 @@ def scatter_read(fd: int, views: list[Any], start: int, path: str, ops: FileOps 
     _count(fd, total)
 
 
-Run = tuple[int, int, str, list[Any], int]  # fd, file offset, path, buffers, index of the first buffer
+def checked_read_jobs(
+    runs: list[tuple[int, int, str, list[Any]]], count: int, ops: FileOps = POSIX
+) -> tuple[list[Callable[[], None]], Callable[[], list[int]]]:
+    """Plans reading every run into its buffers as jobs of about ``read_chunk_bytes`` each, every piece
+    checksummed right after it arrives.
 
-
-def _read_runs(runs: list[Run], crcs: list[int], ops: FileOps) -> None:
-    """Reads runs in chunks of ``read_chunk_bytes`` and checksums each chunk right after it arrives.
-
-    The chunk is large enough for the kernel to read a cold file in big requests (1 MiB reads
-    took twice as long as 64 MiB ones from a cold page cache here, the same bytes), and small
-    enough that the crc32c mostly reads bytes still in the CPU's last-level cache.
+    Returns the jobs (for :func:`~gpusaver.storage.parallel.run_jobs`, in any order and on any threads) and a
+    function that, once they have all run, returns each buffer's crc32c in order: a buffer split over several
+    jobs has each piece checksummed apart and the pieces' crcs combined. A job is one ``preadv`` of at most
+    ``read_chunk_bytes``: large enough for the kernel to read a cold file in big requests (1 MiB reads took
+    twice as long as 64 MiB ones from a cold page cache here, the same bytes), and small enough that the
+    crc32c mostly reads bytes still in the CPU's cache.
     """
     from gpusaver.format import crc  # here, not at import: gpusaver.format itself imports this package
 
-    extend = crc.extend
+    value = crc.value
     seg_max = config.get("read_chunk_bytes")
-    for fd, start, path, views, index in runs:
-        segment: list[tuple[int, Any]] = []
+    crcs = [0] * count
+    split: dict[int, list[int]] = {}  # buffer -> its pieces' crcs, for buffers read in several pieces
+    lengths: dict[int, list[int]] = {}
+    jobs: list[Callable[[], None]] = []
+
+    def job(fd: int, pos: int, path: str, pieces: list[tuple[int, int, Any]]) -> Callable[[], None]:
+        def run() -> None:
+            scatter_read(fd, [p for _, _, p in pieces], pos, path, ops)
+            for i, k, p in pieces:
+                if k < 0:
+                    crcs[i] = value(p)
+                else:
+                    split[i][k] = value(p)
+        return run
+
+    index = 0
+    for fd, start, path, views in runs:
+        pieces: list[tuple[int, int, Any]] = []
         seg_bytes, pos = 0, start
         for view in views:
             n = len(view)
-            for lo in range(0, n, seg_max) if n > seg_max else (0,):
-                piece = view[lo : lo + seg_max] if n > seg_max else view
-                segment.append((index, piece))
-                seg_bytes += len(piece)
-                if seg_bytes >= seg_max or len(segment) >= _IOV_MAX:
-                    scatter_read(fd, [p for _, p in segment], pos, path, ops)
-                    for i, p in segment:
-                        crcs[i] = extend(crcs[i], p)
+            if n > seg_max:
+                cuts = range(0, n, seg_max)
+                split[index] = [0] * len(cuts)
+                lengths[index] = [min(seg_max, n - lo) for lo in cuts]
+                parts = [(index, k, view[lo : lo + seg_max]) for k, lo in enumerate(cuts)]
+            else:
+                parts = [(index, -1, view)]
+            for part in parts:
+                pieces.append(part)
+                seg_bytes += len(part[2])
+                if seg_bytes >= seg_max or len(pieces) >= _IOV_MAX:
+                    jobs.append(job(fd, pos, path, pieces))
                     pos += seg_bytes
-                    segment, seg_bytes = [], 0
+                    pieces, seg_bytes = [], 0
             index += 1
-        if segment:
-            scatter_read(fd, [p for _, p in segment], pos, path, ops)
-            for i, p in segment:
-                crcs[i] = extend(crcs[i], p)
+        if pieces:
+            jobs.append(job(fd, pos, path, pieces))
+
+    def finish() -> list[int]:
+        for i, parts_crc in split.items():
+            c = parts_crc[0]
+            for k in range(1, len(parts_crc)):
+                c = crc.combine(c, parts_crc[k], lengths[i][k])
+            crcs[i] = c
+        return crcs
+
+    return jobs, finish
 
 
 def read_workers(total: int, threshold: int | None = None) -> int:
@@ -115,32 +149,9 @@ def read_workers(total: int, threshold: int | None = None) -> int:
 def read_with_checksums(runs: list[tuple[int, int, str, list[Any]]], count: int, ops: FileOps = POSIX) -> list[int]:
     """Reads every run into its buffers and returns each buffer's crc32c, in order.
 
-    A big read is split, at buffer boundaries, into contiguous parts of about
-    equal size, read and checksummed by one thread each: preadv and crc32c
-    release the GIL, so the parts proceed on all CPUs at once.
+    The reads go in jobs of about ``read_chunk_bytes`` (:func:`checked_read_jobs`), taken in turn by
+    :func:`read_workers` threads: preadv and crc32c release the GIL, so the jobs proceed on all CPUs at once.
     """
-    crcs = [0] * count
-    total = sum(len(v) for run in runs for v in run[3])
-    workers = read_workers(total)
-    parts: list[list[Run]] = [[] for _ in range(workers)]
-    quota = total / workers
-    done_bytes, index = 0, 0
-    for fd, start, path, views in runs:
-        current: list[Any] = []
-        part = first = 0
-        pos = begin = start
-        for view in views:
-            want = min(int(done_bytes // quota), workers - 1) if quota else 0
-            if current and want != part:
-                parts[part].append((fd, begin, path, current, first))
-                current = []
-            if not current:
-                part, begin, first = want, pos, index
-            current.append(view)
-            pos += len(view)
-            done_bytes += len(view)
-            index += 1
-        if current:
-            parts[part].append((fd, begin, path, current, first))
-    run_parallel(lambda runs_of_part: _read_runs(runs_of_part, crcs, ops), parts, "gpusaver-read")
-    return crcs
+    jobs, finish = checked_read_jobs(runs, count, ops)
+    run_jobs(jobs, read_workers(sum(len(v) for run in runs for v in run[3])), "gpusaver-read")
+    return finish()
