@@ -8,8 +8,9 @@ disk under ``--dir``. Then, per repetition and per reader, interleaved: the page
 arrays, and reads every tensor of the data file into them, timed from the first read to the last:
 
 * ``gpusaver``: ``Saver.restore`` (every tensor's crc32c verified);
-* ``raw T x C MiB``: ``os.preadv`` of each tensor's bytes into its array on T threads (contiguous
-  parts of the file, as gpusaver splits it), C MiB per call, no checks.
+* ``raw T x C MiB``: ``os.preadv`` of each tensor's bytes into its array on T threads (each a
+  contiguous part of the file; gpusaver's threads instead take 16 MiB jobs in file order, each the
+  next one when done), C MiB per call, no checks.
 
 The raw rows with several read sizes show what a cold restore depends on here: the size of each
 read call (the kernel reads a cold file in requests as large as the call allows).
