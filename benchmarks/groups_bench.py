@@ -31,7 +31,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size-gib", type=float, default=1.0)
     p.add_argument("--repeat", type=int, default=7)
     p.add_argument("--dir", default="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    p.add_argument("--text", metavar="OUT", help="also write the report here")
     args = p.parse_args(argv)
+    info = bl.machine_info(("gpusaver", "numpy"))
     arrays = bl.build_arrays(bl.mixed_workload(args.size_gib), "data")
     root = tempfile.mkdtemp(dir=args.dir)
 
@@ -48,10 +50,13 @@ def main(argv: list[str] | None = None) -> int:
             s.restore(prefixes[k])
             times[k].append(time.perf_counter() - t0)
     total = sum(a.nbytes for a in arrays.values())
+    lines = bl.header_lines(info) + ["", f"restore in place from {args.dir}, {args.repeat} interleaved rounds", ""]
     for k, ts in times.items():
-        print(f"{k} group(s): restore median {np.median(ts):.3f} s (min {min(ts):.3f}, range {max(ts) - min(ts):.3f})")
+        lines.append(f"{k} group(s): restore median {np.median(ts):.3f} s (min {min(ts):.3f}, "
+                     f"range {max(ts) - min(ts):.3f})")
     ratio = np.median(times[args.groups]) / np.median(times[1])
-    print(f"{len(arrays)} tensors, {total / 2**30:.2f} GiB: {args.groups} groups / 1 group = {ratio:.2f}")
+    lines.append(f"{len(arrays)} tensors, {total / 2**30:.2f} GiB: {args.groups} groups / 1 group = {ratio:.2f}")
+    bl.emit(lines, args.text)
     shutil.rmtree(root, ignore_errors=True)
     return 0
 
