@@ -464,3 +464,76 @@ def test_large_copies_split_over_threads_keep_every_byte(tmp_path) -> None:
     assert snapshot._COPY_SPLIT * 2 <= 16 << 20  # the copies into 16 MiB slabs were split
     want = np.random.default_rng(5).integers(0, 2**63, (20 << 20) // 8 + 3, dtype=np.int64)
     assert np.array_equal(gs.load_checkpoint(handle.prefix).get_tensor("w"), want)
+
+
+# ---------------------------------------------------------------- a forked child saves too
+
+_FORKED_SAVER = textwrap.dedent(
+    """
+    import os, sys, numpy as np, gpusaver as gs
+    d = sys.argv[1]
+    # 24 MiB in one tensor and 12 MiB of small ones: both the large copy and the packing are split over the
+    # snapshot's copy threads, which this save starts in the parent
+    state = {"big": np.arange(6 << 20, dtype=np.float32)}
+    state.update({f"s{i}": np.full(1024, i, np.float32) for i in range(3072)})
+    gs.Saver(state).save_async(os.path.join(d, "parent")).result()
+    pid = os.fork()
+    if pid == 0:  # the copy threads did not survive the fork: the child's save must not wait for them
+        try:
+            state["big"] += 1
+            prefix = gs.Saver(state).save_async(os.path.join(d, "child")).result()
+            dest = {k: np.zeros_like(v) for k, v in state.items()}
+            gs.Saver(dest).restore(prefix)
+            os._exit(0 if all(np.array_equal(dest[k], v) for k, v in state.items()) else 5)
+        except BaseException as e:
+            print("child:", repr(e), file=sys.stderr)
+            os._exit(6)
+    _, status = os.waitpid(pid, 0)
+    sys.exit(os.waitstatus_to_exitcode(status))
+    """
+)
+
+
+def test_a_forked_child_can_save_async_after_its_parent_did(tmp_path) -> None:
+    """The snapshot's copy threads belong to the process that started them: a child forked after its parent's
+    save_async starts its own instead of queueing work for threads that do not exist (it hung before)."""
+    done = subprocess.run([sys.executable, "-c", _FORKED_SAVER, str(tmp_path)], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.mark.skipif(not __import__("gpusaver.native", fromlist=["x"]).available(), reason="needs the C extension")
+@settings(max_examples=25, deadline=None)
+@given(st.integers(0, 2**32 - 1), st.sampled_from([1, 2, 3, 4]), st.integers(0, 4))
+def test_split_packing_equals_one_pack(seed: int, cpus: int, extra_kib: int) -> None:
+    """The capture packs a large run of small tensors in parts on the copy threads, each at its final offset:
+    the bytes and crcs are those of one pack, for runs on both sides of the split size and any CPU count."""
+    from gpusaver import native
+    from gpusaver.pipeline import snapshot
+
+    if native.lib is None:
+        pytest.skip("packing is the C extension's; this run has it off")
+    rng = np.random.default_rng(seed)
+    split = snapshot._COPY_SPLIT
+    target = int(rng.choice([split - 1, split, 2 * split - 1, 2 * split, 2 * split + 1, 3 * split + 7]))
+    target += extra_kib << 10
+    arrays, total = [], 0
+    while total < target:
+        n = int(rng.integers(0, 16384))
+        arrays.append(rng.integers(0, 2**31, n, dtype=np.int32))
+        total += 4 * n
+    starts = np.zeros(len(arrays) + 1, np.int64)
+    np.cumsum([a.nbytes for a in arrays], out=starts[1:])
+    a, b = int(rng.integers(0, 3)), len(arrays) - int(rng.integers(0, 3))
+    one, split_out = np.zeros(total + 64, np.uint8), np.zeros(total + 64, np.uint8)
+    crcs_one, crcs_split = np.zeros(len(arrays), np.uint32), np.zeros(len(arrays), np.uint32)
+    n_one = native.lib.pack(arrays, a, b, memoryview(one), crcs_one)
+    real = os.cpu_count
+    os.cpu_count = lambda: cpus
+    try:
+        n_split = snapshot._pack(native.lib, arrays, a, b, split_out, crcs_split, starts)
+    finally:
+        os.cpu_count = real
+    assert n_split == n_one == int(starts[b] - starts[a])
+    assert np.array_equal(one, split_out)
+    assert crcs_one.tolist() == crcs_split.tolist()

@@ -95,6 +95,28 @@ _copy_threads: Any = None
 _copy_lock = threading.Lock()
 
 
+def _forget_copy_threads_in_child() -> None:
+    """A forked child has none of its parent's copy threads; an executor that believes it has idle ones
+    would queue the child's copies for them forever."""
+    global _copy_threads, _copy_lock
+    _copy_threads = None
+    _copy_lock = threading.Lock()  # the parent may have held it while forking
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_copy_threads_in_child)
+
+
+def _copy_pool() -> ThreadPoolExecutor:
+    """The snapshot's copy threads (one fewer than the copies' ways: the caller copies a part too)."""
+    global _copy_threads
+    with _copy_lock:
+        if _copy_threads is None:
+            _copy_threads = ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1) - 1),
+                                               thread_name_prefix="gpusaver-snapshot-copy")
+        return _copy_threads
+
+
 def _copy_part(dst: np.ndarray, src: np.ndarray) -> None:
     """``dst[:] = src``: with the C extension, in non-temporal stores (twice the copy rate measured here on a 1 GiB
     snapshot, see ``stream_copy``), else NumPy's copy. Both release the GIL."""
@@ -108,23 +130,45 @@ def _copy_part(dst: np.ndarray, src: np.ndarray) -> None:
 def _copy(dst: np.ndarray, src: np.ndarray) -> None:
     """``dst[:] = src`` (bytes), a large copy split over a few threads: one core alone does not reach the memory
     bandwidth."""
-    global _copy_threads
     n = len(dst)
     ways = min(4, os.cpu_count() or 1, n // _COPY_SPLIT)
     if ways < 2:
         _copy_part(dst, src)
         return
-    with _copy_lock:
-        if _copy_threads is None:
-            _copy_threads = ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1) - 1,
-                                               thread_name_prefix="gpusaver-snapshot-copy")
+    pool = _copy_pool()
     step = -(-n // ways)
     step += -step % 4096  # page-aligned parts
     cuts = list(range(0, n, step)) + [n]
-    parts = [_copy_threads.submit(_copy_part, dst[a:b], src[a:b]) for a, b in zip(cuts[1:-1], cuts[2:])]
+    parts = [pool.submit(_copy_part, dst[a:b], src[a:b]) for a, b in zip(cuts[1:-1], cuts[2:])]
     _copy_part(dst[: cuts[1]], src[: cuts[1]])
     for part in parts:
         part.result()
+
+
+def _pack(lib: Any, arrays: Sequence[Any], start: int, stop: int, out: np.ndarray, crcs: np.ndarray,
+          starts: np.ndarray) -> int:
+    """``lib.pack`` of ``arrays[start:stop]`` into ``out`` (in streaming stores), split by bytes over the copy
+    threads when it is large: the parts go to their final offsets (``starts``: each array's byte offset in the
+    run), so the result is the same bytes and crcs as one call."""
+    total = int(starts[stop] - starts[start])
+    ways = min(4, os.cpu_count() or 1, total // _COPY_SPLIT)
+    if ways < 2:
+        return lib.pack(arrays, start, stop, memoryview(out), crcs, True)
+    base = int(starts[start])
+    cuts = [start]
+    for k in range(1, ways):
+        cut = int(np.searchsorted(starts, base + total * k // ways, side="left"))
+        cuts.append(min(max(cut, cuts[-1]), stop))
+    cuts.append(stop)
+    pool = _copy_pool()
+
+    def part(a: int, b: int) -> int:
+        at = int(starts[a]) - base
+        return lib.pack(arrays, a, b, memoryview(out[at : at + int(starts[b] - starts[a])]), crcs, True)
+
+    futures = [pool.submit(part, a, b) for a, b in zip(cuts[1:-1], cuts[2:])]
+    done = part(cuts[0], cuts[1])
+    return done + sum(f.result() for f in futures)
 
 
 class _Slab:
@@ -450,7 +494,7 @@ class Recorder:
                     self._pool.seal(slab)
                     self._slab = None
                     continue
-                total = lib.pack(arrays, i, b, memoryview(slab.buf[at:]), crcs, True)
+                total = _pack(lib, arrays, i, b, slab.buf[at:], crcs, starts)
                 self._used += total
                 self.captured += total
                 self._put(
