@@ -525,7 +525,10 @@ class DCP(Peer):
 
 class Orbax(Peer):
     """``orbax.checkpoint.StandardCheckpointer().save(path, arrays)`` then ``wait_until_finished()``
-    (TensorStore, OCDBT; fsyncs its files, so it is a durable save) / ``.restore(path)`` (new arrays)."""
+    (orbax saves in the background: the timed call covers the whole write; TensorStore, OCDBT;
+    it fsyncs its files, so it is a durable save) / ``.restore(path, target)`` with the saved
+    structure (NumPy arrays of the names, shapes and dtypes) as the target: new NumPy arrays,
+    no JAX device transfer."""
 
     name = "orbax"
     module = "orbax.checkpoint"
@@ -536,11 +539,12 @@ class Orbax(Peer):
         return os.path.join(self.dir, "orbax")
 
     def _checkpointer(self) -> None:
-        import logging
-
         import orbax.checkpoint as ocp
+        from absl import logging as absl_logging
 
-        logging.getLogger("absl").setLevel(logging.WARNING)
+        # orbax logs through absl, INFO lines for every save and restore where absl's verbosity is raised
+        # (flags, another library): warnings and errors only, set in this process (the peer's own) alone
+        absl_logging.set_verbosity(absl_logging.WARNING)
         self.ckpt = ocp.StandardCheckpointer()
 
     def setup_save(self, arrays: Mapping[str, np.ndarray]) -> None:
@@ -549,15 +553,23 @@ class Orbax(Peer):
         self.tree = dict(arrays)
 
     def save(self, variant: Mapping[str, Any]) -> None:
+        # orbax refuses an existing directory: a previous save's files go first (the bench deletes every
+        # peer's files after its turn, so there is normally nothing to delete here)
+        if os.path.lexists(self.path):
+            import shutil
+
+            shutil.rmtree(self.path)
         self.ckpt.save(self.path, self.tree)
         self.ckpt.wait_until_finished()
 
     def setup_restore(self, arrays: Mapping[str, np.ndarray], dest: Mapping[str, np.ndarray] | None) -> None:
         super().setup_restore(arrays, dest)
         self._checkpointer()
+        # the target only says what to read and as what (np.empty: never filled); orbax returns new arrays
+        self.target = {k: np.empty(v.shape, v.dtype) for k, v in arrays.items()}
 
     def restore(self, variant: Mapping[str, Any]) -> Mapping[str, Any]:
-        return self.ckpt.restore(self.path)
+        return self.ckpt.restore(self.path, self.target)
 
     def close(self) -> None:
         if hasattr(self, "ckpt"):

@@ -111,6 +111,27 @@ def test_bench_gpt2m_scaled_with_every_peer(tmp_path: pathlib.Path) -> None:
             (1, True), (2, True), (1, False), (2, False)}
 
 
+def test_bench_orbax_peer_saves_and_restores(tmp_path: pathlib.Path) -> None:
+    """The orbax peer next to the reference and gpusaver: a timed, fsynced save and a checked restore."""
+    pytest.importorskip("orbax.checkpoint", reason="orbax-checkpoint is not importable (the bench extra brings it)",
+                        exc_type=ImportError)
+    report, text = _bench(tmp_path, "--workload", "mixed", "--size-gib", "0.02", "--fs", "shm", "--repeat", "2",
+                          "--peers", "raw,gpusaver,orbax")
+    results = report["results"]
+    rows = _rows(results, peer="orbax")
+    assert {(r["op"], r["durable"]) for r in rows} == {("save", True), ("restore", False)}, rows
+    for r in rows:
+        assert "error" not in r and "skipped" not in r, (r["label"], r.get("error"), r.get("stderr_tail"))
+        assert r["runs"] == 2 and r["median_s"] >= r["best_s"] > 0 and r["x_raw"] > 0, r["label"]
+        assert r["gpusaver_over_this"] > 0, r["label"]
+    save, = _rows(results, peer="orbax", op="save")
+    assert save["file_bytes"] > 0
+    restore, = _rows(results, peer="orbax", op="restore")
+    assert restore["verified"] is True
+    assert any(line.startswith("orbax (durable) ") for line in text.splitlines())
+    assert any(line.startswith("orbax ") and "durable" not in line for line in text.splitlines())
+
+
 def test_bench_reports_an_unimportable_peer_as_unavailable(tmp_path: pathlib.Path) -> None:
     shim = tmp_path / "shim" / "orbax"
     shim.mkdir(parents=True)
