@@ -46,15 +46,16 @@ from _peers import PEER_ORDER, PEERS, available, label  # noqa: E402
 PACKAGES = ("gpusaver", "numpy", "crc32c", "tensorflow-cpu", "tensorflow", "safetensors", "torch", "jax",
             "orbax-checkpoint", "tensorstore", "ml_dtypes")
 #: (workload, operation, the peer gpusaver's time is divided by, the most that ratio may be); ratios of medians.
+#: Against raw: the storage issue's targets on a 2-core machine, tmpfs; against TensorFlow: the project's first goals.
 TARGETS = (
     ("mixed", "save", "raw", 1.10),
     ("mixed", "save", "tensorflow", 0.60),
-    ("mixed", "restore", "raw", 1.25),
+    ("mixed", "restore", "raw", 1.15),
     ("mixed", "restore", "tensorflow", 0.60),
-    ("many", "save", "raw", 3.0),
-    ("many", "restore", "raw", 4.0),
+    ("many", "save", "raw", 1.5),
+    ("many", "restore", "raw", 1.5),
 )
-PEAK_LIMIT = 256 * bl.MiB
+PEAK_LIMIT = 64 * bl.MiB
 #: ``--workload all``: the workloads the targets are stated for (gpt2m is named on its own: 3.3 GiB).
 ALL_WORKLOADS = ("mixed", "many")
 

@@ -243,3 +243,19 @@ def test_cold_bench_runs_its_readers_at_a_tiny_scale(tmp_path: pathlib.Path) -> 
         )
         assert done.returncode == 0, done.stderr[-4000:]
         assert '"s":' in done.stdout
+
+
+def test_read_floor_runs(tmp_path: pathlib.Path) -> None:
+    """benchmarks/read_floor.py (read alone vs read + crc32c per chunk) runs end to end at a tiny size and writes its
+    report; its numbers are not checked."""
+    out = tmp_path / "floor.txt"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "read_floor.py"), "--size-gib", "0.01", "--repeat", "1",
+         "--chunks", "64K,2M", "--dir", str(tmp_path), "--text", str(out)],
+        capture_output=True, text=True, timeout=HANG_GUARD, cwd=REPO,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    text = out.read_text()
+    assert "read + crc32c, 64 KiB chunks" in text and "read + crc32c, 2 MiB chunks" in text
+    assert "checksummed read / read:" in text
+    assert not list(tmp_path.glob("gpusaver-floor-*"))  # its file is gone
