@@ -44,6 +44,13 @@ _IOV_MAX = 1024
 # threads from parallel_chunked_bytes.
 
 
+def _flat_bytes(out: Any) -> memoryview:
+    """``out`` as a flat memoryview of its bytes (``len`` of a multi-dimensional one is its first dimension)."""
+    if isinstance(out, memoryview) and out.format == "B" and out.ndim == 1:
+        return out
+    return memoryview(out).cast("B")
+
+
 class _StagingPool:
     """Staging buffers for chunked reads, kept from one restore to the next (at most ``keep`` of
     them): a new one is fresh memory, whose page faults cost more than reading a few MiB into it."""
@@ -397,7 +404,7 @@ class BundleReader:
         if entry.slices or dtype == dtypes.OBJECT:
             raise InvalidArgumentError(f"tensor {name!r} is {'partitioned' if entry.slices else 'a string tensor'}; use get_tensor")
         self._check_size(name, entry, dtype)
-        view = memoryview(out).cast("B") if not isinstance(out, memoryview) or out.format != "B" else out
+        view = _flat_bytes(out)
         if len(view) != entry.size:
             raise ShapeMismatchError(f"tensor {name!r} has {entry.size} bytes; the destination has {len(view)}")
         fd, offset, size, path = self.data_location(name, entry)
@@ -438,7 +445,7 @@ class BundleReader:
             dtype = dtypes.to_numpy(entry.dtype, path=self.index_path, tensor=name)
             if entry.slices or dtype == dtypes.OBJECT:
                 raise InvalidArgumentError(f"tensor {name!r} is {'partitioned' if entry.slices else 'a string tensor'}; use get_tensor")
-            view = out if isinstance(out, memoryview) and out.format == "B" else memoryview(out).cast("B")
+            view = _flat_bytes(out)
             size = entry.size
             if size != entry.num_elements * dtype.itemsize:
                 self._check_size(name, entry, dtype)
@@ -551,6 +558,8 @@ class BundleReader:
         chunk = (ends - seg_start - 1) // chunk_bytes
         brk[1:] |= chunk[1:] != chunk[:-1]
         cuts = np.append(np.flatnonzero(brk), len(order))
+        held = np.zeros(len(order) + 1, np.int64)  # the tensors' bytes before each: a chunk's progress
+        np.cumsum(sizes[order], out=held[1:])
         lock = threading.Lock()
 
         def job(a: int, b: int) -> Callable[[], None]:
@@ -560,7 +569,7 @@ class BundleReader:
                     view = memoryview(staging)
                     fd, _, path = self._data_file(int(shards[a]))
                     lo, hi = int(starts[a]), int(ends[b - 1])
-                    read_exact(fd, view[: hi - lo], lo, path, self.fileops)
+                    read_exact(fd, view[: hi - lo], lo, path, self.fileops, int(held[b] - held[a]))
                     for bad in lib.unpack(view[: hi - lo], lo, arrays, order, a, b, cols.offsets, cols.crcs):
                         at = int(cols.offsets[bad]) - lo
                         actual = crc.value(view[at : at + int(sizes[bad])])

@@ -45,8 +45,12 @@ def _count(fd: int, n: int) -> None:
         progress.add(n)
 
 
-def read_exact(fd: int, out: memoryview, offset: int, path: str, ops: FileOps = POSIX) -> None:
-    """Fills ``out`` from ``fd`` at ``offset``; a short file raises CorruptCheckpointError."""
+def read_exact(fd: int, out: memoryview, offset: int, path: str, ops: FileOps = POSIX, counted: int | None = None) -> None:
+    """Fills ``out`` from ``fd`` at ``offset``; a short file raises CorruptCheckpointError.
+
+    ``counted``: the bytes a restore's progress counts for this read (default all of them; a chunk of
+    small tensors counts only theirs, not the gaps between them it reads too).
+    """
     done, n = 0, len(out)
     while done < n:
         got = ops.preadv(fd, [out[done:]], offset + done)
@@ -55,7 +59,7 @@ def read_exact(fd: int, out: memoryview, offset: int, path: str, ops: FileOps = 
                 f"{path!r} is truncated: needed bytes up to {offset + n}, file ended at {offset + done}", path
             )
         done += got
-    _count(fd, n)
+    _count(fd, n if counted is None else counted)
 
 
 def scatter_read(fd: int, views: list[Any], start: int, path: str, ops: FileOps = POSIX) -> None:
