@@ -29,6 +29,7 @@ from gpusaver.storage import paths
 from gpusaver._proto.saver_pb2 import SaverDef
 from gpusaver.backends.base import TensorList
 from gpusaver.errors import (
+    ChecksumError,
     CheckpointPermissionError,
     CheckpointWriteError,
     DTypeMismatchError,
@@ -266,8 +267,13 @@ class Saver:
         # Regions of partitioned variables travel beside the plain ones: saved as TensorFlow slices,
         # restored from whatever partitioning the checkpoint holds.
         self._parts = [v for v in self._variables if v.partition is not None]
+        #: each variable name's first position in the caller's order, plain and partitioned together
+        self._position: dict[str, int] | None = None
         if self._parts:
             everything = self._variables
+            self._position = {}
+            for i, v in enumerate(everything):
+                self._position.setdefault(v.name, i)
             self._variables = [v for v in everything if v.partition is None]
             self._groups = group_by_device(everything)
             for g in self._groups:
@@ -799,16 +805,16 @@ class Saver:
         try:
             parts, missing_parts = self._check_parts(reader, strict, cast) if self._parts else ([], [])
             if not self._variables:
-                self._restore_parts(reader, parts)
+                self._restore_with_parts(reader, parts, lambda: None)
                 return RestoreResult(missing_parts, sorted(k for k in reader.variables() if k not in self._name_set))
             if strict and not cast and progress is None:
                 # The fast path: check_restore names a missing variable; nothing else needs the list.
                 check_restore(reader, self._variables, self._reshape, self._all_tensors())
                 for g in self._restore_groups:
                     g.backend.check_restore_memory(g.device, g.tensors(), reader)
-                restore_checkpoint(reader, self._restore_groups, sequential=self._restore_sequentially,
-                                   order=self._all_tensors().names)
-                self._restore_parts(reader, parts)
+                self._restore_with_parts(reader, parts, lambda: restore_checkpoint(
+                    reader, self._restore_groups, sequential=self._restore_sequentially,
+                    order=self._all_tensors().names))
                 return RestoreResult([], _Unexpected(reader, self._name_set))
             mine = self._name_set
             stored = reader.variables()
@@ -836,10 +842,20 @@ class Saver:
             if progress is not None:
                 counter = Progress(progress, sum(_stored_bytes(reader, v.name, stored[v.name]) for v in present))
                 reader.set_progress(counter)
-            restore_checkpoint(reader, groups, sequential=self._restore_sequentially, order=[v.name for v in direct])
-            for v, value in casts:
-                v.backend.assign(v.array, value)
-            self._restore_parts(reader, parts)
+            def plain() -> None:
+                def assign_casts() -> None:  # read and checked before anything changed
+                    for v, value in casts:
+                        v.backend.assign(v.array, value)
+
+                try:
+                    restore_checkpoint(reader, groups, sequential=self._restore_sequentially,
+                                       order=[v.name for v in direct])
+                except ChecksumError:  # damage elsewhere: every other variable is still restored
+                    assign_casts()
+                    raise
+                assign_casts()
+
+            self._restore_with_parts(reader, parts, plain)
             if counter is not None:
                 counter.finish()
             return RestoreResult(missing + missing_parts, unexpected)
@@ -879,19 +895,45 @@ class Saver:
                     "restore(..., cast=True) converts it"
                 )
             if 0 not in tuple(v.array.shape):  # an empty region reads nothing
-                todo.append((v, slice_spec(v.partition, tuple(v.array.shape))))
+                spec = slice_spec(v.partition, tuple(v.array.shape))
+                reader.check_slice(v.name, spec)  # its stored slices are whole in their files
+                todo.append((v, spec))
         return todo, missing
 
+    def _restore_with_parts(self, reader: BundleReader, parts: list[tuple[Any, str]], plain: Callable[[], None]) -> None:
+        """Runs ``plain()`` (the plain variables' restore), then restores every region of the partitioned ones,
+        whatever damage either meets; then raises the ChecksumError of the damaged variable that comes first in
+        the Saver's order, once every other variable is restored."""
+        if not parts:
+            plain()
+            return
+        failures: list[ChecksumError] = []
+        try:
+            plain()
+        except ChecksumError as e:
+            failures.append(e)
+        failures += self._restore_parts(reader, parts)
+        if failures:
+            position = self._position or {}
+            raise min(failures, key=lambda e: position.get(e.tensor or "", len(position)))
+
     @staticmethod
-    def _restore_parts(reader: BundleReader, parts: list[tuple[Any, str]]) -> None:
-        """Reads each region from the stored slices that overlap it (each checked against its crc32c)."""
+    def _restore_parts(reader: BundleReader, parts: list[tuple[Any, str]]) -> list[ChecksumError]:
+        """Reads each region from the stored slices that overlap it (each checked against its crc32c); a damaged
+        slice leaves its region as it was and the others are still restored. Returns the damage met, in order."""
+        failures: list[ChecksumError] = []
         for v, spec in parts:
-            value = reader.read_slice(v.name, spec)
+            try:
+                value = reader.read_slice(v.name, spec)
+            except ChecksumError as e:
+                failures.append(e)
+                continue
             if value.dtype != v.dtype:
                 value = value.astype(v.dtype)
             if v.logical_dtype is not None:
                 value = value.view(np.dtype(v.array.dtype))
             v.backend.assign(v.array, value.reshape(tuple(v.array.shape)))
+        return failures
 
     def _nbytes(self) -> int:
         """The bytes a save writes (strings counted by their pointers: a bound, made exact at the end)."""

@@ -87,27 +87,41 @@ class NumpyBackend:
             raise min(failures, key=lambda e: position.get(e.tensor or "", len(position)))
 
     def _restore_each(self, reader: BundleReader, tensors: Sequence[tuple[str, Any]], sequential: bool) -> None:
-        """The general path: any array, any entry (partitioned, strings, big-endian files)."""
-        direct: list[tuple[str, Any]] = []  # read straight into the arrays' memory, batched
-        for name, arr in tensors:
-            entry = reader.entry(name)
-            if entry.slices or arr.dtype.kind == "O" or reader.big_endian:
-                arr[...] = reader.get_tensor(name).reshape(arr.shape)
-            elif arr.flags.c_contiguous and arr.flags.writeable and arr.dtype.byteorder != ">":
-                try:
-                    view = memoryview(arr).cast("B")
-                except (TypeError, ValueError):  # ml_dtypes, zero-size shapes
-                    view = byte_view(arr)
-                if sequential:
-                    reader.read_into(name, view)
+        """The general path: any array, any entry (partitioned, strings, big-endian files).
+
+        A damaged tensor does not stop the others: every tensor is read, then the ChecksumError of the
+        first damaged one in ``tensors`` order is raised (a damaged tensor read through a staging copy,
+        or as strings, keeps its old values; one read in place holds the unverified bytes).
+        """
+        direct: list[tuple[int, str, Any]] = []  # read straight into the arrays' memory, batched
+        failures: list[tuple[int, ChecksumError]] = []
+        for position, (name, arr) in enumerate(tensors):
+            try:
+                entry = reader.entry(name)
+                if entry.slices or arr.dtype.kind == "O" or reader.big_endian:
+                    arr[...] = reader.get_tensor(name).reshape(arr.shape)
+                elif arr.flags.c_contiguous and arr.flags.writeable and arr.dtype.byteorder != ">":
+                    try:
+                        view = memoryview(arr).cast("B")
+                    except (TypeError, ValueError):  # ml_dtypes, zero-size shapes
+                        view = byte_view(arr)
+                    if sequential:
+                        reader.read_into(name, view)
+                    else:
+                        direct.append((position, name, view))
                 else:
-                    direct.append((name, view))
-            else:
-                staged = np.empty(arr.shape, dtype=arr.dtype.newbyteorder("="))
-                reader.read_into(name, byte_view(staged))
-                arr[...] = staged
+                    staged = np.empty(arr.shape, dtype=arr.dtype.newbyteorder("="))
+                    reader.read_into(name, byte_view(staged))
+                    arr[...] = staged
+            except ChecksumError as e:
+                failures.append((position, e))
         if direct:
-            reader.read_many_into(direct)
+            try:
+                reader.read_many_into([(name, view) for _, name, view in direct])
+            except ChecksumError as e:  # the first damaged one of the batch, every read done
+                failures.append((next((p for p, name, _ in direct if name == e.tensor), len(tensors)), e))
+        if failures:
+            raise min(failures, key=lambda f: f[0])[1]
 
     def assign(self, array: Any, value: np.ndarray) -> None:
         array[...] = value

@@ -620,8 +620,49 @@ class BundleReader:
             return np.ascontiguousarray(full[region])
         return self._assemble(name, entry, extents)
 
+    def check_slice(self, name: str, slice_spec: str) -> None:
+        """Every check :meth:`read_slice` makes before it reads, without reading: the tensor and the region
+        exist, and each stored slice the region needs (or the whole tensor) lies inside its data file.
+
+        Raises:
+            TensorNotFoundError, InvalidArgumentError: no such tensor, or a region outside it.
+            CorruptCheckpointError: a slice listed but not stored, stored with another shape or dtype,
+                past the end of its data file, or too few slices to cover the region.
+        """
+        entry = self.entry(name)
+        extents = _slices.parse_slice_spec(slice_spec)
+        _slices.check_fits(entry.shape, extents, f"slice {slice_spec!r} of {name!r}")
+        if entry.slices:
+            self._slice_plan(name, entry, extents)
+            return
+        dtype = dtypes.to_numpy(entry.dtype, path=self.index_path, tensor=name)
+        if dtype != dtypes.OBJECT:
+            self._check_size(name, entry, dtype)
+        self.data_location(name, entry)
+
     def _assemble(self, name: str, entry: BundleEntry, want: list[tuple[int, int]]) -> np.ndarray:
-        """Cuts the region ``want`` out of the stored slices.
+        """Cuts the region ``want`` out of the stored slices (checked first by :meth:`_slice_plan`)."""
+        dtype, region, region_shape, plan = self._slice_plan(name, entry, want)
+        out = np.empty(region_shape, dtype=dtype)
+        covered = np.zeros(out.shape, dtype=bool)
+        for inter, stored, part_entry in plan:
+            part = self._read_entry(name, part_entry)
+            src = tuple(slice(lo - c, hi - c) for (lo, hi), (c, _) in zip(inter, stored))
+            dst = tuple(slice(lo - a, hi - a) for (lo, hi), (a, _) in zip(inter, region))
+            out[dst] = part[src]
+            covered[dst] = True
+        if not covered.all():
+            raise CorruptCheckpointError(
+                f"tensor {name!r} in {self.index_path!r} does not have sufficient slices to cover "
+                f"{_slices.format_slice_spec(want)}",
+                self.index_path,
+            )
+        return out
+
+    def _slice_plan(
+        self, name: str, entry: BundleEntry, want: list[tuple[int, int]]
+    ) -> tuple[np.dtype, list[tuple[int, int]], list[int], list[Any]]:
+        """The stored slices the region ``want`` needs, each with its overlap.
 
         Every slice needed is looked up and checked against its data file, and
         the slices must hold at least as many elements as the region, before
@@ -672,21 +713,7 @@ class BundleReader:
                 f"{_slices.format_slice_spec(want)}",
                 self.index_path,
             )
-        out = np.empty(region_shape, dtype=dtype)
-        covered = np.zeros(out.shape, dtype=bool)
-        for inter, stored, part_entry in plan:
-            part = self._read_entry(name, part_entry)
-            src = tuple(slice(lo - c, hi - c) for (lo, hi), (c, _) in zip(inter, stored))
-            dst = tuple(slice(lo - a, hi - a) for (lo, hi), (a, _) in zip(inter, region))
-            out[dst] = part[src]
-            covered[dst] = True
-        if not covered.all():
-            raise CorruptCheckpointError(
-                f"tensor {name!r} in {self.index_path!r} does not have sufficient slices to cover "
-                f"{_slices.format_slice_spec(want)}",
-                self.index_path,
-            )
-        return out
+        return dtype, region, region_shape, plan
 
     def close(self) -> None:
         """Closes the data files."""

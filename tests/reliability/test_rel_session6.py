@@ -618,11 +618,6 @@ def _partitioned(emb0: np.ndarray, emb1: np.ndarray, w: np.ndarray) -> list:
             gs.Variable(w, "w")]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a ChecksumError for a plain variable skips every partitioned variable, even those before it in the "
-    "Saver's order: Saver._restore (saver.py:809-811 and 839-842) runs _restore_parts only after restore_checkpoint "
-    "returned, so the README's 'the first damaged variable in the Saver's order, once every other variable is "
-    "restored' does not hold for partitioned variables (pre-existing, not from today's commits)."))
 def test_a_damaged_plain_variable_still_restores_the_partitioned_ones_before_it(tmp_path) -> None:
     full = np.arange(40, dtype=np.float32).reshape(4, 10)
     prefix = gs.Saver(_partitioned(full[:2].copy(), full[2:].copy(), np.arange(7.0))).save(str(tmp_path / "ck"))
@@ -635,12 +630,6 @@ def test_a_damaged_plain_variable_still_restores_the_partitioned_ones_before_it(
     assert np.array_equal(e0, full[:2]) and np.array_equal(e1, full[2:])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: a data file truncated inside a stored slice of a partitioned variable raises CorruptCheckpointError only "
-    "after the other variables (and the partitioned variable's earlier regions) were overwritten: "
-    "Saver._check_parts (saver.py:849) never checks the slices' extents against the data file (check_restore does "
-    "this for plain variables), against the README's 'Truncated ... files ... raise CorruptCheckpointError before "
-    "any array changes' (pre-existing)."))
 def test_a_truncated_slice_of_a_partitioned_variable_changes_nothing(tmp_path) -> None:
     full = np.arange(40, dtype=np.float32).reshape(4, 10)
     prefix = gs.Saver(_partitioned(full[:2].copy(), full[2:].copy(), np.arange(7.0))).save(str(tmp_path / "ck"))
@@ -664,12 +653,6 @@ def _damaged_string_checkpoint(tmp_path) -> tuple[str, dict[str, np.ndarray]]:
 
 
 @pytest.mark.parametrize("use_native", [True, False], ids=["native", "python"])
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: NumpyBackend._restore_each (numpy_backend.py:89-110, get_tensor at :95, read_into at :102/:107) reads string tensors (and non-contiguous or "
-    "byte-swapped destinations) inline and lets the first ChecksumError escape its loop: every later variable "
-    "of that path (here a strided view 'x'; on the pure-Python path also the contiguous 'y', batched for the "
-    "end) is never restored, against 'once every other variable is restored' (README) / 'Raised once the "
-    "group's other reads are done' (Saver.restore). Pre-existing."))
 def test_a_damaged_string_tensor_does_not_stop_the_other_restores(tmp_path, use_native) -> None:
     prefix, state = _damaged_string_checkpoint(tmp_path)
     x = np.zeros((3, 8))[:, ::2]
@@ -681,11 +664,6 @@ def test_a_damaged_string_tensor_does_not_stop_the_other_restores(tmp_path, use_
     assert np.array_equal(x, state["x"])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "BUG: on the pure-Python path (native.use(False)) a damaged variable with a non-contiguous destination is "
-    "read inline by NumpyBackend._restore_each (numpy_backend.py:107, before read_many_into at :110) before the batched contiguous ones: its "
-    "ChecksumError names 'b' although 'a' (earlier in the Saver's order) is damaged too, and the undamaged 'c' is "
-    "never restored. The C-extension path gets both right. Pre-existing."))
 def test_python_path_names_the_first_damaged_variable_with_a_strided_destination(tmp_path) -> None:
     state = {"a": np.arange(10.0), "b": np.arange(12.0).reshape(3, 4), "c": np.arange(7.0)}
     prefix = gs.Saver(dict(state)).save(str(tmp_path / "ck"))
