@@ -128,7 +128,20 @@ def test_a_rank_killed_mid_save_leaves_the_previous_checkpoint(engine, tmp_path)
     # the next save (one process) cleans what the dead job left
     gs.Saver(blank).save(str(ckpt / "model"), global_step=8)
     leftovers = [n for n in os.listdir(ckpt) if "_temp_" in n or n.startswith("model-7")]
-    assert leftovers == [], leftovers
+    # ... except a temp directory whose rank torchrun stopped in the instant between creating it and
+    # locking its owner record (seen once, in a plain run of the suite): nothing tells it from a live
+    # save's first microseconds, so the cleaner takes it once it is ORPHAN_AGE old (README), never sooner
+    unowned = [n for n in leftovers if "_temp_" in n and not (ckpt / n / "OWNER").exists()]
+    assert [n for n in leftovers if n not in unowned] == [], leftovers
+    if unowned:
+        from gpusaver.pipeline import tempdirs
+
+        assert tempdirs.clean_stale_temp_dirs(str(ckpt)) == []  # not yet: it could be a live save's
+        aged = os.stat(ckpt / unowned[0]).st_mtime - tempdirs.ORPHAN_AGE - 1
+        for n in unowned:
+            os.utime(ckpt / n, (aged, aged))
+        tempdirs.clean_stale_temp_dirs(str(ckpt))
+        assert not [n for n in os.listdir(ckpt) if "_temp_" in n], os.listdir(ckpt)
 
 
 @pytest.mark.parametrize("engine", ENGINES)

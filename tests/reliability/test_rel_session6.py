@@ -727,3 +727,50 @@ def test_progress_reaches_total_only_with_the_last_read(tmp_path) -> None:
     first_full = events.index((total, total))
     last_read = max(i for i, e in enumerate(events) if e[0] == "read")
     assert first_full > last_read, (first_full, last_read, len(events))
+
+
+# ============================================================================== a save killed inside make_temp_dir
+_KILLED_BEFORE_OWNER = textwrap.dedent(
+    """
+    import os, signal, sys, numpy as np, gpusaver as gs
+    from gpusaver.storage.fileops import PosixFileOps
+
+    class DieBeforeOwner(PosixFileOps):
+        def rename(self, src, dst):
+            if os.path.basename(dst) == "OWNER":  # the owner record is written and locked, not yet in place
+                os.kill(os.getpid(), signal.SIGKILL)
+            return super().rename(src, dst)
+
+    gs.Saver({"w": np.arange(10.0)}, fileops=DieBeforeOwner()).save(os.path.join(sys.argv[1], "model"), global_step=2)
+    """
+)
+
+
+def test_a_save_killed_before_its_owner_record_is_in_place_is_cleaned_once_old(tmp_path) -> None:
+    """A process killed between creating its temp directory and renaming its locked owner record into place
+    leaves a directory with only ``OWNER.tmp``: nothing tells it from a live save's first instant, so the next save
+    leaves it alone until it is ORPHAN_AGE old, then removes it (README, Guarantees); a user's directory of the
+    same shape of name with other content is never removed."""
+    from gpusaver.pipeline import tempdirs
+
+    ckpt = tmp_path / "ck"
+    ckpt.mkdir()
+    gs.Saver({"w": np.arange(10.0)}).save(str(ckpt / "model"), global_step=1)
+    done = subprocess.run([sys.executable, "-c", _KILLED_BEFORE_OWNER, str(ckpt)], capture_output=True, timeout=300)
+    assert done.returncode == -9, done.stderr[-2000:]
+    left = [n for n in os.listdir(ckpt) if "_temp_" in n]
+    assert len(left) == 1 and os.listdir(ckpt / left[0]) == ["OWNER.tmp"], left
+    user = ckpt / ("notes_temp_" + "a" * 32)
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    empty = ckpt / ("model-3_temp_" + "b" * 32)  # killed right after its mkdir
+    empty.mkdir()
+    gs.Saver({"w": np.arange(10.0)}).save(str(ckpt / "model"), global_step=4)  # the next save cleans first
+    assert sorted(n for n in os.listdir(ckpt) if "_temp_" in n) == sorted([left[0], user.name, empty.name])
+    aged = os.stat(ckpt / left[0]).st_mtime - tempdirs.ORPHAN_AGE - 1
+    for n in (left[0], user.name, empty.name):
+        os.utime(ckpt / n, (aged, aged))
+    gs.Saver({"w": np.arange(10.0)}).save(str(ckpt / "model"), global_step=5)
+    assert sorted(n for n in os.listdir(ckpt) if "_temp_" in n) == [user.name]
+    assert (user / "notes.txt").read_text() == "mine"
+    assert gs.latest_checkpoint(str(ckpt)) == str(ckpt / "model-5")
