@@ -32,6 +32,7 @@
 #define MAX_RANK 254
 #define INT64_MAXU ((uint64_t)INT64_MAX)
 #define CRC_MASK_DELTA 0xA282EAD8u
+#define CRC32C_POLY 0x82F63B78u /* reflected Castagnoli */
 
 /* ------------------------------------------------------------------ crc32c */
 
@@ -47,7 +48,7 @@ static void crc_init(void)
     for (uint32_t i = 0; i < 256; i++) {
         uint32_t c = i;
         for (int k = 0; k < 8; k++)
-            c = (c >> 1) ^ (0x82F63B78u & (0u - (c & 1u)));
+            c = (c >> 1) ^ (CRC32C_POLY & (0u - (c & 1u)));
         crc_table[0][i] = c;
     }
     for (uint32_t i = 0; i < 256; i++)
@@ -104,7 +105,7 @@ static uint32_t crc_mulmod(uint32_t a, uint32_t b)
     for (int i = 0; i < 32; i++) {
         if (a & (0x80000000u >> i))
             prod ^= b;
-        b = (b >> 1) ^ (0x82F63B78u & (0u - (b & 1u))); /* b * x */
+        b = (b >> 1) ^ (CRC32C_POLY & (0u - (b & 1u))); /* b * x */
     }
     return prod;
 }
@@ -114,7 +115,7 @@ static void crc_shift_init(void)
     for (int t = 0; t < CRC_LANES; t++) {
         uint32_t k = 0x80000000u; /* x^0, then x^(8L) mod P */
         for (size_t i = 0; i < 8 * crc_lane[t]; i++)
-            k = (k >> 1) ^ (0x82F63B78u & (0u - (k & 1u)));
+            k = (k >> 1) ^ (CRC32C_POLY & (0u - (k & 1u)));
         for (int j = 0; j < 4; j++)
             for (uint32_t v = 0; v < 256; v++)
                 crc_shift[t][j][v] = crc_mulmod(v << (8 * j), k);
@@ -548,11 +549,11 @@ __attribute__((target("avx2"))) static void copy_stream_avx2(unsigned char *dst,
 }
 #endif
 
-/* Any size, in streaming stores where the CPU has them; copy_stream_done after the last. */
-static void copy_stream_small(unsigned char *dst, const unsigned char *src, size_t n)
+/* Streaming stores from min_stream bytes up where the CPU has them, memcpy below; copy_stream_done after the last. */
+static void copy_stream(unsigned char *dst, const unsigned char *src, size_t n, size_t min_stream)
 {
 #ifdef HAVE_X86_CRC
-    if (stream_hw && n >= 256) {
+    if (stream_hw && n >= min_stream) {
         copy_stream_avx2(dst, src, n);
         return;
     }
@@ -568,18 +569,6 @@ static void copy_stream_done(void)
     if (stream_hw)
         _mm_sfence();
 #endif
-}
-
-static void copy_stream(unsigned char *dst, const unsigned char *src, size_t n)
-{
-#ifdef HAVE_X86_CRC
-    if (stream_hw && n >= STREAM_MIN) {
-        copy_stream_avx2(dst, src, n);
-        copy_stream_done();
-        return;
-    }
-#endif
-    memcpy(dst, src, n);
 }
 
 PyDoc_STRVAR(stream_copy_doc,
@@ -609,7 +598,8 @@ static PyObject *stream_copy(PyObject *self, PyObject *args)
         goto done;
     }
     Py_BEGIN_ALLOW_THREADS
-    copy_stream(dst.view.buf, src.view.buf, n);
+    copy_stream(dst.view.buf, src.view.buf, n, STREAM_MIN);
+    copy_stream_done();
     Py_END_ALLOW_THREADS
     result = Py_NewRef(Py_None);
 done:
@@ -724,7 +714,7 @@ static PyObject *pack(PyObject *self, PyObject *args)
         for (Py_ssize_t k = 0; k < stop - start; k++) {
             size_t n = spans[k].n;
             c[start + k] = crc32c_extend(0, spans[k].src, n);
-            copy_stream_small(dst, spans[k].src, n);
+            copy_stream(dst, spans[k].src, n, 256); /* every tensor: the destination is a snapshot */
             dst += n;
         }
         copy_stream_done();

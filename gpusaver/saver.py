@@ -842,20 +842,10 @@ class Saver:
             if progress is not None:
                 counter = Progress(progress, sum(_stored_bytes(reader, v.name, stored[v.name]) for v in present))
                 reader.set_progress(counter)
-            def plain() -> None:
-                def assign_casts() -> None:  # read and checked before anything changed
-                    for v, value in casts:
-                        v.backend.assign(v.array, value)
-
-                try:
-                    restore_checkpoint(reader, groups, sequential=self._restore_sequentially,
-                                       order=[v.name for v in direct])
-                except ChecksumError:  # damage elsewhere: every other variable is still restored
-                    assign_casts()
-                    raise
-                assign_casts()
-
-            self._restore_with_parts(reader, parts, plain)
+            for v, value in casts:  # read and checked up front, before anything changed
+                v.backend.assign(v.array, value)
+            self._restore_with_parts(reader, parts, lambda: restore_checkpoint(
+                reader, groups, sequential=self._restore_sequentially, order=[v.name for v in direct]))
             if counter is not None:
                 counter.finish()
             return RestoreResult(missing + missing_parts, unexpected)

@@ -141,11 +141,16 @@ def _copy_part(dst: np.ndarray, src: np.ndarray) -> None:
         dst[:] = src
 
 
+def _ways(nbytes: int) -> int:
+    """Into how many parts a copy of ``nbytes`` is split (one per CPU, at most 4, each at least _COPY_SPLIT)."""
+    return min(4, os.cpu_count() or 1, nbytes // _COPY_SPLIT)
+
+
 def _copy(dst: np.ndarray, src: np.ndarray) -> None:
     """``dst[:] = src`` (bytes), a large copy split over a few threads: one core alone does not reach the memory
     bandwidth."""
     n = len(dst)
-    ways = min(4, os.cpu_count() or 1, n // _COPY_SPLIT)
+    ways = _ways(n)
     if ways < 2:
         _copy_part(dst, src)
         return
@@ -164,7 +169,7 @@ def _pack(lib: Any, arrays: Sequence[Any], start: int, stop: int, out: np.ndarra
     threads when it is large: the parts go to their final offsets (``starts``: each array's byte offset in the
     run), so the result is the same bytes and crcs as one call."""
     total = int(starts[stop] - starts[start])
-    ways = min(4, os.cpu_count() or 1, total // _COPY_SPLIT)
+    ways = _ways(total)
     if ways < 2:
         return lib.pack(arrays, start, stop, memoryview(out), crcs, True)
     base = int(starts[start])

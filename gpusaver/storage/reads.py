@@ -94,7 +94,7 @@ def checked_read_jobs(
     seg_max = config.get("read_chunk_bytes")
     crcs = [0] * count
     split: dict[int, list[int]] = {}  # buffer -> its pieces' crcs, for buffers read in several pieces
-    lengths: dict[int, list[int]] = {}
+    sizes: dict[int, int] = {}  # their byte sizes: every piece but the last is seg_max long
     jobs: list[Callable[[], None]] = []
 
     def job(fd: int, pos: int, path: str, pieces: list[tuple[int, int, Any]]) -> Callable[[], None]:
@@ -116,7 +116,7 @@ def checked_read_jobs(
             if n > seg_max:
                 cuts = range(0, n, seg_max)
                 split[index] = [0] * len(cuts)
-                lengths[index] = [min(seg_max, n - lo) for lo in cuts]
+                sizes[index] = n
                 parts = [(index, k, view[lo : lo + seg_max]) for k, lo in enumerate(cuts)]
             else:
                 parts = [(index, -1, view)]
@@ -135,7 +135,7 @@ def checked_read_jobs(
         for i, parts_crc in split.items():
             c = parts_crc[0]
             for k in range(1, len(parts_crc)):
-                c = crc.combine(c, parts_crc[k], lengths[i][k])
+                c = crc.combine(c, parts_crc[k], min(seg_max, sizes[i] - k * seg_max))
             crcs[i] = c
         return crcs
 
