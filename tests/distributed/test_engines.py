@@ -241,7 +241,14 @@ def test_mpiexec_ulfm_sigkill_survivors_raise(tmp_path: pathlib.Path) -> None:
     rc, output = _mpirun(tmp_path, "kill", options=("--with-ft", "ulfm"))
     got = _reports(tmp_path)
     assert _events(got[2]) == ["dying"], (got[2], output[-4000:])
+    # Open MPI's own non-blocking collective engine has once, with two CPU hogs beside the suite, aborted a
+    # survivor ("NBC_Progress: an error 75 ... aborting the schedule", then the job) before our call returned:
+    # a survivor that reported nothing is accepted only with that message from Open MPI, and one must raise
+    silent = [k for k in (0, 1, 3) if not got[k]]
+    assert len(silent) < 3 and (not silent or "NBC_Progress" in output), (got, output[-4000:])
     for k in (0, 1, 3):
+        if k in silent:
+            continue
         assert _events(got[k]) == ["raised"], (k, got[k], output[-4000:])
         message = got[k][0]["message"]
         assert f"rank {k} of {RANKS}: all_gather_bytes" in message and "MPI_ERR_PROC_FAILED" in message, message
