@@ -28,7 +28,7 @@
 #define HAVE_X86_CRC 1
 #endif
 
-#define NATIVE_API 3
+#define NATIVE_API 4
 #define MAX_RANK 254
 #define INT64_MAXU ((uint64_t)INT64_MAX)
 #define CRC_MASK_DELTA 0xA282EAD8u
@@ -666,6 +666,26 @@ fail:
     return NULL;
 }
 
+/* Small tensors live apart from each other, so the hardware prefetcher does not run ahead from
+ * one to the next: packing (and unpacking) waits on memory for each one. Ask for a tensor's
+ * first bytes (up to PACK_PREFETCH) PACK_AHEAD tensors before copying it: its source when
+ * packing, its destination (to be written) when unpacking. 100,000 tensors of 640 bytes: pack
+ * 18 -> 11 ms on the 2-core Xeon VM, the same for 2 to 16 ahead. */
+#define PACK_AHEAD 8
+#define PACK_PREFETCH 2048
+
+static inline void prefetch_span(const Span *s, int for_write)
+{
+    size_t n = s->n < PACK_PREFETCH ? s->n : PACK_PREFETCH;
+    if (for_write) {
+        for (size_t at = 0; at < n; at += 64)
+            __builtin_prefetch(s->dst + at, 1);
+    } else {
+        for (size_t at = 0; at < n; at += 64)
+            __builtin_prefetch(s->src + at, 0);
+    }
+}
+
 PyDoc_STRVAR(pack_doc,
              "pack(arrays, start, stop, out, crcs, stream=False) -> int\n\n"
              "Copies the bytes of arrays[start:stop] back to back into the writable buffer out and\n"
@@ -721,6 +741,8 @@ static PyObject *pack(PyObject *self, PyObject *args)
     } else {
         for (Py_ssize_t k = 0; k < stop - start; k++) {
             size_t n = spans[k].n;
+            if (k + PACK_AHEAD < stop - start)
+                prefetch_span(&spans[k + PACK_AHEAD], 0);
             if (n)
                 memcpy(dst, spans[k].src, n);
             c[start + k] = crc32c_extend(0, dst, n); /* from the copy: it is in cache */
@@ -789,6 +811,8 @@ static PyObject *unpack(PyObject *self, PyObject *args)
     Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t k = start; k < stop; k++) {
         Span *sp = &spans[k - start];
+        if (k + PACK_AHEAD < stop)
+            prefetch_span(sp + PACK_AHEAD, 1);
         if (crc32c_extend(0, sp->src, sp->n) != want[idx[k]]) {
             sp->n = SIZE_MAX; /* marks it bad: collected below, with the GIL */
             nbad++;
@@ -839,6 +863,60 @@ static PyObject *py_crc32c(PyObject *self, PyObject *args)
 
 /* ------------------------------------------------------------- entries */
 
+/* Room for one entry: 11 (dtype) + 2 + 10 (shape header) + 13 per dim + 3 x 11 + 5. */
+#define ENTRY_ROOM(rank) (64 + 13 * (size_t)(rank))
+
+/* One BundleEntryProto into buf (ENTRY_ROOM(rank) bytes), exactly as protobuf serialises it
+ * (fields in number order, zero fields omitted, the shape always present); crc is masked.
+ * Returns its length, or -1 for a negative dimension. */
+static Py_ssize_t encode_entry_into(unsigned char *buf, int32_t dtype, int rank, const int64_t *d, uint64_t shard,
+                                    int64_t offset, int64_t size, uint32_t crc)
+{
+    size_t body = 0;
+    for (int k = 0; k < rank; k++) {
+        if (d[k] < 0)
+            return -1;
+        body += d[k] ? 2 + 1 + varint_len((uint64_t)d[k]) : 2;
+    }
+    size_t p = 0;
+    if (dtype) {
+        buf[p++] = 0x08;
+        p += put_varint(buf + p, (uint64_t)(uint32_t)dtype);
+    }
+    buf[p++] = 0x12;
+    p += put_varint(buf + p, body);
+    for (int k = 0; k < rank; k++) {
+        buf[p++] = 0x12;
+        if (d[k]) {
+            buf[p++] = (unsigned char)(1 + varint_len((uint64_t)d[k]));
+            buf[p++] = 0x08;
+            p += put_varint(buf + p, (uint64_t)d[k]);
+        } else {
+            buf[p++] = 0x00;
+        }
+    }
+    if (shard) {
+        buf[p++] = 0x18;
+        p += put_varint(buf + p, shard);
+    }
+    if (offset) {
+        buf[p++] = 0x20;
+        p += put_varint(buf + p, (uint64_t)offset);
+    }
+    if (size) {
+        buf[p++] = 0x28;
+        p += put_varint(buf + p, (uint64_t)size);
+    }
+    if (crc) {
+        buf[p++] = 0x35;
+        buf[p++] = (unsigned char)crc;
+        buf[p++] = (unsigned char)(crc >> 8);
+        buf[p++] = (unsigned char)(crc >> 16);
+        buf[p++] = (unsigned char)(crc >> 24);
+    }
+    return (Py_ssize_t)p;
+}
+
 PyDoc_STRVAR(encode_entries_doc,
              "encode_entries(enums, ndims, dims, offsets, sizes, crcs, shard_id) -> list[bytes]\n\n"
              "BundleEntryProto bytes for each tensor, exactly as protobuf serialises them (fields in\n"
@@ -869,7 +947,6 @@ static PyObject *encode_entries(PyObject *self, PyObject *args)
     list = PyList_New(n);
     if (list == NULL)
         goto fail;
-    /* Worst case per entry: 11 (dtype) + 2 + 10 (shape header) + 13 per dim + 3 x 11 + 5. */
     Out scratch;
     memset(&scratch, 0, sizeof scratch);
     for (Py_ssize_t i = 0; i < n; i++) {
@@ -878,55 +955,14 @@ static PyObject *encode_entries(PyObject *self, PyObject *args)
             PyErr_Format(PyExc_ValueError, "encode_entries: bad rank %d of tensor %zd", rank, i);
             goto fail_buf;
         }
-        if (out_reserve(&scratch, 64 + 13 * (size_t)rank) < 0)
+        if (out_reserve(&scratch, ENTRY_ROOM(rank)) < 0)
             goto fail_buf;
         unsigned char *buf = scratch.p;
-        const int64_t *d = dims + used;
+        Py_ssize_t p = encode_entry_into(buf, enums[i], rank, dims + used, shard, offsets[i], sizes[i], crcs[i]);
         used += rank;
-        size_t body = 0;
-        for (int k = 0; k < rank; k++) {
-            if (d[k] < 0) {
-                PyErr_Format(PyExc_ValueError, "encode_entries: negative dimension in tensor %zd", i);
-                goto fail_buf;
-            }
-            body += d[k] ? 2 + 1 + varint_len((uint64_t)d[k]) : 2;
-        }
-        size_t p = 0;
-        if (enums[i]) {
-            buf[p++] = 0x08;
-            p += put_varint(buf + p, (uint64_t)(uint32_t)enums[i]);
-        }
-        buf[p++] = 0x12;
-        p += put_varint(buf + p, body);
-        for (int k = 0; k < rank; k++) {
-            buf[p++] = 0x12;
-            if (d[k]) {
-                buf[p++] = (unsigned char)(1 + varint_len((uint64_t)d[k]));
-                buf[p++] = 0x08;
-                p += put_varint(buf + p, (uint64_t)d[k]);
-            } else {
-                buf[p++] = 0x00;
-            }
-        }
-        if (shard) {
-            buf[p++] = 0x18;
-            p += put_varint(buf + p, shard);
-        }
-        if (offsets[i]) {
-            buf[p++] = 0x20;
-            p += put_varint(buf + p, (uint64_t)offsets[i]);
-        }
-        if (sizes[i]) {
-            buf[p++] = 0x28;
-            p += put_varint(buf + p, (uint64_t)sizes[i]);
-        }
-        if (crcs[i]) {
-            buf[p++] = 0x35;
-            uint32_t c = crcs[i];
-            buf[p++] = (unsigned char)c;
-            buf[p++] = (unsigned char)(c >> 8);
-            buf[p++] = (unsigned char)(c >> 16);
-            buf[p++] = (unsigned char)(c >> 24);
+        if (p < 0) {
+            PyErr_Format(PyExc_ValueError, "encode_entries: negative dimension in tensor %zd", i);
+            goto fail_buf;
         }
         PyObject *bytes = PyBytes_FromStringAndSize((const char *)buf, (Py_ssize_t)p);
         if (bytes == NULL)
@@ -2053,6 +2089,124 @@ nomem:
     return -1;
 }
 
+/* A table file being built from entries in strictly increasing key order. A key's bytes must
+ * stay where they are until the next key is added (and the last one until table_finish). */
+typedef struct {
+    Out table;
+    Block data, index, meta;
+    Seps seps;
+    const unsigned char *last;
+    size_t last_len, block_size;
+    int started, pending;
+    uint64_t p_off, p_size;
+} Table;
+
+static int table_init(Table *t, size_t block_size)
+{
+    memset(t, 0, sizeof *t);
+    t->block_size = block_size;
+    t->data.interval = 16;
+    t->meta.interval = 16;
+    t->index.interval = 1;
+    return block_reset(&t->data) < 0 || block_reset(&t->index) < 0 || block_reset(&t->meta) < 0 ? -1 : 0;
+}
+
+/* Returns 1 when key does not come after the last one (nothing added), -1 on an error, else 0. */
+static int table_add(Table *t, const unsigned char *key, size_t klen, const unsigned char *value, size_t vlen)
+{
+    const unsigned char *last = t->last;
+    size_t last_len = t->last_len;
+    if (t->started) {
+        size_t m = last_len < klen ? last_len : klen;
+        int c = memcmp(key, last, m);
+        if (c < 0 || (c == 0 && klen <= last_len))
+            return 1;
+        if (klen + vlen >= 2 * t->block_size && t->data.buf.len) {
+            if (write_block(&t->table, &t->data, &t->p_off, &t->p_size) < 0 || block_reset(&t->data) < 0)
+                return -1;
+            t->pending = 1;
+        }
+    }
+    if (t->pending) { /* the separator: shortest_separator(last, key) */
+        size_t m = last_len < klen ? last_len : klen;
+        size_t s = shared_prefix(last, last_len, key, klen);
+        int shorter = s < m && last[s] < 0xFF && last[s] + 1 < key[s];
+        if (seps_push(&t->seps, last, shorter ? s + 1 : last_len, shorter, t->p_off, t->p_size) < 0)
+            return -1;
+        t->pending = 0;
+    }
+    t->started = 1;
+    t->last = key;
+    t->last_len = klen;
+    if (block_add(&t->data, key, klen, value, vlen) < 0)
+        return -1;
+    if (block_estimate(&t->data) >= t->block_size) {
+        if (write_block(&t->table, &t->data, &t->p_off, &t->p_size) < 0 || block_reset(&t->data) < 0)
+            return -1;
+        t->pending = 1;
+    }
+    return 0;
+}
+
+/* The finished table as bytes, or NULL with an exception set. */
+static PyObject *table_finish(Table *t)
+{
+    uint64_t meta_off, meta_size, idx_off, idx_size;
+    if (t->data.buf.len) {
+        if (write_block(&t->table, &t->data, &t->p_off, &t->p_size) < 0)
+            return NULL;
+        t->pending = 1;
+    }
+    if (write_block(&t->table, &t->meta, &meta_off, &meta_size) < 0)
+        return NULL;
+    if (t->pending) { /* the last block's key: short_successor(last) */
+        const unsigned char *last = t->last;
+        size_t cut = t->last_len;
+        int bump = 0;
+        for (size_t k = 0; k < t->last_len; k++)
+            if (last[k] != 0xFF) {
+                cut = k + 1;
+                bump = 1;
+                break;
+            }
+        if (seps_push(&t->seps, last, cut, bump, t->p_off, t->p_size) < 0)
+            return NULL;
+    }
+    Seps *seps = &t->seps;
+    for (size_t k = 0; k < seps->n; k++) {
+        unsigned char handle[20];
+        size_t hn = put_varint(handle, seps->handles[2 * k]);
+        hn += put_varint(handle + hn, seps->handles[2 * k + 1]);
+        if (block_add(&t->index, seps->keys.p + seps->starts[k], seps->starts[k + 1] - seps->starts[k], handle, hn) < 0)
+            return NULL;
+    }
+    if (write_block(&t->table, &t->index, &idx_off, &idx_size) < 0)
+        return NULL;
+    unsigned char footer[48] = {0};
+    size_t fp = put_varint(footer, meta_off);
+    fp += put_varint(footer + fp, meta_size);
+    fp += put_varint(footer + fp, idx_off);
+    fp += put_varint(footer + fp, idx_size);
+    static const unsigned char magic[8] = {0x57, 0xFB, 0x80, 0x8B, 0x24, 0x75, 0x47, 0xDB};
+    memcpy(footer + 40, magic, 8);
+    if (out_put(&t->table, footer, 48) < 0)
+        return NULL;
+    return PyBytes_FromStringAndSize((const char *)t->table.p, (Py_ssize_t)t->table.len);
+}
+
+static void table_free(Table *t)
+{
+    PyMem_Free(t->table.p);
+    PyMem_Free(t->seps.keys.p);
+    PyMem_Free(t->seps.starts);
+    PyMem_Free(t->seps.handles);
+    Block *blocks[3] = {&t->data, &t->index, &t->meta};
+    for (int k = 0; k < 3; k++) {
+        PyMem_Free(blocks[k]->buf.p);
+        PyMem_Free(blocks[k]->restarts);
+    }
+}
+
 PyDoc_STRVAR(build_table_doc,
              "build_table(items, block_size) -> bytes\n\n"
              "The whole table file for sorted (key, value) byte pairs, byte-identical to\n"
@@ -2073,23 +2227,9 @@ static PyObject *build_table(PyObject *self, PyObject *args)
         return NULL;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
     PyObject **items = PySequence_Fast_ITEMS(fast);
-    Out table;
-    Block data, index, meta;
-    Seps seps;
-    memset(&table, 0, sizeof table);
-    memset(&data, 0, sizeof data);
-    memset(&index, 0, sizeof index);
-    memset(&meta, 0, sizeof meta);
-    memset(&seps, 0, sizeof seps);
     PyObject *result = NULL;
-    const unsigned char *last = NULL;
-    size_t last_len = 0;
-    int pending = 0;
-    uint64_t p_off = 0, p_size = 0, meta_off, meta_size, idx_off, idx_size;
-    data.interval = 16;
-    meta.interval = 16;
-    index.interval = 1;
-    if (block_reset(&data) < 0 || block_reset(&index) < 0 || block_reset(&meta) < 0)
+    Table t;
+    if (table_init(&t, (size_t)block_size) < 0)
         goto done;
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *item = items[i];
@@ -2098,90 +2238,123 @@ static PyObject *build_table(PyObject *self, PyObject *args)
             PyErr_Format(PyExc_TypeError, "build_table: item %zd is not a (bytes, bytes) pair", i);
             goto done;
         }
-        const unsigned char *key = (const unsigned char *)PyBytes_AS_STRING(PyTuple_GET_ITEM(item, 0));
-        size_t klen = (size_t)PyBytes_GET_SIZE(PyTuple_GET_ITEM(item, 0));
-        const unsigned char *value = (const unsigned char *)PyBytes_AS_STRING(PyTuple_GET_ITEM(item, 1));
-        size_t vlen = (size_t)PyBytes_GET_SIZE(PyTuple_GET_ITEM(item, 1));
-        if (last) {
-            size_t m = last_len < klen ? last_len : klen;
-            int c = memcmp(key, last, m);
-            if (c < 0 || (c == 0 && klen <= last_len)) {
-                PyErr_Format(PyExc_ValueError, "table keys must be strictly increasing (item %zd)", i);
-                goto done;
-            }
-            if (klen + vlen >= 2 * (size_t)block_size && data.buf.len) {
-                if (write_block(&table, &data, &p_off, &p_size) < 0 || block_reset(&data) < 0)
-                    goto done;
-                pending = 1;
-            }
-        }
-        if (pending) { /* the separator: shortest_separator(last, key) */
-            size_t m = last_len < klen ? last_len : klen;
-            size_t s = shared_prefix(last, last_len, key, klen);
-            int shorter = s < m && last[s] < 0xFF && last[s] + 1 < key[s];
-            if (seps_push(&seps, last, shorter ? s + 1 : last_len, shorter, p_off, p_size) < 0)
-                goto done;
-            pending = 0;
-        }
-        last = key;
-        last_len = klen;
-        if (block_add(&data, key, klen, value, vlen) < 0)
-            goto done;
-        if (block_estimate(&data) >= (size_t)block_size) {
-            if (write_block(&table, &data, &p_off, &p_size) < 0 || block_reset(&data) < 0)
-                goto done;
-            pending = 1;
-        }
-    }
-    if (data.buf.len) {
-        if (write_block(&table, &data, &p_off, &p_size) < 0)
-            goto done;
-        pending = 1;
-    }
-    if (write_block(&table, &meta, &meta_off, &meta_size) < 0)
-        goto done;
-    if (pending) { /* the last block's key: short_successor(last) */
-        size_t cut = last_len;
-        int bump = 0;
-        for (size_t k = 0; k < last_len; k++)
-            if (last[k] != 0xFF) {
-                cut = k + 1;
-                bump = 1;
-                break;
-            }
-        if (seps_push(&seps, last, cut, bump, p_off, p_size) < 0)
+        PyObject *key = PyTuple_GET_ITEM(item, 0), *value = PyTuple_GET_ITEM(item, 1);
+        int r = table_add(&t, (const unsigned char *)PyBytes_AS_STRING(key), (size_t)PyBytes_GET_SIZE(key),
+                          (const unsigned char *)PyBytes_AS_STRING(value), (size_t)PyBytes_GET_SIZE(value));
+        if (r > 0)
+            PyErr_Format(PyExc_ValueError, "table keys must be strictly increasing (item %zd)", i);
+        if (r != 0)
             goto done;
     }
-    for (size_t k = 0; k < seps.n; k++) {
-        unsigned char handle[20];
-        size_t hn = put_varint(handle, seps.handles[2 * k]);
-        hn += put_varint(handle + hn, seps.handles[2 * k + 1]);
-        if (block_add(&index, seps.keys.p + seps.starts[k], seps.starts[k + 1] - seps.starts[k], handle, hn) < 0)
-            goto done;
-    }
-    if (write_block(&table, &index, &idx_off, &idx_size) < 0)
-        goto done;
-    unsigned char footer[48] = {0};
-    size_t fp = put_varint(footer, meta_off);
-    fp += put_varint(footer + fp, meta_size);
-    fp += put_varint(footer + fp, idx_off);
-    fp += put_varint(footer + fp, idx_size);
-    static const unsigned char magic[8] = {0x57, 0xFB, 0x80, 0x8B, 0x24, 0x75, 0x47, 0xDB};
-    memcpy(footer + 40, magic, 8);
-    if (out_put(&table, footer, 48) < 0)
-        goto done;
-    result = PyBytes_FromStringAndSize((const char *)table.p, (Py_ssize_t)table.len);
+    result = table_finish(&t);
 done:
-    PyMem_Free(table.p);
-    PyMem_Free(seps.keys.p);
-    PyMem_Free(seps.starts);
-    PyMem_Free(seps.handles);
-    PyMem_Free(data.buf.p);
-    PyMem_Free(data.restarts);
-    PyMem_Free(index.buf.p);
-    PyMem_Free(index.restarts);
-    PyMem_Free(meta.buf.p);
-    PyMem_Free(meta.restarts);
+    table_free(&t);
+    Py_DECREF(fast);
+    return result;
+}
+
+PyDoc_STRVAR(build_run_table_doc,
+             "build_run_table(header, keys, order, enums, ndims, dims, offsets, sizes, crcs, shard_id, block_size)\n"
+             "    -> bytes | None\n\n"
+             "The whole index table of one bundle straight from its columns: the header entry (key b\"\"),\n"
+             "then each tensor's entry (as encode_entries makes them; crcs masked), keys taken in the order\n"
+             "order gives (int64 positions; None: as they come). The same bytes as build_table over those\n"
+             "pairs. Returns None, building nothing, when the keys in that order do not strictly increase.");
+
+static PyObject *build_run_table(PyObject *self, PyObject *args)
+{
+    PyObject *header, *keys_obj, *order_obj, *objs[6];
+    unsigned long long shard;
+    Py_ssize_t block_size;
+    if (!PyArg_ParseTuple(args, "SOOOOOOOOKn:build_run_table", &header, &keys_obj, &order_obj, &objs[0], &objs[1],
+                          &objs[2], &objs[3], &objs[4], &objs[5], &shard, &block_size))
+        return NULL;
+    if (block_size <= 0) {
+        PyErr_SetString(PyExc_ValueError, "block_size must be positive");
+        return NULL;
+    }
+    PyObject *fast = PySequence_Fast(keys_obj, "keys must be a sequence");
+    if (fast == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    PyObject **keys = PySequence_Fast_ITEMS(fast);
+    Buf b[7];
+    memset(b, 0, sizeof b);
+    PyObject *result = NULL;
+    int64_t *dim_at = NULL;
+    unsigned char scratch[ENTRY_ROOM(MAX_RANK)];
+    Table t;
+    int table_ready = 0;
+    if (get_buf(objs[0], &b[0], 0, 4, n, "enums") < 0 || get_buf(objs[1], &b[1], 0, 4, n, "ndims") < 0 ||
+        get_buf(objs[2], &b[2], 0, 8, 0, "dims") < 0 || get_buf(objs[3], &b[3], 0, 8, n, "offsets") < 0 ||
+        get_buf(objs[4], &b[4], 0, 8, n, "sizes") < 0 || get_buf(objs[5], &b[5], 0, 4, n, "crcs") < 0)
+        goto done;
+    const int64_t *order = NULL;
+    if (order_obj != Py_None) {
+        if (get_buf(order_obj, &b[6], 0, 8, n, "order") < 0)
+            goto done;
+        order = b[6].view.buf;
+    }
+    const int32_t *enums = b[0].view.buf, *ndims = b[1].view.buf;
+    const int64_t *dims = b[2].view.buf, *offsets = b[3].view.buf, *sizes = b[4].view.buf;
+    const uint32_t *crcs = b[5].view.buf;
+    Py_ssize_t ndims_total = b[2].view.len / 8;
+    dim_at = PyMem_Malloc((size_t)(n + 1) * sizeof(int64_t));
+    if (dim_at == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    dim_at[0] = 0;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (!PyBytes_Check(keys[i])) {
+            PyErr_Format(PyExc_TypeError, "build_run_table: key %zd is not bytes", i);
+            goto done;
+        }
+        if (ndims[i] < 0 || ndims[i] > MAX_RANK || dim_at[i] + ndims[i] > ndims_total) {
+            PyErr_Format(PyExc_ValueError, "build_run_table: bad rank %d of tensor %zd", ndims[i], i);
+            goto done;
+        }
+        dim_at[i + 1] = dim_at[i] + ndims[i];
+    }
+    if (table_init(&t, (size_t)block_size) < 0)
+        goto done;
+    table_ready = 1;
+    if (table_add(&t, (const unsigned char *)"", 0, (const unsigned char *)PyBytes_AS_STRING(header),
+                  (size_t)PyBytes_GET_SIZE(header)) < 0)
+        goto done;
+    for (Py_ssize_t j = 0; j < n; j++) {
+        Py_ssize_t i = j;
+        if (order) {
+            if (order[j] < 0 || order[j] >= n) {
+                PyErr_Format(PyExc_ValueError, "build_run_table: order[%zd] = %lld is out of range", j,
+                             (long long)order[j]);
+                goto done;
+            }
+            i = (Py_ssize_t)order[j];
+        }
+        Py_ssize_t len = encode_entry_into(scratch, enums[i], ndims[i], dims + dim_at[i], shard, offsets[i], sizes[i],
+                                           crcs[i]);
+        if (len < 0) {
+            PyErr_Format(PyExc_ValueError, "build_run_table: negative dimension in tensor %zd", i);
+            goto done;
+        }
+        int r = table_add(&t, (const unsigned char *)PyBytes_AS_STRING(keys[i]), (size_t)PyBytes_GET_SIZE(keys[i]),
+                          scratch, (size_t)len);
+        if (r > 0) {
+            result = Py_None;
+            Py_INCREF(result);
+            goto done;
+        }
+        if (r < 0)
+            goto done;
+    }
+    result = table_finish(&t);
+done:
+    if (table_ready)
+        table_free(&t);
+    PyMem_Free(dim_at);
+    for (int k = 0; k < 7; k++)
+        release_buf(&b[k]);
     Py_DECREF(fast);
     return result;
 }
@@ -2304,6 +2477,7 @@ static PyMethodDef methods[] = {
     {"byte_bounds", byte_bounds, METH_VARARGS, byte_bounds_doc},
     {"check_arrays", check_arrays, METH_VARARGS, check_arrays_doc},
     {"build_table", build_table, METH_VARARGS, build_table_doc},
+    {"build_run_table", build_run_table, METH_VARARGS, build_run_table_doc},
     {"parse_block", parse_block, METH_VARARGS, parse_block_doc},
     {NULL, NULL, 0, NULL},
 };

@@ -21,7 +21,7 @@ import numpy as np
 __all__ = ["lib", "available", "use", "type_codes", "reason"]
 
 #: The extension API this Python code speaks (``NATIVE_API`` in _native.c).
-_API = 3
+_API = 4
 
 
 def _load() -> tuple[ModuleType | None, str]:

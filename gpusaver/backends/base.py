@@ -45,6 +45,13 @@ class TensorList(list):  # type: ignore[type-arg]
         return [name.encode("utf-8") for name, _ in self]
 
     @cached_property
+    def key_column(self) -> Any:
+        """The keys checked once (unique, non-empty) and their sorted order: a ``KeyColumn``."""
+        from gpusaver.format.writer import KeyColumn
+
+        return KeyColumn(self.keys)
+
+    @cached_property
     def arrays(self) -> list[Any]:
         return [array for _, array in self]
 

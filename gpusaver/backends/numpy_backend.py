@@ -50,7 +50,10 @@ class NumpyBackend:
 
     def save_group(self, tensors: Sequence[tuple[str, Any]], writer: BundleWriter) -> None:
         listed = tensors if isinstance(tensors, TensorList) else TensorList(tensors)
-        writer.add_many(listed.keys, listed.arrays, fallback=lambda name, arr: self._save_one(name, arr, writer))
+        writer.add_many(
+            listed.keys, listed.arrays, fallback=lambda name, arr: self._save_one(name, arr, writer),
+            checked=listed.key_column,
+        )
 
     @staticmethod
     def _save_one(name: str | bytes, arr: np.ndarray, writer: BundleWriter) -> None:

@@ -148,6 +148,7 @@ def commit_merged(
     file_ids: dict[str, int],
     *,
     durable: bool = True,
+    table: bytes | None = None,
 ) -> None:
     """The commit of a merge: old index out, data files renamed in, new index last.
 
@@ -158,6 +159,7 @@ def commit_merged(
         items: the sorted ``(key, entry)`` pairs, entries already naming their new shard ids.
         file_ids: current data file path -> new shard id.
         durable: fsync the index and the directory.
+        table: the whole index table, encoded already (then ``header`` and ``items`` are not used).
 
     Raises:
         CheckpointWriteError: an OSError, keeping its errno.
@@ -166,7 +168,7 @@ def commit_merged(
     try:
         with _commit_lock(os.path.dirname(merged_prefix) or "."):
             ops.phase("merge:locked")
-            _commit(ops, merged_prefix, header, items, file_ids, len(file_ids), durable)
+            _commit(ops, merged_prefix, header, items, file_ids, len(file_ids), durable, table)
     except OSError as e:
         raise os_error(e, "merging into", merged_prefix) from e
 
@@ -202,6 +204,7 @@ def _commit(
     file_ids: dict[str, int],
     num_files: int,
     durable: bool,
+    table: bytes | None = None,
 ) -> None:
     """The commit itself, under the directory's commit lock."""
     index = index_filename(merged_prefix)
@@ -222,7 +225,8 @@ def _commit(
             ops.rename(old, new)
             renamed.append(new)
             ops.phase(f"merge:data_renamed:{new_id}")
-        table = encode_table([(b"", header)] + list(items))
+        if table is None:
+            table = encode_table([(b"", header)] + list(items))
         fd = ops.create(tmp)
         try:
             ops.write(fd, [memoryview(table)])

@@ -24,11 +24,11 @@ from gpusaver.storage import POSIX, FileOps, Pack, Piece, WriterPool, os_error
 from gpusaver.format import crc, dtypes, slices as _slices
 from gpusaver.format.entry import BundleEntry, encode_entries, encode_entry, encode_header
 from gpusaver.format.naming import data_filename, index_filename
-from gpusaver.format.table import encode_table
+from gpusaver.format.table import BLOCK_SIZE, encode_table
 from gpusaver.format.tensors import as_host_array, byte_view, encode_strings
 from gpusaver.storage.paths import local_path
 
-__all__ = ["BundleWriter", "os_error"]
+__all__ = ["BundleWriter", "KeyColumn", "os_error"]
 
 # The sizes (small_bytes, batch_bytes, batch_count, segment_bytes, pack_limit, pack_bytes) and the
 # thread count are settings (gpusaver.config), read when a writer is made.
@@ -53,6 +53,26 @@ def encode_name(name: Any) -> bytes:
     raise InvalidArgumentTypeError(f"a tensor name is a str or bytes, not {type(name).__name__}")
 
 
+class KeyColumn:
+    """Tensor keys checked once for many saves of the same tensors (a Saver's).
+
+    ``valid``: all bytes, none empty, no two alike (a writer then skips those checks);
+    ``order``: the positions that sort them (None: in order already). Pass it to
+    :meth:`BundleWriter.add_many` as ``checked``.
+    """
+
+    __slots__ = ("keys", "set", "valid", "order")
+
+    def __init__(self, keys: list[bytes]) -> None:
+        self.keys = keys
+        typed = all(type(k) is bytes for k in keys)
+        self.set: frozenset[bytes] = frozenset(keys) if typed else frozenset()
+        self.valid = typed and len(self.set) == len(keys) and b"" not in self.set
+        self.order: np.ndarray | None = None
+        if self.valid and any(a > b for a, b in zip(keys, keys[1:])):
+            self.order = np.array(sorted(range(len(keys)), key=keys.__getitem__), np.int64)
+
+
 class _Run:
     """Tensors added in one batch through the C extension: their layout as arrays.
 
@@ -60,19 +80,27 @@ class _Run:
     memory (too large to pack), whose crc32c the writer pool computes into a slot.
     """
 
-    __slots__ = ("keys", "enums", "sizes", "ndims", "dims", "offsets", "crcs", "big")
+    __slots__ = ("keys", "enums", "sizes", "ndims", "dims", "offsets", "crcs", "big", "order")
 
     def __init__(
-        self, keys: list[bytes], enums: np.ndarray, sizes: np.ndarray, ndims: np.ndarray, dims: np.ndarray, base: int
+        self,
+        keys: list[bytes],
+        enums: np.ndarray,
+        sizes: np.ndarray,
+        ndims: np.ndarray,
+        dims: np.ndarray,
+        base: int,
+        order: np.ndarray | None = None,
     ) -> None:
         self.keys, self.enums, self.sizes, self.ndims, self.dims = keys, enums, sizes, ndims, dims
+        self.order = order  # the positions that sort keys (None: unknown, maybe in order)
         self.offsets = np.empty(len(keys), np.int64)
         if len(keys):
             self.offsets[0] = base
             np.cumsum(sizes[:-1], out=self.offsets[1:])
             self.offsets[1:] += base
         self.crcs = np.zeros(len(keys), np.uint32)
-        self.big: list[tuple[int, int]] = []
+        self.big: list[tuple[int, int]] = []  # (position, crc slot) of the tensors written from their own memory
 
 
 class BundleWriter:
@@ -118,7 +146,7 @@ class BundleWriter:
         self._sliced: dict[bytes, BundleEntry] = {}
         self._lib = native.lib  # the C extension, or None: fixed for this writer's life
         self._runs: list[_Run] = []  # batches laid out by the C extension
-        self._run_keys: set[bytes] = set()
+        self._run_keys: set[bytes] | frozenset[bytes] = set()
         self._offset = 0
         self._batch: list[Any] = []
         self._batch_bytes = 0
@@ -207,29 +235,43 @@ class BundleWriter:
         names: Sequence[str | bytes],
         arrays: Sequence[Any],
         fallback: Callable[[str, Any], None] | None = None,
+        *,
+        checked: KeyColumn | None = None,
     ) -> None:
         """Appends many tensors; the same result as :meth:`add` for each, with less overhead.
 
         Arrays that are numeric, C-contiguous and native-order take a fast path
         (with the C extension: laid out as one batch, small ones packed and
         checksummed by the writer threads); the others go to ``fallback(name,
-        array)`` (default :meth:`add`), in order.
+        array)`` (default :meth:`add`), in order. ``checked``: the names' keys,
+        checked once for many saves (``names`` must be ``checked.keys``).
         """
         if self._finished:
             raise InvalidArgumentError(f"BundleWriter for {self.prefix!r} is already finished")
-        # Savers pass their names encoded already: take bytes as they are, cheaply.
-        try:
-            keys = [n if type(n) is bytes else n.encode("utf-8") if isinstance(n, str) else bytes(n) for n in names]
-        except (UnicodeEncodeError, TypeError):
-            keys = [encode_name(n) for n in names]  # raises, naming the culprit
-        fresh = set(keys)
-        clash = (
-            len(fresh) != len(keys)
-            or b"" in fresh
-            or not fresh.isdisjoint(self._run_keys)
-            or not fresh.isdisjoint(self._entries)
-            or not fresh.isdisjoint(self._sliced)
-        )
+        order = None
+        fresh: frozenset[bytes] | set[bytes]
+        if (
+            checked is not None
+            and checked.valid
+            and checked.keys is names
+            and len(names) == len(arrays)
+            and not (self._run_keys or self._entries or self._sliced)
+        ):
+            keys, fresh, clash, order = checked.keys, checked.set, False, checked.order
+        else:
+            # Savers pass their names encoded already: take bytes as they are, cheaply.
+            try:
+                keys = [n if type(n) is bytes else n.encode("utf-8") if isinstance(n, str) else bytes(n) for n in names]
+            except (UnicodeEncodeError, TypeError):
+                keys = [encode_name(n) for n in names]  # raises, naming the culprit
+            fresh = set(keys)
+            clash = (
+                len(fresh) != len(keys)
+                or b"" in fresh
+                or not fresh.isdisjoint(self._run_keys)
+                or not fresh.isdisjoint(self._entries)
+                or not fresh.isdisjoint(self._sliced)
+            )
         add = fallback or self._add_named
         if clash:
             for name, arr in zip(names, arrays):  # the slow path names the offending tensor
@@ -241,7 +283,7 @@ class BundleWriter:
         enums, sizes, ndims, dims = self._lib.describe(arrays, native.type_codes())
         refused = np.flatnonzero(enums < 0)
         if not len(refused):
-            self._add_run(keys, arrays, enums, sizes, ndims, dims, key_set=fresh)
+            self._add_run(keys, arrays, enums, sizes, ndims, dims, key_set=fresh, order=order)
             return
         dim_at = np.zeros(len(keys) + 1, np.int64)
         np.cumsum(ndims, out=dim_at[1:])
@@ -267,17 +309,20 @@ class BundleWriter:
         sizes: np.ndarray,
         ndims: np.ndarray,
         dims: np.ndarray,
-        key_set: set[bytes] | None = None,
+        key_set: frozenset[bytes] | set[bytes] | None = None,
+        order: np.ndarray | None = None,
     ) -> None:
         """Lays out a batch the C extension described, and queues its writes (``key_set``: ``set(keys)``,
-        when the caller made it already)."""
+        when the caller made it already; ``order``: the positions that sort ``keys``)."""
         self._flush_batch()
         arrays = list(arrays)
-        run = _Run(keys, enums, sizes, ndims, dims, self._offset)
+        run = _Run(keys, enums, sizes, ndims, dims, self._offset, order)
         self._runs.append(run)
         if key_set is not None and not self._run_keys:
             self._run_keys = key_set  # the first run: its set, not a copy (a save adds one run of 100k names)
         else:
+            if not isinstance(self._run_keys, set):  # a caller's frozenset: never changed here
+                self._run_keys = set(self._run_keys)
             self._run_keys.update(keys)
         n = len(keys)
         big = np.flatnonzero(sizes >= self._pack_limit)
@@ -571,8 +616,7 @@ class BundleWriter:
         records = ((dt, shape, offset, size, mask(crcs[slot])) for dt, shape, offset, size, slot in self._entries.values())
         items = list(zip(self._entries, encode_entries(records, shard_id)))  # keys are unique
         for run in self._runs:
-            for i, slot in run.big:
-                run.crcs[i] = crcs[slot]
+            self._fill_crcs(run)
             values = self._lib.encode_entries(
                 run.enums, run.ndims, run.dims, run.offsets, run.sizes, crc.mask_array(run.crcs), shard_id
             )
@@ -581,6 +625,30 @@ class BundleWriter:
             items.append((key, encode_entry(full.dtype, full.shape, shard_id, slices=full.slices)))
         items.sort()
         return ([(b"", encode_header(1))] if header else []) + items
+
+    def _fill_crcs(self, run: _Run) -> None:
+        """Copies the crcs of a run's tensors written from their own memory into its column."""
+        for i, slot in run.big:
+            run.crcs[i] = self._crcs[slot]
+
+    def index_table(self, header: bytes, shard_id: int = 0) -> bytes | None:
+        """The whole index table, built in C straight from the one run of tensors this writer
+        holds, or None where that does not apply (then build it from :meth:`index_items`).
+
+        Args:
+            header: the encoded header entry (key ``b""``).
+            shard_id: the data file id the entries name.
+        """
+        if not self._drained:
+            raise InvalidArgumentError("index_table() is available once finish() has written the data")
+        if self._lib is None or len(self._runs) != 1 or self._entries or self._sliced:
+            return None
+        run = self._runs[0]
+        self._fill_crcs(run)
+        return self._lib.build_run_table(  # type: ignore[no-any-return]
+            header, run.keys, run.order, run.enums, run.ndims, run.dims, run.offsets, run.sizes,
+            crc.mask_array(run.crcs), shard_id, BLOCK_SIZE,
+        )
 
     def finish(self, write_index: bool = True) -> None:
         """Writes everything out: data file (fsynced, renamed), then the index, last.
@@ -608,7 +676,8 @@ class BundleWriter:
             ops.rename(self._tmp_data, self._data_path)
             self._tmp_data = ""
             if write_index:
-                self._write_index(self.index_items())
+                table = self.index_table(encode_header(1))
+                self._write_index(table if table is not None else encode_table(self.index_items()))
             if self._durable:
                 ops.fsync_dir(os.path.dirname(self.prefix) or ".")
         except OSError as e:
@@ -619,11 +688,10 @@ class BundleWriter:
             raise
         self._finished = True
 
-    def _write_index(self, items: list[tuple[bytes, bytes]]) -> None:
+    def _write_index(self, table: bytes) -> None:
         ops = self._fileops
         path = index_filename(self.prefix)
         self._tmp_index = f"{path}.tempstate{uuid.uuid4().int & ((1 << 63) - 1)}"
-        table = encode_table(items)
         fd = ops.create(self._tmp_index)
         try:
             ops.write(fd, [memoryview(table)])

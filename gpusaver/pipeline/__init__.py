@@ -208,16 +208,20 @@ def save_checkpoint(
                 return
             try:
                 t0 = time.perf_counter()
-                # Each writer's items are sorted already: merge them, don't sort again.
-                runs = [w.index_items(shard_id=j, header=False) for j, w in enumerate(writers)]
-                items = runs[0] if n == 1 else combine_slices(list(heapq.merge(*runs)))
+                # One writer of one run: its table straight from its columns (None where that does not apply).
+                table = writers[0].index_table(encode_header(1)) if n == 1 else None
+                items: list[tuple[bytes, bytes]] = []
+                if table is None:
+                    # Each writer's items are sorted already: merge them, don't sort again.
+                    runs = [w.index_items(shard_id=j, header=False) for j, w in enumerate(writers)]
+                    items = runs[0] if n == 1 else combine_slices(list(heapq.merge(*runs)))
                 file_ids = {w.data_path: j for j, w in enumerate(writers)}
                 if progress is not None:  # every byte is written: reported before the commit, so a
                     progress.finish()  # callback that raises fails the save with nothing committed
                 # Marks the temp dir: from here on this save may replace <prefix>'s files.
                 ops.close(ops.create(os.path.join(temp.path, COMMITTING)))
                 try:
-                    commit_merged(ops, prefix, encode_header(n), items, file_ids, durable=durable)
+                    commit_merged(ops, prefix, encode_header(n), items, file_ids, durable=durable, table=table)
                 except BaseException:
                     # The old index went first: an index now is this save's, committed
                     # before the failure (the directory fsync): it is taken back below.

@@ -473,7 +473,14 @@ class Recorder:
             if done is not None:
                 done()
 
-    def add_many(self, names: Sequence[Any], arrays: Sequence[Any], fallback: Callable[[Any, Any], None] | None = None) -> None:
+    def add_many(
+        self,
+        names: Sequence[Any],
+        arrays: Sequence[Any],
+        fallback: Callable[[Any, Any], None] | None = None,
+        *,
+        checked: Any = None,  # BundleWriter.add_many's: not used here (the writer checks the runs it is fed)
+    ) -> None:
         add = fallback or (lambda name, arr: self.add(name.decode("utf-8") if isinstance(name, bytes) else name, arr))
         keys = [n if type(n) is bytes else str(n).encode("utf-8") for n in names]
         lib = self._lib

@@ -133,6 +133,25 @@ for bad in ([(b"b", b""), (b"a", b"")], [(b"a", 1)], [("a", b"")]):
     except (TypeError, ValueError):
         pass
 
+# build_run_table: the same bytes as build_table over the encoded pairs, any order; refusals
+perm = rng.permutation(len(take))
+keys_run = [b"k%05d" % p for p in perm]
+order_run = np.argsort(perm).astype(np.int64)
+vals_run = lib.encode_entries(enums[ok], ndims[ok], dims, offsets, sizes[ok], masked, 2)
+for block_size in (16, 64, table_mod.BLOCK_SIZE):
+    want = lib.build_table([(b"", b"hdr")] + sorted(zip(keys_run, vals_run)), block_size)
+    assert lib.build_run_table(b"hdr", keys_run, order_run, enums[ok], ndims[ok], dims, offsets, sizes[ok], masked, 2, block_size) == want
+for bad_order in (order_run[::-1].copy(), np.full(len(take), len(take), np.int64), np.full(len(take), -1, np.int64)):
+    try:
+        assert lib.build_run_table(b"h", keys_run, bad_order, enums[ok], ndims[ok], dims, offsets, sizes[ok], masked, 0, 64) is None
+    except ValueError:
+        pass
+for bad_ndims in (np.full(len(take), 99, np.int32), np.full(len(take), 1 << 20, np.int32)):
+    try:
+        lib.build_run_table(b"h", keys_run, None, enums[ok], bad_ndims, dims, offsets, sizes[ok], masked, 0, 64)
+    except ValueError:
+        pass
+
 # a whole save and restore through the Saver
 import gpusaver  # noqa: E402
 

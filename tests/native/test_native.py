@@ -1122,6 +1122,96 @@ def test_build_table_errors() -> None:
             C.build_table([(b"a", b"")], size)
 
 
+# ----------------------------------------------------------- build_run_table
+
+
+@st.composite
+def _run_columns(draw: st.DrawFn) -> dict[str, Any]:
+    """A run of tensors' columns in a layout order unrelated to the keys' (or sorted, or with an
+    out-of-order pair), ranks 0..MAX, dimensions and offsets around varint byte boundaries."""
+    keys = sorted(draw(st.sets(KEYS.filter(bool), max_size=80)))
+    n = len(keys)
+    layout = draw(st.permutations(range(n)))
+    how = draw(st.sampled_from(["order", "sorted", "none-unsorted"]))
+    if how == "sorted":
+        layout = list(range(n))
+    run_keys = [keys[p] for p in layout]
+    order = np.argsort(np.array(layout, np.int64), kind="stable").astype(np.int64) if how == "order" else None
+    edge = st.sampled_from([0, 1, 127, 128, 16383, 16384, 2**31 - 1, 2**32, 2**62])
+    ndims = np.array([draw(st.integers(0, 5)) for _ in range(n)], np.int32)
+    dims = np.array([draw(st.one_of(edge, st.integers(0, 2**40))) for _ in range(int(ndims.sum()))], np.int64)
+    col = lambda dt, s: np.array([draw(s) for _ in range(n)], dt)  # noqa: E731
+    return {
+        "header": draw(st.binary(max_size=20)),
+        "keys": run_keys,
+        "order": order,
+        "enums": col(np.int32, st.integers(0, 30)),
+        "ndims": ndims,
+        "dims": dims,
+        "offsets": col(np.int64, st.one_of(edge, st.integers(0, 2**50))),
+        "sizes": col(np.int64, st.one_of(edge, st.integers(0, 2**40))),
+        "crcs": col(np.uint32, st.one_of(st.just(0), st.integers(0, 2**32 - 1))),
+        "shard": draw(st.sampled_from([0, 1, 127, 128, 2**33])),
+        "block_size": draw(st.sampled_from([16, 17, 100, 4096, table.BLOCK_SIZE])),
+    }
+
+
+def _run_table(c: dict[str, Any], order: Any = ...) -> Any:
+    return C.build_run_table(
+        c["header"], c["keys"], c["order"] if order is ... else order, c["enums"], c["ndims"], c["dims"],
+        c["offsets"], c["sizes"], c["crcs"], c["shard"], c["block_size"],
+    )
+
+
+@needs_native
+@PROPERTY
+@given(_run_columns())
+def test_build_run_table_property(c: dict[str, Any]) -> None:
+    """The index table straight from a run's columns is byte-identical to build_table (and the Python
+    TableWriter) over the header and the encoded entries sorted by key; keys that do not strictly
+    increase in the order given build nothing (None)."""
+    values = C.encode_entries(c["enums"], c["ndims"], c["dims"], c["offsets"], c["sizes"], c["crcs"], c["shard"])
+    items = [(b"", c["header"])] + sorted(zip(c["keys"], values))
+    got = _run_table(c)
+    in_order = c["order"] is not None or all(a < b for a, b in zip(c["keys"], c["keys"][1:]))
+    if not in_order:
+        assert got is None
+        return
+    assert got == C.build_table(items, c["block_size"]) == table.encode_table(items, c["block_size"])
+    assert table.TableReader(got).items() == items
+    if len(c["keys"]) > 1:  # the same columns in a wrong order: nothing built
+        wrong = (np.arange(len(c["keys"]))[::-1] if c["order"] is None else c["order"][::-1]).astype(np.int64)
+        assert _run_table(c, wrong) is None
+
+
+@needs_native
+def test_build_run_table_errors() -> None:
+    """Out-of-range order positions, bad ranks, negative dimensions, short columns, keys that
+    are not bytes and a non-positive block size raise; duplicates in order build nothing."""
+    z32, z64 = np.zeros(2, np.int32), np.zeros(2, np.int64)
+    base = dict(header=b"h", keys=[b"a", b"b"], order=None, enums=z32, ndims=z32, dims=np.zeros(0, np.int64),
+                offsets=z64, sizes=z64, crcs=np.zeros(2, np.uint32), shard=0, block_size=64)
+    assert table.TableReader(_run_table(base)).items() == [(b"", b"h")] + list(
+        zip([b"a", b"b"], C.encode_entries(z32, z32, base["dims"], z64, z64, base["crcs"], 0))
+    )
+    assert _run_table(dict(base, order=np.array([0, 0], np.int64))) is None
+    for bad in (
+        dict(order=np.array([0, 2], np.int64)),
+        dict(order=np.array([-1, 0], np.int64)),
+        dict(ndims=np.array([0, 99], np.int32)),
+        dict(ndims=np.array([0, 1], np.int32)),  # no dimension left for it
+        dict(ndims=np.array([1, 0], np.int32), dims=np.array([-3], np.int64)),
+        dict(order=np.zeros(1, np.int64)),
+        dict(sizes=np.zeros(1, np.int64)),
+        dict(block_size=0),
+    ):
+        with pytest.raises(ValueError):
+            _run_table(dict(base, **bad))
+    for bad in (dict(keys=["a", b"b"]), dict(keys=[b"a", None]), dict(keys=5)):
+        with pytest.raises(TypeError):
+            _run_table(dict(base, **bad))
+
+
 # --------------------------------------------------------------- parse_block
 
 
