@@ -178,7 +178,15 @@ static uint32_t crc32c_extend(uint32_t crc, const void *data, size_t n)
 
 /* ------------------------------------------------------------- helpers */
 
-/* A growable byte buffer. */
+/* Out of memory: the exception where this thread holds the GIL; else the caller sets it once it
+ * holds it again (table building runs without the GIL; see build_run_table). */
+static void nomem(void)
+{
+    if (PyGILState_Check())
+        PyErr_NoMemory();
+}
+
+/* A growable byte buffer (raw allocator: it grows without the GIL too; free with PyMem_RawFree). */
 typedef struct {
     unsigned char *p;
     size_t len, cap;
@@ -191,9 +199,9 @@ static int out_reserve(Out *o, size_t more)
     size_t cap = o->cap ? o->cap : 4096;
     while (cap < o->len + more)
         cap *= 2;
-    unsigned char *np = PyMem_Realloc(o->p, cap);
+    unsigned char *np = PyMem_RawRealloc(o->p, cap);
     if (np == NULL) {
-        PyErr_NoMemory();
+        nomem();
         return -1;
     }
     o->p = np;
@@ -392,7 +400,11 @@ static void codes_init(Codes *c, PyObject *dict)
 
 /* The tensor's type code for the format, or -1 when the array takes the
  * general path (not an ndarray, not C-contiguous, byte-swapped, unknown dtype). */
-static int fast_code(PyObject *obj, const Codes *codes)
+#define CODE_ASK_DICT (-3)
+
+/* fast_code's answer from plain reads of the array object (no GIL needed), or CODE_ASK_DICT
+ * where only the codes dict knows (a dtype numbered 256 or more, such as ml_dtypes'). */
+static int fast_code_nogil(PyObject *obj, const Codes *codes)
 {
     if (!PyArray_Check(obj))
         return -1;
@@ -402,6 +414,15 @@ static int fast_code(PyObject *obj, const Codes *codes)
     int type = PyArray_TYPE(a);
     if (codes->use_small && type >= 0 && type < 256)
         return codes->small[type];
+    return CODE_ASK_DICT;
+}
+
+static int fast_code(PyObject *obj, const Codes *codes)
+{
+    int known = fast_code_nogil(obj, codes);
+    if (known != CODE_ASK_DICT)
+        return known;
+    int type = PyArray_TYPE((PyArrayObject *)obj);
     PyObject *key = PyLong_FromLong(type);
     if (key == NULL)
         return -2;
@@ -474,24 +495,38 @@ static PyObject *describe(PyObject *self, PyObject *args)
     int32_t *e = (int32_t *)PyArray_DATA(enums), *r = (int32_t *)PyArray_DATA(ndims);
     int64_t *s = (int64_t *)PyArray_DATA(sizes);
     npy_intp total_dims = 0;
+    Py_ssize_t ask = 0;
     Codes table;
     codes_init(&table, codes);
+    /* Plain reads of objects the list holds: the GIL is released, so that the writer threads
+     * can write the tensors of an earlier batch meanwhile (see BundleWriter.add_many). */
+    Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < n; i++) {
-        int code = fast_code(items[i], &table);
-        if (code == -2)
-            goto done;
+        int code = fast_code_nogil(items[i], &table);
         e[i] = code;
-        if (code >= 0) {
+        ask += code == CODE_ASK_DICT;
+    }
+    Py_END_ALLOW_THREADS
+    for (Py_ssize_t i = 0; i < n && ask; i++)
+        if (e[i] == CODE_ASK_DICT) {
+            int code = fast_code(items[i], &table);
+            if (code == -2)
+                goto done;
+            e[i] = code;
+            ask--;
+        }
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (e[i] >= 0) {
             PyArrayObject *a = (PyArrayObject *)items[i];
             s[i] = (int64_t)PyArray_NBYTES(a);
             r[i] = PyArray_NDIM(a);
             total_dims += r[i];
         }
-    }
     dims = new_array(total_dims, NPY_INT64);
     if (!dims)
         goto done;
     int64_t *d = (int64_t *)PyArray_DATA(dims);
+    Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < n; i++) {
         if (e[i] < 0)
             continue;
@@ -500,6 +535,7 @@ static PyObject *describe(PyObject *self, PyObject *args)
         for (int k = 0; k < r[i]; k++)
             *d++ = (int64_t)shape[k];
     }
+    Py_END_ALLOW_THREADS
     result = PyTuple_Pack(4, (PyObject *)enums, (PyObject *)sizes, (PyObject *)ndims, (PyObject *)dims);
 done:
     Py_DECREF(fast);
@@ -969,12 +1005,12 @@ static PyObject *encode_entries(PyObject *self, PyObject *args)
             goto fail_buf;
         PyList_SET_ITEM(list, i, bytes);
     }
-    PyMem_Free(scratch.p);
+    PyMem_RawFree(scratch.p);
     for (int k = 0; k < 6; k++)
         release_buf(&b[k]);
     return list;
 fail_buf:
-    PyMem_Free(scratch.p);
+    PyMem_RawFree(scratch.p);
 fail:
     Py_XDECREF(list);
     for (int k = 0; k < 6; k++)
@@ -1969,9 +2005,9 @@ static int block_reset(Block *b)
     b->last = NULL;
     b->last_len = 0;
     if (b->restart_cap == 0) {
-        b->restarts = PyMem_Malloc(64 * sizeof(uint32_t));
+        b->restarts = PyMem_RawMalloc(64 * sizeof(uint32_t));
         if (b->restarts == NULL) {
-            PyErr_NoMemory();
+            nomem();
             return -1;
         }
         b->restart_cap = 64;
@@ -1996,9 +2032,9 @@ static int block_add(Block *b, const unsigned char *key, size_t klen, const unsi
             shared = shared_prefix(b->last, b->last_len, key, klen);
     } else {
         if (b->nrestarts == b->restart_cap) {
-            uint32_t *nr = PyMem_Realloc(b->restarts, 2 * b->restart_cap * sizeof(uint32_t));
+            uint32_t *nr = PyMem_RawRealloc(b->restarts, 2 * b->restart_cap * sizeof(uint32_t));
             if (nr == NULL) {
-                PyErr_NoMemory();
+                nomem();
                 return -1;
             }
             b->restarts = nr;
@@ -2064,13 +2100,13 @@ static int seps_push(Seps *s, const unsigned char *key, size_t len, int bump, ui
 {
     if (s->n == s->cap) {
         size_t ncap = s->cap ? 2 * s->cap : 64;
-        size_t *ns = PyMem_Realloc(s->starts, (ncap + 1) * sizeof(size_t));
+        size_t *ns = PyMem_RawRealloc(s->starts, (ncap + 1) * sizeof(size_t));
         if (ns == NULL)
-            goto nomem;
+            goto out_of_memory;
         s->starts = ns;
-        uint64_t *nh = PyMem_Realloc(s->handles, ncap * 2 * sizeof(uint64_t));
+        uint64_t *nh = PyMem_RawRealloc(s->handles, ncap * 2 * sizeof(uint64_t));
         if (nh == NULL)
-            goto nomem;
+            goto out_of_memory;
         s->handles = nh;
         s->cap = ncap;
     }
@@ -2084,8 +2120,8 @@ static int seps_push(Seps *s, const unsigned char *key, size_t len, int bump, ui
     s->n++;
     s->starts[s->n] = s->keys.len;
     return 0;
-nomem:
-    PyErr_NoMemory();
+out_of_memory:
+    nomem();
     return -1;
 }
 
@@ -2095,11 +2131,22 @@ typedef struct {
     Out table;
     Block data, index, meta;
     Seps seps;
+    Out data_blocks; /* (offset, size) of each data block written, uint64 pairs */
     const unsigned char *last;
     size_t last_len, block_size;
     int started, pending;
     uint64_t p_off, p_size;
 } Table;
+
+/* Writes the data block being built (its handle in p_off, p_size and data_blocks). */
+static int table_flush_data(Table *t)
+{
+    if (write_block(&t->table, &t->data, &t->p_off, &t->p_size) < 0)
+        return -1;
+    uint64_t handle[2] = {t->p_off, t->p_size};
+    t->pending = 1;
+    return out_put(&t->data_blocks, handle, sizeof handle);
+}
 
 static int table_init(Table *t, size_t block_size)
 {
@@ -2111,8 +2158,11 @@ static int table_init(Table *t, size_t block_size)
     return block_reset(&t->data) < 0 || block_reset(&t->index) < 0 || block_reset(&t->meta) < 0 ? -1 : 0;
 }
 
-/* Returns 1 when key does not come after the last one (nothing added), -1 on an error, else 0. */
-static int table_add(Table *t, const unsigned char *key, size_t klen, const unsigned char *value, size_t vlen)
+/* Returns 1 when key does not come after the last one (nothing added), -1 on an error, else 0.
+ * With at, sets at[0] to the number of the data block the entry goes into and at[1] to where
+ * its value ends in that block. */
+static int table_add(Table *t, const unsigned char *key, size_t klen, const unsigned char *value, size_t vlen,
+                     size_t *at)
 {
     const unsigned char *last = t->last;
     size_t last_len = t->last_len;
@@ -2122,9 +2172,8 @@ static int table_add(Table *t, const unsigned char *key, size_t klen, const unsi
         if (c < 0 || (c == 0 && klen <= last_len))
             return 1;
         if (klen + vlen >= 2 * t->block_size && t->data.buf.len) {
-            if (write_block(&t->table, &t->data, &t->p_off, &t->p_size) < 0 || block_reset(&t->data) < 0)
+            if (table_flush_data(t) < 0 || block_reset(&t->data) < 0)
                 return -1;
-            t->pending = 1;
         }
     }
     if (t->pending) { /* the separator: shortest_separator(last, key) */
@@ -2140,25 +2189,28 @@ static int table_add(Table *t, const unsigned char *key, size_t klen, const unsi
     t->last_len = klen;
     if (block_add(&t->data, key, klen, value, vlen) < 0)
         return -1;
+    if (at) {
+        at[0] = t->data_blocks.len / (2 * sizeof(uint64_t));
+        at[1] = t->data.buf.len;
+    }
     if (block_estimate(&t->data) >= t->block_size) {
-        if (write_block(&t->table, &t->data, &t->p_off, &t->p_size) < 0 || block_reset(&t->data) < 0)
+        if (table_flush_data(t) < 0 || block_reset(&t->data) < 0)
             return -1;
-        t->pending = 1;
     }
     return 0;
 }
 
-/* The finished table as bytes, or NULL with an exception set. */
-static PyObject *table_finish(Table *t)
+/* Writes the rest of the table: the last data block, the meta and index blocks, the footer.
+ * Needs no GIL; -1 when out of memory. */
+static int table_close(Table *t)
 {
     uint64_t meta_off, meta_size, idx_off, idx_size;
     if (t->data.buf.len) {
-        if (write_block(&t->table, &t->data, &t->p_off, &t->p_size) < 0)
-            return NULL;
-        t->pending = 1;
+        if (table_flush_data(t) < 0)
+            return -1;
     }
     if (write_block(&t->table, &t->meta, &meta_off, &meta_size) < 0)
-        return NULL;
+        return -1;
     if (t->pending) { /* the last block's key: short_successor(last) */
         const unsigned char *last = t->last;
         size_t cut = t->last_len;
@@ -2170,7 +2222,7 @@ static PyObject *table_finish(Table *t)
                 break;
             }
         if (seps_push(&t->seps, last, cut, bump, t->p_off, t->p_size) < 0)
-            return NULL;
+            return -1;
     }
     Seps *seps = &t->seps;
     for (size_t k = 0; k < seps->n; k++) {
@@ -2178,10 +2230,10 @@ static PyObject *table_finish(Table *t)
         size_t hn = put_varint(handle, seps->handles[2 * k]);
         hn += put_varint(handle + hn, seps->handles[2 * k + 1]);
         if (block_add(&t->index, seps->keys.p + seps->starts[k], seps->starts[k + 1] - seps->starts[k], handle, hn) < 0)
-            return NULL;
+            return -1;
     }
     if (write_block(&t->table, &t->index, &idx_off, &idx_size) < 0)
-        return NULL;
+        return -1;
     unsigned char footer[48] = {0};
     size_t fp = put_varint(footer, meta_off);
     fp += put_varint(footer + fp, meta_size);
@@ -2189,21 +2241,30 @@ static PyObject *table_finish(Table *t)
     fp += put_varint(footer + fp, idx_size);
     static const unsigned char magic[8] = {0x57, 0xFB, 0x80, 0x8B, 0x24, 0x75, 0x47, 0xDB};
     memcpy(footer + 40, magic, 8);
-    if (out_put(&t->table, footer, 48) < 0)
+    return out_put(&t->table, footer, 48);
+}
+
+/* The finished table as bytes (a bytearray with mutable), or NULL with an exception set. */
+static PyObject *table_finish(Table *t, int mutable)
+{
+    if (table_close(t) < 0)
         return NULL;
+    if (mutable)
+        return PyByteArray_FromStringAndSize((const char *)t->table.p, (Py_ssize_t)t->table.len);
     return PyBytes_FromStringAndSize((const char *)t->table.p, (Py_ssize_t)t->table.len);
 }
 
 static void table_free(Table *t)
 {
-    PyMem_Free(t->table.p);
-    PyMem_Free(t->seps.keys.p);
-    PyMem_Free(t->seps.starts);
-    PyMem_Free(t->seps.handles);
+    PyMem_RawFree(t->table.p);
+    PyMem_RawFree(t->data_blocks.p);
+    PyMem_RawFree(t->seps.keys.p);
+    PyMem_RawFree(t->seps.starts);
+    PyMem_RawFree(t->seps.handles);
     Block *blocks[3] = {&t->data, &t->index, &t->meta};
     for (int k = 0; k < 3; k++) {
-        PyMem_Free(blocks[k]->buf.p);
-        PyMem_Free(blocks[k]->restarts);
+        PyMem_RawFree(blocks[k]->buf.p);
+        PyMem_RawFree(blocks[k]->restarts);
     }
 }
 
@@ -2240,13 +2301,13 @@ static PyObject *build_table(PyObject *self, PyObject *args)
         }
         PyObject *key = PyTuple_GET_ITEM(item, 0), *value = PyTuple_GET_ITEM(item, 1);
         int r = table_add(&t, (const unsigned char *)PyBytes_AS_STRING(key), (size_t)PyBytes_GET_SIZE(key),
-                          (const unsigned char *)PyBytes_AS_STRING(value), (size_t)PyBytes_GET_SIZE(value));
+                          (const unsigned char *)PyBytes_AS_STRING(value), (size_t)PyBytes_GET_SIZE(value), NULL);
         if (r > 0)
             PyErr_Format(PyExc_ValueError, "table keys must be strictly increasing (item %zd)", i);
         if (r != 0)
             goto done;
     }
-    result = table_finish(&t);
+    result = table_finish(&t, 0);
 done:
     table_free(&t);
     Py_DECREF(fast);
@@ -2254,20 +2315,24 @@ done:
 }
 
 PyDoc_STRVAR(build_run_table_doc,
-             "build_run_table(header, keys, order, enums, ndims, dims, offsets, sizes, crcs, shard_id, block_size)\n"
-             "    -> bytes | None\n\n"
+             "build_run_table(header, keys, order, enums, ndims, dims, offsets, sizes, crcs, shard_id, block_size,\n"
+             "                crc_at=None) -> bytes | (bytearray, blocks) | None\n\n"
              "The whole index table of one bundle straight from its columns: the header entry (key b\"\"),\n"
              "then each tensor's entry (as encode_entries makes them; crcs masked), keys taken in the order\n"
              "order gives (int64 positions; None: as they come). The same bytes as build_table over those\n"
-             "pairs. Returns None, building nothing, when the keys in that order do not strictly increase.");
+             "pairs. Returns None, building nothing, when the keys in that order do not strictly increase.\n"
+             "With crc_at (a writable int64 buffer, one item per tensor), a table to finish later with\n"
+             "patch_run_table: every crc must be non-zero (a stand-in, its field then present), crc_at[i]\n"
+             "receives where tensor i's 4 crc bytes lie, and the result is the table as a bytearray with\n"
+             "the (offset, size) pairs of its data blocks (int64).");
 
 static PyObject *build_run_table(PyObject *self, PyObject *args)
 {
-    PyObject *header, *keys_obj, *order_obj, *objs[6];
+    PyObject *header, *keys_obj, *order_obj, *objs[6], *at_obj = Py_None;
     unsigned long long shard;
     Py_ssize_t block_size;
-    if (!PyArg_ParseTuple(args, "SOOOOOOOOKn:build_run_table", &header, &keys_obj, &order_obj, &objs[0], &objs[1],
-                          &objs[2], &objs[3], &objs[4], &objs[5], &shard, &block_size))
+    if (!PyArg_ParseTuple(args, "SOOOOOOOOKn|O:build_run_table", &header, &keys_obj, &order_obj, &objs[0], &objs[1],
+                          &objs[2], &objs[3], &objs[4], &objs[5], &shard, &block_size, &at_obj))
         return NULL;
     if (block_size <= 0) {
         PyErr_SetString(PyExc_ValueError, "block_size must be positive");
@@ -2278,10 +2343,13 @@ static PyObject *build_run_table(PyObject *self, PyObject *args)
         return NULL;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
     PyObject **keys = PySequence_Fast_ITEMS(fast);
-    Buf b[7];
+    Buf b[8];
     memset(b, 0, sizeof b);
     PyObject *result = NULL;
-    int64_t *dim_at = NULL;
+    int64_t *dim_at = NULL, *crc_at = NULL;
+    uint32_t *crc_block = NULL; /* with crc_at: the data block each tensor's entry went into */
+    const unsigned char **key_ptr = NULL; /* the keys' bytes (the list holds them), read without the GIL */
+    size_t *key_len = NULL;
     unsigned char scratch[ENTRY_ROOM(MAX_RANK)];
     Table t;
     int table_ready = 0;
@@ -2298,9 +2366,30 @@ static PyObject *build_run_table(PyObject *self, PyObject *args)
     const int32_t *enums = b[0].view.buf, *ndims = b[1].view.buf;
     const int64_t *dims = b[2].view.buf, *offsets = b[3].view.buf, *sizes = b[4].view.buf;
     const uint32_t *crcs = b[5].view.buf;
+    if (at_obj != Py_None) {
+        if (get_buf(at_obj, &b[7], 1, 8, n, "crc_at") < 0)
+            goto done;
+        crc_at = b[7].view.buf;
+        crc_block = PyMem_Malloc((size_t)(n > 0 ? n : 1) * sizeof(uint32_t));
+        if (crc_block == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        for (Py_ssize_t i = 0; i < n; i++)
+            if (crcs[i] == 0) {
+                PyErr_Format(PyExc_ValueError, "build_run_table: crc_at needs non-zero crcs (tensor %zd)", i);
+                goto done;
+            }
+    }
     Py_ssize_t ndims_total = b[2].view.len / 8;
     dim_at = PyMem_Malloc((size_t)(n + 1) * sizeof(int64_t));
     if (dim_at == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    key_ptr = PyMem_RawMalloc((size_t)(n > 0 ? n : 1) * sizeof(*key_ptr));
+    key_len = PyMem_RawMalloc((size_t)(n > 0 ? n : 1) * sizeof(size_t));
+    if (key_ptr == NULL || key_len == NULL) {
         PyErr_NoMemory();
         goto done;
     }
@@ -2310,6 +2399,8 @@ static PyObject *build_run_table(PyObject *self, PyObject *args)
             PyErr_Format(PyExc_TypeError, "build_run_table: key %zd is not bytes", i);
             goto done;
         }
+        key_ptr[i] = (const unsigned char *)PyBytes_AS_STRING(keys[i]);
+        key_len[i] = (size_t)PyBytes_GET_SIZE(keys[i]);
         if (ndims[i] < 0 || ndims[i] > MAX_RANK || dim_at[i] + ndims[i] > ndims_total) {
             PyErr_Format(PyExc_ValueError, "build_run_table: bad rank %d of tensor %zd", ndims[i], i);
             goto done;
@@ -2319,43 +2410,149 @@ static PyObject *build_run_table(PyObject *self, PyObject *args)
     if (table_init(&t, (size_t)block_size) < 0)
         goto done;
     table_ready = 1;
-    if (table_add(&t, (const unsigned char *)"", 0, (const unsigned char *)PyBytes_AS_STRING(header),
-                  (size_t)PyBytes_GET_SIZE(header)) < 0)
-        goto done;
-    for (Py_ssize_t j = 0; j < n; j++) {
-        Py_ssize_t i = j;
-        if (order) {
+    if (order)
+        for (Py_ssize_t j = 0; j < n; j++)
             if (order[j] < 0 || order[j] >= n) {
                 PyErr_Format(PyExc_ValueError, "build_run_table: order[%zd] = %lld is out of range", j,
                              (long long)order[j]);
                 goto done;
             }
-            i = (Py_ssize_t)order[j];
-        }
+    /* Everything below reads only C memory, held by the caller's objects: other threads (the
+     * writer threads a prepared index overlaps) run meanwhile. */
+    int failed = 0; /* 1: keys out of order; -1: out of memory; -2: negative dimension (bad) */
+    Py_ssize_t bad = 0;
+    Py_BEGIN_ALLOW_THREADS
+    if (table_add(&t, (const unsigned char *)"", 0, (const unsigned char *)PyBytes_AS_STRING(header),
+                  (size_t)PyBytes_GET_SIZE(header), NULL) < 0)
+        failed = -1;
+    for (Py_ssize_t j = 0; j < n && !failed; j++) {
+        Py_ssize_t i = order ? (Py_ssize_t)order[j] : j;
         Py_ssize_t len = encode_entry_into(scratch, enums[i], ndims[i], dims + dim_at[i], shard, offsets[i], sizes[i],
                                            crcs[i]);
         if (len < 0) {
-            PyErr_Format(PyExc_ValueError, "build_run_table: negative dimension in tensor %zd", i);
-            goto done;
+            failed = -2;
+            bad = i;
+            break;
         }
-        int r = table_add(&t, (const unsigned char *)PyBytes_AS_STRING(keys[i]), (size_t)PyBytes_GET_SIZE(keys[i]),
-                          scratch, (size_t)len);
-        if (r > 0) {
-            result = Py_None;
-            Py_INCREF(result);
-            goto done;
+        size_t at[2];
+        failed = table_add(&t, key_ptr[i], key_len[i], scratch, (size_t)len, at);
+        if (!failed && crc_at) { /* the crc is the entry's last field: its 4 bytes end the value */
+            crc_block[i] = (uint32_t)at[0];
+            crc_at[i] = (int64_t)at[1] - 4;
         }
-        if (r < 0)
-            goto done;
     }
-    result = table_finish(&t);
+    if (!failed && table_close(&t) < 0)
+        failed = -1;
+    Py_END_ALLOW_THREADS
+    if (failed == 1) {
+        result = Py_None;
+        Py_INCREF(result);
+        goto done;
+    }
+    if (failed == -2) {
+        PyErr_Format(PyExc_ValueError, "build_run_table: negative dimension in tensor %zd", bad);
+        goto done;
+    }
+    if (failed) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    PyObject *table = crc_at ? PyByteArray_FromStringAndSize((const char *)t.table.p, (Py_ssize_t)t.table.len)
+                             : PyBytes_FromStringAndSize((const char *)t.table.p, (Py_ssize_t)t.table.len);
+    if (table == NULL || crc_at == NULL) {
+        result = table;
+        goto done;
+    }
+    npy_intp nb = (npy_intp)(t.data_blocks.len / sizeof(uint64_t));
+    PyArrayObject *blocks = new_array(nb, NPY_INT64);
+    if (blocks == NULL) {
+        Py_DECREF(table);
+        goto done;
+    }
+    memcpy(PyArray_DATA(blocks), t.data_blocks.p, t.data_blocks.len);
+    const uint64_t *handles = (const uint64_t *)t.data_blocks.p;
+    for (Py_ssize_t i = 0; i < n; i++)
+        crc_at[i] += (int64_t)handles[2 * (size_t)crc_block[i]];
+    result = Py_BuildValue("(NN)", table, (PyObject *)blocks);
 done:
     if (table_ready)
         table_free(&t);
     PyMem_Free(dim_at);
-    for (int k = 0; k < 7; k++)
+    PyMem_Free(crc_block);
+    PyMem_RawFree(key_ptr);
+    PyMem_RawFree(key_len);
+    for (int k = 0; k < 8; k++)
         release_buf(&b[k]);
     Py_DECREF(fast);
+    return result;
+}
+
+PyDoc_STRVAR(patch_run_table_doc,
+             "patch_run_table(table, crc_at, crcs, blocks) -> bool\n\n"
+             "Finishes a table build_run_table made with crc_at: writes each tensor's masked crc (crcs,\n"
+             "uint32) at crc_at[i] of the bytearray table, then each data block's trailer crc (blocks:\n"
+             "its (offset, size) pairs). The result is the table build_run_table makes from these crcs.\n"
+             "Returns False, changing nothing, where a crc is 0 (protobuf leaves that field out: the\n"
+             "entry is shorter, so the table must be built again).");
+
+static PyObject *patch_run_table(PyObject *self, PyObject *args)
+{
+    PyObject *objs[4];
+    if (!PyArg_ParseTuple(args, "OOOO:patch_run_table", &objs[0], &objs[1], &objs[2], &objs[3]))
+        return NULL;
+    Buf b[4];
+    memset(b, 0, sizeof b);
+    PyObject *result = NULL;
+    if (get_buf(objs[0], &b[0], 1, 0, 0, "table") < 0 || get_buf(objs[1], &b[1], 0, 8, 0, "crc_at") < 0)
+        goto done;
+    Py_ssize_t n = b[1].view.len / 8;
+    if (get_buf(objs[2], &b[2], 0, 4, n, "crcs") < 0 || get_buf(objs[3], &b[3], 0, 16, 0, "blocks") < 0)
+        goto done;
+    unsigned char *table = b[0].view.buf;
+    size_t len = (size_t)b[0].view.len;
+    const int64_t *at = b[1].view.buf, *blocks = b[3].view.buf;
+    const uint32_t *crcs = b[2].view.buf;
+    Py_ssize_t nb = b[3].view.len / 16;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (len < 4 || at[i] < 0 || (uint64_t)at[i] > len - 4) {
+            PyErr_Format(PyExc_ValueError, "patch_run_table: crc_at[%zd] lies outside the table", i);
+            goto done;
+        }
+        if (crcs[i] == 0) {
+            result = Py_False;
+            Py_INCREF(result);
+            goto done;
+        }
+    }
+    for (Py_ssize_t k = 0; k < nb; k++)
+        if (blocks[2 * k] < 0 || blocks[2 * k + 1] < 0 || (uint64_t)blocks[2 * k] > len ||
+            (uint64_t)blocks[2 * k + 1] + 5 > len - (uint64_t)blocks[2 * k]) {
+            PyErr_Format(PyExc_ValueError, "patch_run_table: block %zd lies outside the table", k);
+            goto done;
+        }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        uint32_t c = crcs[i];
+        unsigned char *p = table + at[i];
+        p[0] = (unsigned char)c;
+        p[1] = (unsigned char)(c >> 8);
+        p[2] = (unsigned char)(c >> 16);
+        p[3] = (unsigned char)(c >> 24);
+    }
+    for (Py_ssize_t k = 0; k < nb; k++) {
+        unsigned char *start = table + blocks[2 * k];
+        size_t size = (size_t)blocks[2 * k + 1];
+        uint32_t c = crc32c_extend(0, start, size);
+        c = mask_crc(crc32c_extend(c, start + size, 1)); /* the block type byte */
+        start[size + 1] = (unsigned char)c;
+        start[size + 2] = (unsigned char)(c >> 8);
+        start[size + 3] = (unsigned char)(c >> 16);
+        start[size + 4] = (unsigned char)(c >> 24);
+    }
+    result = Py_True;
+    Py_INCREF(result);
+done:
+    for (int k = 0; k < 4; k++)
+        release_buf(&b[k]);
     return result;
 }
 
@@ -2454,7 +2651,7 @@ static PyObject *parse_block(PyObject *self, PyObject *args)
     }
     result = PyTuple_Pack(2, keys, values);
 done:
-    PyMem_Free(key.p);
+    PyMem_RawFree(key.p);
     Py_XDECREF(keys);
     Py_XDECREF(values);
     PyBuffer_Release(&view);
@@ -2478,6 +2675,7 @@ static PyMethodDef methods[] = {
     {"check_arrays", check_arrays, METH_VARARGS, check_arrays_doc},
     {"build_table", build_table, METH_VARARGS, build_table_doc},
     {"build_run_table", build_run_table, METH_VARARGS, build_run_table_doc},
+    {"patch_run_table", patch_run_table, METH_VARARGS, patch_run_table_doc},
     {"parse_block", parse_block, METH_VARARGS, parse_block_doc},
     {NULL, NULL, 0, NULL},
 };

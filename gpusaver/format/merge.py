@@ -148,7 +148,7 @@ def commit_merged(
     file_ids: dict[str, int],
     *,
     durable: bool = True,
-    table: bytes | None = None,
+    table: bytes | bytearray | None = None,
 ) -> None:
     """The commit of a merge: old index out, data files renamed in, new index last.
 
@@ -204,7 +204,7 @@ def _commit(
     file_ids: dict[str, int],
     num_files: int,
     durable: bool,
-    table: bytes | None = None,
+    table: bytes | bytearray | None = None,
 ) -> None:
     """The commit itself, under the directory's commit lock."""
     index = index_filename(merged_prefix)

@@ -167,6 +167,7 @@ class BundleWriter:
         except OSError as e:
             raise os_error(e, "creating", self._tmp_data) from e
         self._drained = False
+        self._prepared: tuple[bytes, int, bytearray, np.ndarray, np.ndarray] | None = None  # see prepare_index
         self._fsync_seconds = 0.0
         self._crcs: list[int] = []  # running crc32c of each tensor, filled in by the writer threads
         self._writer = WriterPool(self._fileops, self._fd, self._tmp_data, thread_init, self._crcs, progress)
@@ -280,11 +281,30 @@ class BundleWriter:
         if self._lib is None:
             self._add_many_py(names, keys, arrays, add)
             return
-        enums, sizes, ndims, dims = self._lib.describe(arrays, native.type_codes())
-        refused = np.flatnonzero(enums < 0)
-        if not len(refused):
-            self._add_run(keys, arrays, enums, sizes, ndims, dims, key_set=fresh, order=order)
+        cols = self._lib.describe(arrays, native.type_codes())
+        if not (cols[0] < 0).any():
+            self._add_run(keys, arrays, *cols, register=False, order=order)
+            self._register_keys(fresh)
             return
+        self._add_split(names, keys, arrays, cols, add)
+
+    def _register_keys(self, keys: frozenset[bytes] | set[bytes]) -> None:
+        """Notes the keys of runs just added (for the duplicate checks of later additions)."""
+        if not self._run_keys:
+            self._run_keys = keys  # the first run: its set, not a copy (a save adds one run of 100k names)
+        else:
+            if not isinstance(self._run_keys, set):  # a caller's frozenset: never changed here
+                self._run_keys = set(self._run_keys)
+            self._run_keys.update(keys)
+
+    def _add_split(
+        self, names: Sequence[Any], keys: list[bytes], arrays: Sequence[Any], cols: tuple[np.ndarray, ...],
+        add: Callable[[Any, Any], None],
+    ) -> None:
+        """Tensors the C extension described, some refused (``enums < 0``): the runs between
+        those as runs, each refused one through ``add``, in order."""
+        enums, sizes, ndims, dims = cols
+        refused = np.flatnonzero(enums < 0)
         dim_at = np.zeros(len(keys) + 1, np.int64)
         np.cumsum(ndims, out=dim_at[1:])
         start = 0
@@ -309,21 +329,18 @@ class BundleWriter:
         sizes: np.ndarray,
         ndims: np.ndarray,
         dims: np.ndarray,
-        key_set: frozenset[bytes] | set[bytes] | None = None,
+        register: bool = True,
         order: np.ndarray | None = None,
     ) -> None:
-        """Lays out a batch the C extension described, and queues its writes (``key_set``: ``set(keys)``,
-        when the caller made it already; ``order``: the positions that sort ``keys``)."""
+        """Lays out a batch the C extension described, and queues its writes (``order``: the positions
+        that sort ``keys``). Its keys are noted for the duplicate checks unless ``register`` is False
+        (the caller notes them itself, with :meth:`_register_keys`)."""
         self._flush_batch()
         arrays = list(arrays)
         run = _Run(keys, enums, sizes, ndims, dims, self._offset, order)
         self._runs.append(run)
-        if key_set is not None and not self._run_keys:
-            self._run_keys = key_set  # the first run: its set, not a copy (a save adds one run of 100k names)
-        else:
-            if not isinstance(self._run_keys, set):  # a caller's frozenset: never changed here
-                self._run_keys = set(self._run_keys)
-            self._run_keys.update(keys)
+        if register:
+            self._register_keys(set(keys))
         n = len(keys)
         big = np.flatnonzero(sizes >= self._pack_limit)
         start = 0
@@ -530,7 +547,7 @@ class BundleWriter:
             run = _Run(list(keys), enums, sizes, ndims, dims, self._offset)
             run.crcs[:] = np.asarray(crcs, np.uint32)
             self._runs.append(run)
-            self._run_keys.update(run.keys)
+            self._register_keys(fresh)
             start = self._offset
             self._offset += len(view)
             if len(view):
@@ -631,9 +648,33 @@ class BundleWriter:
         for i, slot in run.big:
             run.crcs[i] = self._crcs[slot]
 
-    def index_table(self, header: bytes, shard_id: int = 0) -> bytes | None:
+    def _one_run(self) -> _Run | None:
+        """The run of tensors this writer holds when it holds nothing else, with the C extension."""
+        if self._lib is None or len(self._runs) != 1 or self._entries or self._sliced:
+            return None
+        return self._runs[0]
+
+    def prepare_index(self, header: bytes, shard_id: int = 0) -> None:
+        """Builds the index table now, while the writer threads may still be writing, with a
+        stand-in for each crc (a field of fixed width): :meth:`index_table` then only writes the
+        crcs in and checksums the blocks again. Call it once everything is added (an addition
+        after it makes :meth:`index_table` build the table anew)."""
+        run = self._one_run()
+        if run is None:
+            return
+        n = len(run.keys)
+        crc_at = np.empty(n, np.int64)
+        built = self._lib.build_run_table(
+            header, run.keys, run.order, run.enums, run.ndims, run.dims, run.offsets, run.sizes,
+            np.full(n, 0xFFFFFFFF, np.uint32), shard_id, BLOCK_SIZE, crc_at,
+        )
+        if built is not None:
+            self._prepared = (header, shard_id, built[0], crc_at, built[1])
+
+    def index_table(self, header: bytes, shard_id: int = 0) -> bytes | bytearray | None:
         """The whole index table, built in C straight from the one run of tensors this writer
-        holds, or None where that does not apply (then build it from :meth:`index_items`).
+        holds (finishing the one :meth:`prepare_index` made, where it did), or None where that
+        does not apply (then build it from :meth:`index_items`).
 
         Args:
             header: the encoded header entry (key ``b""``).
@@ -641,13 +682,20 @@ class BundleWriter:
         """
         if not self._drained:
             raise InvalidArgumentError("index_table() is available once finish() has written the data")
-        if self._lib is None or len(self._runs) != 1 or self._entries or self._sliced:
+        run = self._one_run()
+        if run is None:
             return None
-        run = self._runs[0]
         self._fill_crcs(run)
+        masked = crc.mask_array(run.crcs)
+        prepared = self._prepared
+        if prepared is not None and prepared[0] == header and prepared[1] == shard_id:
+            _, _, table, crc_at, blocks = prepared
+            if len(crc_at) == len(run.keys) and self._lib.patch_run_table(table, crc_at, masked, blocks):
+                return table
+            # a crc of 0 once masked: protobuf leaves that field out, so the entry is shorter
         return self._lib.build_run_table(  # type: ignore[no-any-return]
-            header, run.keys, run.order, run.enums, run.ndims, run.dims, run.offsets, run.sizes,
-            crc.mask_array(run.crcs), shard_id, BLOCK_SIZE,
+            header, run.keys, run.order, run.enums, run.ndims, run.dims, run.offsets, run.sizes, masked,
+            shard_id, BLOCK_SIZE,
         )
 
     def finish(self, write_index: bool = True) -> None:
@@ -662,6 +710,8 @@ class BundleWriter:
         ops = self._fileops
         try:
             self._flush_batch()
+            if write_index:
+                self.prepare_index(encode_header(1))  # while the writer threads finish
             self._writer.close()
             self._drained = True
             fd, self._fd = self._fd, None
@@ -688,7 +738,7 @@ class BundleWriter:
             raise
         self._finished = True
 
-    def _write_index(self, table: bytes) -> None:
+    def _write_index(self, table: bytes | bytearray) -> None:
         ops = self._fileops
         path = index_filename(self.prefix)
         self._tmp_index = f"{path}.tempstate{uuid.uuid4().int & ((1 << 63) - 1)}"

@@ -182,6 +182,8 @@ def save_checkpoint(
                         raise _Aborted()
                     write_group(group, writer)
                 staged = time.perf_counter() - t0
+                if n == 1:  # the index, but for the crcs, while the writer threads write
+                    writer.prepare_index(encode_header(1))
                 writer.finish(write_index=False)  # the coordinator merges from memory
             except BaseException:
                 writer.abort()

@@ -141,6 +141,17 @@ vals_run = lib.encode_entries(enums[ok], ndims[ok], dims, offsets, sizes[ok], ma
 for block_size in (16, 64, table_mod.BLOCK_SIZE):
     want = lib.build_table([(b"", b"hdr")] + sorted(zip(keys_run, vals_run)), block_size)
     assert lib.build_run_table(b"hdr", keys_run, order_run, enums[ok], ndims[ok], dims, offsets, sizes[ok], masked, 2, block_size) == want
+at_run = np.zeros(len(take), np.int64)
+stand_in = np.full(len(take), 0xFFFFFFFF, np.uint32)
+prepared, run_blocks = lib.build_run_table(b"hdr", keys_run, order_run, enums[ok], ndims[ok], dims, offsets, sizes[ok], stand_in, 2, 64, at_run)
+real = np.where(masked == 0, 1, masked).astype(np.uint32)
+assert lib.patch_run_table(prepared, at_run, real, run_blocks)
+assert bytes(prepared) == lib.build_run_table(b"hdr", keys_run, order_run, enums[ok], ndims[ok], dims, offsets, sizes[ok], real, 2, 64)
+for bad_at in (np.full(len(take), len(prepared), np.int64), np.full(len(take), -1, np.int64)):
+    try:
+        lib.patch_run_table(prepared, bad_at, real, run_blocks)
+    except ValueError:
+        pass
 for bad_order in (order_run[::-1].copy(), np.full(len(take), len(take), np.int64), np.full(len(take), -1, np.int64)):
     try:
         assert lib.build_run_table(b"h", keys_run, bad_order, enums[ok], ndims[ok], dims, offsets, sizes[ok], masked, 0, 64) is None

@@ -1179,6 +1179,25 @@ def test_build_run_table_property(c: dict[str, Any]) -> None:
         return
     assert got == C.build_table(items, c["block_size"]) == table.encode_table(items, c["block_size"])
     assert table.TableReader(got).items() == items
+    # prepared with stand-in crcs, then patched: the same table; a crc of 0 cannot be patched in
+    n = len(c["keys"])
+    crc_at = np.full(n, -7, np.int64)
+    stand_in = np.full(n, 0xFFFFFFFF, np.uint32)
+    prepared, blocks = C.build_run_table(
+        c["header"], c["keys"], c["order"], c["enums"], c["ndims"], c["dims"], c["offsets"], c["sizes"], stand_in,
+        c["shard"], c["block_size"], crc_at,
+    )
+    assert type(prepared) is bytearray and blocks.dtype == np.int64 and len(blocks) % 2 == 0
+    before = bytes(prepared)
+    patched = C.patch_run_table(prepared, crc_at, c["crcs"], blocks)
+    if (c["crcs"] == 0).any():
+        assert patched is False and bytes(prepared) == before
+    else:
+        assert patched is True and bytes(prepared) == got
+    if n and (c["crcs"] == 0).any():
+        with pytest.raises(ValueError, match="non-zero"):
+            C.build_run_table(c["header"], c["keys"], c["order"], c["enums"], c["ndims"], c["dims"], c["offsets"],
+                              c["sizes"], c["crcs"], c["shard"], c["block_size"], crc_at)
     if len(c["keys"]) > 1:  # the same columns in a wrong order: nothing built
         wrong = (np.arange(len(c["keys"]))[::-1] if c["order"] is None else c["order"][::-1]).astype(np.int64)
         assert _run_table(c, wrong) is None
@@ -1210,6 +1229,42 @@ def test_build_run_table_errors() -> None:
     for bad in (dict(keys=["a", b"b"]), dict(keys=[b"a", None]), dict(keys=5)):
         with pytest.raises(TypeError):
             _run_table(dict(base, **bad))
+    with pytest.raises(ValueError):  # crc_at too short
+        C.build_run_table(b"h", [b"a", b"b"], None, z32, z32, base["dims"], z64, z64, np.ones(2, np.uint32), 0, 64,
+                          np.zeros(1, np.int64))
+    with pytest.raises(BufferError):  # crc_at read-only
+        C.build_run_table(b"h", [b"a", b"b"], None, z32, z32, base["dims"], z64, z64, np.ones(2, np.uint32), 0, 64,
+                          bytes(16))
+
+
+@needs_native
+def test_patch_run_table_refuses_positions_outside_the_table() -> None:
+    """crc positions or block handles outside the table raise ValueError, writing nothing; a
+    read-only table raises TypeError."""
+    z32, z64 = np.zeros(3, np.int32), np.zeros(3, np.int64)
+    at = np.zeros(3, np.int64)
+    t, blocks = C.build_run_table(b"h", [b"a", b"b", b"c"], None, z32, z32, np.zeros(0, np.int64), z64, z64,
+                                  np.ones(3, np.uint32), 0, 64, at)
+    crcs = np.array([5, 6, 7], np.uint32)
+    before = bytes(t)
+    for bad_at, bad_blocks in (
+        (np.array([0, 1, len(t) - 3], np.int64), blocks),
+        (np.array([-1, 0, 0], np.int64), blocks),
+        (at, np.array([0, len(t)], np.int64)),
+        (at, np.array([-1, 4], np.int64)),
+        (at, np.array([len(t) + 1, 0], np.int64)),
+    ):
+        with pytest.raises(ValueError):
+            C.patch_run_table(t, bad_at, crcs, bad_blocks)
+        assert bytes(t) == before
+    with pytest.raises(ValueError):  # fewer crcs than positions
+        C.patch_run_table(t, at, crcs[:2], blocks)
+    with pytest.raises(BufferError):
+        C.patch_run_table(before, at, crcs, blocks)
+    assert C.patch_run_table(bytearray(), np.zeros(0, np.int64), np.zeros(0, np.uint32), np.zeros(0, np.int64))
+    assert C.patch_run_table(t, at, crcs, blocks) is True
+    values = [v for k, v in table.TableReader(bytes(t)).items() if k]
+    assert [entry.decode_entry(v).crc32c for v in values] == [5, 6, 7]
 
 
 # --------------------------------------------------------------- parse_block
