@@ -400,11 +400,7 @@ static void codes_init(Codes *c, PyObject *dict)
 
 /* The tensor's type code for the format, or -1 when the array takes the
  * general path (not an ndarray, not C-contiguous, byte-swapped, unknown dtype). */
-#define CODE_ASK_DICT (-3)
-
-/* fast_code's answer from plain reads of the array object (no GIL needed), or CODE_ASK_DICT
- * where only the codes dict knows (a dtype numbered 256 or more, such as ml_dtypes'). */
-static int fast_code_nogil(PyObject *obj, const Codes *codes)
+static int fast_code(PyObject *obj, const Codes *codes)
 {
     if (!PyArray_Check(obj))
         return -1;
@@ -414,15 +410,6 @@ static int fast_code_nogil(PyObject *obj, const Codes *codes)
     int type = PyArray_TYPE(a);
     if (codes->use_small && type >= 0 && type < 256)
         return codes->small[type];
-    return CODE_ASK_DICT;
-}
-
-static int fast_code(PyObject *obj, const Codes *codes)
-{
-    int known = fast_code_nogil(obj, codes);
-    if (known != CODE_ASK_DICT)
-        return known;
-    int type = PyArray_TYPE((PyArrayObject *)obj);
     PyObject *key = PyLong_FromLong(type);
     if (key == NULL)
         return -2;
@@ -495,38 +482,25 @@ static PyObject *describe(PyObject *self, PyObject *args)
     int32_t *e = (int32_t *)PyArray_DATA(enums), *r = (int32_t *)PyArray_DATA(ndims);
     int64_t *s = (int64_t *)PyArray_DATA(sizes);
     npy_intp total_dims = 0;
-    Py_ssize_t ask = 0;
     Codes table;
     codes_init(&table, codes);
-    /* Plain reads of objects the list holds: the GIL is released, so that the writer threads
-     * can write the tensors of an earlier batch meanwhile (see BundleWriter.add_many). */
-    Py_BEGIN_ALLOW_THREADS
+    /* With the GIL: another thread setting an array's shape frees the dimensions read here. */
     for (Py_ssize_t i = 0; i < n; i++) {
-        int code = fast_code_nogil(items[i], &table);
+        int code = fast_code(items[i], &table);
+        if (code == -2)
+            goto done;
         e[i] = code;
-        ask += code == CODE_ASK_DICT;
-    }
-    Py_END_ALLOW_THREADS
-    for (Py_ssize_t i = 0; i < n && ask; i++)
-        if (e[i] == CODE_ASK_DICT) {
-            int code = fast_code(items[i], &table);
-            if (code == -2)
-                goto done;
-            e[i] = code;
-            ask--;
-        }
-    for (Py_ssize_t i = 0; i < n; i++)
-        if (e[i] >= 0) {
+        if (code >= 0) {
             PyArrayObject *a = (PyArrayObject *)items[i];
             s[i] = (int64_t)PyArray_NBYTES(a);
             r[i] = PyArray_NDIM(a);
             total_dims += r[i];
         }
+    }
     dims = new_array(total_dims, NPY_INT64);
     if (!dims)
         goto done;
     int64_t *d = (int64_t *)PyArray_DATA(dims);
-    Py_BEGIN_ALLOW_THREADS
     for (Py_ssize_t i = 0; i < n; i++) {
         if (e[i] < 0)
             continue;
@@ -535,7 +509,6 @@ static PyObject *describe(PyObject *self, PyObject *args)
         for (int k = 0; k < r[i]; k++)
             *d++ = (int64_t)shape[k];
     }
-    Py_END_ALLOW_THREADS
     result = PyTuple_Pack(4, (PyObject *)enums, (PyObject *)sizes, (PyObject *)ndims, (PyObject *)dims);
 done:
     Py_DECREF(fast);

@@ -259,3 +259,19 @@ def test_read_floor_runs(tmp_path: pathlib.Path) -> None:
     assert "read + crc32c, 64 KiB chunks" in text and "read + crc32c, 2 MiB chunks" in text
     assert "checksummed read / read:" in text
     assert not list(tmp_path.glob("gpusaver-floor-*"))  # its file is gone
+
+
+def test_write_floor_runs(tmp_path: pathlib.Path) -> None:
+    """benchmarks/write_floor.py (1 thread vs 2 threads into one file vs into two files) runs end to end
+    at a tiny size, writes its report and leaves no file behind; its numbers are not checked."""
+    out = tmp_path / "wfloor.txt"
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "write_floor.py"), "--size-mib", "9", "--repeat", "1",
+         "--dir", str(tmp_path), "--text", str(out)],
+        capture_output=True, text=True, timeout=HANG_GUARD, cwd=REPO,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    text = out.read_text()
+    for row in ("1 thread, 1 file (reference)", "2 threads, 1 file", "2 threads, 2 files"):
+        assert row in text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["wfloor.txt"]
