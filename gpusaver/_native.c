@@ -469,14 +469,18 @@ static PyObject *describe(PyObject *self, PyObject *args)
     PyObject *seq, *codes;
     if (!PyArg_ParseTuple(args, "OO!:describe", &seq, &PyDict_Type, &codes))
         return NULL;
-    PyObject *fast = PySequence_Fast(seq, "arrays must be a sequence");
+    /* A tuple of its own: NumPy lets go of the GIL while it allocates the columns (calloc of
+     * 1 KiB or more), and another thread could empty the caller's list meanwhile. */
+    PyObject *fast = PySequence_Tuple(seq);
     if (fast == NULL)
         return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
-    PyObject **items = PySequence_Fast_ITEMS(fast);
+    Py_ssize_t n = PyTuple_GET_SIZE(fast);
+    PyObject **items = &PyTuple_GET_ITEM(fast, 0);
     PyArrayObject *enums = new_array(n, NPY_INT32), *sizes = new_array(n, NPY_INT64), *ndims = new_array(n, NPY_INT32);
     PyArrayObject *dims = NULL;
     PyObject *result = NULL;
+    int64_t *shapes = NULL; /* every shape, read in the same pass as the ranks and sizes */
+    size_t shapes_cap = 0;
     if (!enums || !sizes || !ndims)
         goto done;
     int32_t *e = (int32_t *)PyArray_DATA(enums), *r = (int32_t *)PyArray_DATA(ndims);
@@ -484,7 +488,8 @@ static PyObject *describe(PyObject *self, PyObject *args)
     npy_intp total_dims = 0;
     Codes table;
     codes_init(&table, codes);
-    /* With the GIL: another thread setting an array's shape frees the dimensions read here. */
+    /* One pass with the GIL and no call that may release it: another thread setting an array's
+     * shape in place (which frees the dimensions read here) waits until every array is read. */
     for (Py_ssize_t i = 0; i < n; i++) {
         int code = fast_code(items[i], &table);
         if (code == -2)
@@ -492,25 +497,35 @@ static PyObject *describe(PyObject *self, PyObject *args)
         e[i] = code;
         if (code >= 0) {
             PyArrayObject *a = (PyArrayObject *)items[i];
+            int rank = PyArray_NDIM(a);
+            if ((size_t)(total_dims + rank) > shapes_cap) {
+                size_t cap = shapes_cap ? 2 * shapes_cap : 1024;
+                while (cap < (size_t)(total_dims + rank))
+                    cap *= 2;
+                int64_t *grown = PyMem_RawRealloc(shapes, cap * sizeof(int64_t));
+                if (grown == NULL) {
+                    PyErr_NoMemory();
+                    goto done;
+                }
+                shapes = grown;
+                shapes_cap = cap;
+            }
+            npy_intp *shape = PyArray_DIMS(a);
+            for (int k = 0; k < rank; k++)
+                shapes[total_dims + k] = (int64_t)shape[k];
             s[i] = (int64_t)PyArray_NBYTES(a);
-            r[i] = PyArray_NDIM(a);
-            total_dims += r[i];
+            r[i] = rank;
+            total_dims += rank;
         }
     }
     dims = new_array(total_dims, NPY_INT64);
     if (!dims)
         goto done;
-    int64_t *d = (int64_t *)PyArray_DATA(dims);
-    for (Py_ssize_t i = 0; i < n; i++) {
-        if (e[i] < 0)
-            continue;
-        PyArrayObject *a = (PyArrayObject *)items[i];
-        npy_intp *shape = PyArray_DIMS(a);
-        for (int k = 0; k < r[i]; k++)
-            *d++ = (int64_t)shape[k];
-    }
+    if (total_dims)
+        memcpy(PyArray_DATA(dims), shapes, (size_t)total_dims * sizeof(int64_t));
     result = PyTuple_Pack(4, (PyObject *)enums, (PyObject *)sizes, (PyObject *)ndims, (PyObject *)dims);
 done:
+    PyMem_RawFree(shapes);
     Py_DECREF(fast);
     Py_XDECREF(enums);
     Py_XDECREF(sizes);
@@ -2311,17 +2326,22 @@ static PyObject *build_run_table(PyObject *self, PyObject *args)
         PyErr_SetString(PyExc_ValueError, "block_size must be positive");
         return NULL;
     }
-    PyObject *fast = PySequence_Fast(keys_obj, "keys must be a sequence");
+    /* A tuple of its own: it keeps every key alive while the table is built without the GIL,
+     * whatever another thread does to the caller's list. */
+    PyObject *fast = PySequence_Tuple(keys_obj);
     if (fast == NULL)
         return NULL;
-    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
-    PyObject **keys = PySequence_Fast_ITEMS(fast);
+    Py_ssize_t n = PyTuple_GET_SIZE(fast);
+    PyObject **keys = &PyTuple_GET_ITEM(fast, 0);
     Buf b[8];
     memset(b, 0, sizeof b);
     PyObject *result = NULL;
-    int64_t *dim_at = NULL, *crc_at = NULL;
+    /* Copies of what steers the loop (ranks as dim_at, order, where each crc lands), taken and
+     * checked with the GIL: another thread changing the caller's columns meanwhile, or crc_at
+     * sharing memory with one of them, can change what the entries say, never where this reads. */
+    int64_t *dim_at = NULL, *crc_at = NULL, *ord = NULL, *crc_pos = NULL;
     uint32_t *crc_block = NULL; /* with crc_at: the data block each tensor's entry went into */
-    const unsigned char **key_ptr = NULL; /* the keys' bytes (the list holds them), read without the GIL */
+    const unsigned char **key_ptr = NULL; /* the keys' bytes (the tuple holds them), read without the GIL */
     size_t *key_len = NULL;
     unsigned char scratch[ENTRY_ROOM(MAX_RANK)];
     Table t;
@@ -2330,11 +2350,21 @@ static PyObject *build_run_table(PyObject *self, PyObject *args)
         get_buf(objs[2], &b[2], 0, 8, 0, "dims") < 0 || get_buf(objs[3], &b[3], 0, 8, n, "offsets") < 0 ||
         get_buf(objs[4], &b[4], 0, 8, n, "sizes") < 0 || get_buf(objs[5], &b[5], 0, 4, n, "crcs") < 0)
         goto done;
-    const int64_t *order = NULL;
     if (order_obj != Py_None) {
         if (get_buf(order_obj, &b[6], 0, 8, n, "order") < 0)
             goto done;
-        order = b[6].view.buf;
+        ord = PyMem_RawMalloc((size_t)(n > 0 ? n : 1) * sizeof(int64_t));
+        if (ord == NULL) {
+            PyErr_NoMemory();
+            goto done;
+        }
+        memcpy(ord, b[6].view.buf, (size_t)n * sizeof(int64_t));
+        for (Py_ssize_t j = 0; j < n; j++)
+            if (ord[j] < 0 || ord[j] >= n) {
+                PyErr_Format(PyExc_ValueError, "build_run_table: order[%zd] = %lld is out of range", j,
+                             (long long)ord[j]);
+                goto done;
+            }
     }
     const int32_t *enums = b[0].view.buf, *ndims = b[1].view.buf;
     const int64_t *dims = b[2].view.buf, *offsets = b[3].view.buf, *sizes = b[4].view.buf;
@@ -2343,8 +2373,9 @@ static PyObject *build_run_table(PyObject *self, PyObject *args)
         if (get_buf(at_obj, &b[7], 1, 8, n, "crc_at") < 0)
             goto done;
         crc_at = b[7].view.buf;
-        crc_block = PyMem_Malloc((size_t)(n > 0 ? n : 1) * sizeof(uint32_t));
-        if (crc_block == NULL) {
+        crc_block = PyMem_RawMalloc((size_t)(n > 0 ? n : 1) * sizeof(uint32_t));
+        crc_pos = PyMem_RawMalloc((size_t)(n > 0 ? n : 1) * sizeof(int64_t));
+        if (crc_block == NULL || crc_pos == NULL) {
             PyErr_NoMemory();
             goto done;
         }
@@ -2374,34 +2405,34 @@ static PyObject *build_run_table(PyObject *self, PyObject *args)
         }
         key_ptr[i] = (const unsigned char *)PyBytes_AS_STRING(keys[i]);
         key_len[i] = (size_t)PyBytes_GET_SIZE(keys[i]);
-        if (ndims[i] < 0 || ndims[i] > MAX_RANK || dim_at[i] + ndims[i] > ndims_total) {
-            PyErr_Format(PyExc_ValueError, "build_run_table: bad rank %d of tensor %zd", ndims[i], i);
+        int32_t rank = ndims[i]; /* read once: dim_at is what the loop below trusts */
+        if (rank < 0 || rank > MAX_RANK || dim_at[i] + rank > ndims_total) {
+            PyErr_Format(PyExc_ValueError, "build_run_table: bad rank %d of tensor %zd", rank, i);
             goto done;
         }
-        dim_at[i + 1] = dim_at[i] + ndims[i];
+        dim_at[i + 1] = dim_at[i] + rank;
     }
     if (table_init(&t, (size_t)block_size) < 0)
         goto done;
     table_ready = 1;
-    if (order)
-        for (Py_ssize_t j = 0; j < n; j++)
-            if (order[j] < 0 || order[j] >= n) {
-                PyErr_Format(PyExc_ValueError, "build_run_table: order[%zd] = %lld is out of range", j,
-                             (long long)order[j]);
-                goto done;
-            }
-    /* Everything below reads only C memory, held by the caller's objects: other threads (the
-     * writer threads a prepared index overlaps) run meanwhile. */
-    int failed = 0; /* 1: keys out of order; -1: out of memory; -2: negative dimension (bad) */
+    /* Everything below reads only C memory, held by the caller's objects and this call's copies:
+     * other threads (the writer threads a prepared index overlaps) run meanwhile. */
+    int failed = 0; /* 1: keys out of order; -1: out of memory; -2: negative dimension; -3: a crc of 0 */
     Py_ssize_t bad = 0;
     Py_BEGIN_ALLOW_THREADS
     if (table_add(&t, (const unsigned char *)"", 0, (const unsigned char *)PyBytes_AS_STRING(header),
                   (size_t)PyBytes_GET_SIZE(header), NULL) < 0)
         failed = -1;
     for (Py_ssize_t j = 0; j < n && !failed; j++) {
-        Py_ssize_t i = order ? (Py_ssize_t)order[j] : j;
-        Py_ssize_t len = encode_entry_into(scratch, enums[i], ndims[i], dims + dim_at[i], shard, offsets[i], sizes[i],
-                                           crcs[i]);
+        Py_ssize_t i = ord ? (Py_ssize_t)ord[j] : j;
+        uint32_t c = crcs[i];
+        if (crc_pos && c == 0) { /* changed since it was checked: the field would be left out */
+            failed = -3;
+            bad = i;
+            break;
+        }
+        Py_ssize_t len = encode_entry_into(scratch, enums[i], (int)(dim_at[i + 1] - dim_at[i]), dims + dim_at[i], shard,
+                                           offsets[i], sizes[i], c);
         if (len < 0) {
             failed = -2;
             bad = i;
@@ -2409,9 +2440,9 @@ static PyObject *build_run_table(PyObject *self, PyObject *args)
         }
         size_t at[2];
         failed = table_add(&t, key_ptr[i], key_len[i], scratch, (size_t)len, at);
-        if (!failed && crc_at) { /* the crc is the entry's last field: its 4 bytes end the value */
+        if (!failed && crc_pos) { /* the crc is the entry's last field: its 4 bytes end the value */
             crc_block[i] = (uint32_t)at[0];
-            crc_at[i] = (int64_t)at[1] - 4;
+            crc_pos[i] = (int64_t)at[1] - 4;
         }
     }
     if (!failed && table_close(&t) < 0)
@@ -2424,6 +2455,10 @@ static PyObject *build_run_table(PyObject *self, PyObject *args)
     }
     if (failed == -2) {
         PyErr_Format(PyExc_ValueError, "build_run_table: negative dimension in tensor %zd", bad);
+        goto done;
+    }
+    if (failed == -3) {
+        PyErr_Format(PyExc_ValueError, "build_run_table: crc_at needs non-zero crcs (tensor %zd)", bad);
         goto done;
     }
     if (failed) {
@@ -2445,13 +2480,15 @@ static PyObject *build_run_table(PyObject *self, PyObject *args)
     memcpy(PyArray_DATA(blocks), t.data_blocks.p, t.data_blocks.len);
     const uint64_t *handles = (const uint64_t *)t.data_blocks.p;
     for (Py_ssize_t i = 0; i < n; i++)
-        crc_at[i] += (int64_t)handles[2 * (size_t)crc_block[i]];
+        crc_at[i] = crc_pos[i] + (int64_t)handles[2 * (size_t)crc_block[i]];
     result = Py_BuildValue("(NN)", table, (PyObject *)blocks);
 done:
     if (table_ready)
         table_free(&t);
     PyMem_Free(dim_at);
-    PyMem_Free(crc_block);
+    PyMem_RawFree(crc_block);
+    PyMem_RawFree(crc_pos);
+    PyMem_RawFree(ord);
     PyMem_RawFree(key_ptr);
     PyMem_RawFree(key_len);
     for (int k = 0; k < 8; k++)
@@ -2476,6 +2513,7 @@ static PyObject *patch_run_table(PyObject *self, PyObject *args)
     Buf b[4];
     memset(b, 0, sizeof b);
     PyObject *result = NULL;
+    int64_t *copies = NULL;
     if (get_buf(objs[0], &b[0], 1, 0, 0, "table") < 0 || get_buf(objs[1], &b[1], 0, 8, 0, "crc_at") < 0)
         goto done;
     Py_ssize_t n = b[1].view.len / 8;
@@ -2483,9 +2521,20 @@ static PyObject *patch_run_table(PyObject *self, PyObject *args)
         goto done;
     unsigned char *table = b[0].view.buf;
     size_t len = (size_t)b[0].view.len;
-    const int64_t *at = b[1].view.buf, *blocks = b[3].view.buf;
-    const uint32_t *crcs = b[2].view.buf;
     Py_ssize_t nb = b[3].view.len / 16;
+    /* Copies, checked, then used: positions, blocks or crcs lying in the table itself cannot
+     * move a later write once the first one is made. */
+    size_t want = (size_t)(n + 2 * nb + 1) * sizeof(int64_t) + (size_t)(n + 1) * sizeof(uint32_t);
+    copies = PyMem_RawMalloc(want);
+    if (copies == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    int64_t *at = copies, *blocks = at + n;
+    uint32_t *crcs = (uint32_t *)(blocks + 2 * nb);
+    memcpy(at, b[1].view.buf, (size_t)n * sizeof(int64_t));
+    memcpy(blocks, b[3].view.buf, (size_t)(2 * nb) * sizeof(int64_t));
+    memcpy(crcs, b[2].view.buf, (size_t)n * sizeof(uint32_t));
     for (Py_ssize_t i = 0; i < n; i++) {
         if (len < 4 || at[i] < 0 || (uint64_t)at[i] > len - 4) {
             PyErr_Format(PyExc_ValueError, "patch_run_table: crc_at[%zd] lies outside the table", i);
@@ -2524,6 +2573,7 @@ static PyObject *patch_run_table(PyObject *self, PyObject *args)
     result = Py_True;
     Py_INCREF(result);
 done:
+    PyMem_RawFree(copies);
     for (int k = 0; k < 4; k++)
         release_buf(&b[k]);
     return result;

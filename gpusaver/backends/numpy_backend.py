@@ -50,9 +50,9 @@ class NumpyBackend:
 
     def save_group(self, tensors: Sequence[tuple[str, Any]], writer: BundleWriter) -> None:
         listed = tensors if isinstance(tensors, TensorList) else TensorList(tensors)
+        checked = listed.key_column
         writer.add_many(
-            listed.keys, listed.arrays, fallback=lambda name, arr: self._save_one(name, arr, writer),
-            checked=listed.key_column,
+            checked.keys, listed.arrays, fallback=lambda name, arr: self._save_one(name, arr, writer), checked=checked
         )
 
     @staticmethod

@@ -56,15 +56,16 @@ def encode_name(name: Any) -> bytes:
 class KeyColumn:
     """Tensor keys checked once for many saves of the same tensors (a Saver's).
 
+    ``keys``: a copy of the keys, its own (a writer's index reads them after ``add_many`` returns);
     ``valid``: all bytes, none empty, no two alike (a writer then skips those checks);
     ``order``: the positions that sort them (None: in order already). Pass it to
-    :meth:`BundleWriter.add_many` as ``checked``.
+    :meth:`BundleWriter.add_many` as ``checked``, with ``checked.keys`` as the names.
     """
 
     __slots__ = ("keys", "set", "valid", "order")
 
-    def __init__(self, keys: list[bytes]) -> None:
-        self.keys = keys
+    def __init__(self, keys: Sequence[bytes]) -> None:
+        keys = self.keys = list(keys)
         typed = all(type(k) is bytes for k in keys)
         self.set: frozenset[bytes] = frozenset(keys) if typed else frozenset()
         self.valid = typed and len(self.set) == len(keys) and b"" not in self.set

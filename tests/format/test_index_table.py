@@ -21,6 +21,8 @@ from gpusaver.format import entry, table
 from gpusaver.format.reader import BundleReader
 from gpusaver.format.writer import BundleWriter, KeyColumn
 
+from crc_forge import force_crc
+
 needs_native = pytest.mark.skipif(not native.available(), reason=f"gpusaver._native unavailable: {native.reason}")
 PROPERTY = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
@@ -54,7 +56,8 @@ def test_index_table_matches_the_general_path(tmp_path_factory: Any, names: list
     keys = [n.encode() for n in names]
     with config.set(pack_limit=64, pack_bytes=128):
         w = BundleWriter(str(d / "ck"), durable=False)
-        w.add_many(keys, arrays, checked=KeyColumn(keys) if use_checked else None)
+        checked = KeyColumn(keys) if use_checked else None
+        w.add_many(checked.keys if checked else keys, arrays, checked=checked)
         w.finish()
     written = _index(str(d / "ck"))
     general = table.encode_table(w.index_items())
@@ -95,6 +98,18 @@ def test_checked_keys_only_for_the_names_they_were_made_from(tmp_path: Any) -> N
     w.add_many([b"x", b"y"], [np.zeros(1), np.ones(1)], checked=KeyColumn([b"y", b"x"]))
     w.finish()
     assert [k for k, _ in table.TableReader(_index(str(tmp_path / "ck2"))).items()] == [b"", b"x", b"y"]
+    names = [b"b", b"a"]  # names equal to the column's but not its list: checked again, not trusted
+    w = BundleWriter(str(tmp_path / "ck3"), durable=False)
+    k = KeyColumn(names)
+    assert k.keys == names and k.keys is not names
+    w.add_many(names, [np.zeros(1), np.ones(1)], checked=k)
+    names[0] = b"renamed"  # after add_many: the writer kept keys of its own
+    w.finish()
+    assert [k for k, _ in table.TableReader(_index(str(tmp_path / "ck3"))).items()] == [b"", b"a", b"b"]
+    w = BundleWriter(str(tmp_path / "ck4"), durable=False)
+    w.add_many(k.keys, [np.zeros(1), np.ones(1)], checked=k)
+    w.finish()
+    assert [k for k, _ in table.TableReader(_index(str(tmp_path / "ck4"))).items()] == [b"", b"a", b"b"]
 
 
 @needs_native
@@ -137,33 +152,6 @@ def test_tensorflow_reads_an_index_of_many_blocks(tmp_path: Any) -> None:
     assert sorted(reader.get_variable_to_shape_map()) == sorted(names)
 
 
-def _bytes_with_crc(target: int) -> bytes:
-    """Four bytes whose crc32c is ``target``: crc32c of a 4-byte message is affine over GF(2)
-    in its 32 bits, so the bits come from solving that system (Gaussian elimination)."""
-    from gpusaver.format import crc
-
-    base = crc.value(bytes(4))
-    rows = []  # each column of the linear map, with the bit that makes it
-    for bit in range(32):
-        rows.append((crc.value((1 << bit).to_bytes(4, "little")) ^ base, 1 << bit))
-    want, basis = target ^ base, []
-    for vec, src in rows:  # reduce to a basis with distinct leading bits
-        for bvec, bsrc in basis:
-            if vec ^ bvec < vec:
-                vec, src = vec ^ bvec, src ^ bsrc
-        if vec:
-            basis.append((vec, src))
-            basis.sort(reverse=True)
-    x = 0
-    for bvec, bsrc in basis:
-        if want ^ bvec < want:
-            want, x = want ^ bvec, x ^ bsrc
-    assert want == 0
-    data = x.to_bytes(4, "little")
-    assert crc.value(data) == target
-    return data
-
-
 @needs_native
 def test_a_crc_that_masks_to_zero(tmp_path: Any) -> None:
     """protobuf leaves a zero field out, so an entry whose masked crc is 0 is 5 bytes shorter than
@@ -171,13 +159,13 @@ def test_a_crc_that_masks_to_zero(tmp_path: Any) -> None:
     from gpusaver.format import crc
 
     zero_crc = crc.unmask(0)
-    special = np.frombuffer(_bytes_with_crc(zero_crc), np.float32).copy()
+    special = np.frombuffer(force_crc(b"", zero_crc), np.float32).copy()
     rng = np.random.default_rng(9)
     arrays = {f"t{i:05d}": rng.random(3, dtype=np.float32) for i in range(2000)}
     arrays["t01000"] = special
     w = BundleWriter(str(tmp_path / "ck"), durable=False)
-    keys = [k.encode() for k in arrays]
-    w.add_many(keys, list(arrays.values()), checked=KeyColumn(keys))
+    checked = KeyColumn([k.encode() for k in arrays])
+    w.add_many(checked.keys, list(arrays.values()), checked=checked)
     w.finish()
     written = _index(str(tmp_path / "ck"))
     assert written == table.encode_table(w.index_items())
