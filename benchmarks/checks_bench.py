@@ -2,6 +2,7 @@
 
     python benchmarks/checks_bench.py restore --count 100000 --repeat 9
     python benchmarks/checks_bench.py build --count 1000000
+    python benchmarks/checks_bench.py save --count 100000 --shapes many --repeat 9
     python benchmarks/checks_bench.py ab --old /tmp/gs-old --new . --rounds 4 restore --count 100000
 
 ``restore``: a checkpoint of ``--count`` float32 tensors of mixed small shapes (``--shapes mixed``,
@@ -12,6 +13,10 @@ times by one Saver (after one untimed restore), whose names come in sorted order
 split where it starts reading tensor bytes (``restore_checkpoint``, wrapped here): everything before
 is the up-front checks (opening the index, looking up every entry, checking names, dtypes and shapes).
 Prints the medians and the checks' share of the restore.
+
+``save``: the same arrays (``--order`` the Saver's) saved ``--repeat`` times under ``--dir`` by one
+Saver (``durable=False``, after one untimed save, the files removed before each), a full garbage
+collection before each: the median of the whole ``Saver.save``.
 
 ``build``: ``Saver(dict)`` over ``--count`` arrays of 4 float32 each, as separate arrays
 (``--layout separate``) and as views of one buffer (``--layout views``), µs per tensor (median).
@@ -95,6 +100,35 @@ def restore(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def save(args: argparse.Namespace) -> dict[str, Any]:
+    gs = _import(args.src)
+    import numpy as np
+
+    shapes = _SHAPES[args.shapes]
+    rng = np.random.default_rng(0)
+    arrays = {f"layer{i:07d}/w": rng.random(shapes[i % len(shapes)], dtype=np.float32) for i in range(args.count)}
+    if args.order == "shuffled":
+        names = list(arrays)
+        rng.shuffle(names)
+        arrays = {k: arrays[k] for k in names}
+    saver = gs.Saver(arrays, durable=False)
+    root = tempfile.mkdtemp(dir=args.dir)
+    times = []
+    try:
+        for k in range(args.repeat + 1):
+            where = os.path.join(root, str(k))
+            os.mkdir(where)
+            gc.collect()
+            t0 = time.perf_counter()
+            saver.save(os.path.join(where, "ckpt"), write_state=False)
+            if k:  # the first one untimed
+                times.append(time.perf_counter() - t0)
+            shutil.rmtree(where)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    return {"save_ms": statistics.median(times) * 1e3, "save_min_ms": min(times) * 1e3}
+
+
 def build(args: argparse.Namespace) -> dict[str, Any]:
     gs = _import(args.src)
     import numpy as np
@@ -144,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
         ab(args, rest)
         return 0
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("mode", choices=["restore", "build"])
+    p.add_argument("mode", choices=["restore", "save", "build"])
     p.add_argument("--count", type=int, default=None)
     p.add_argument("--repeat", type=int, default=None)
     p.add_argument("--shapes", choices=sorted(_SHAPES), default="mixed")
@@ -154,9 +188,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--src", default=None, help="the directory holding the gpusaver package to measure")
     p.add_argument("--json-out", action="store_true", help="print one JSON line (used by ab)")
     args = p.parse_args(argv)
-    if args.mode == "restore":
+    if args.mode in ("restore", "save"):
         args.count, args.repeat = args.count or 100_000, args.repeat or 9
-        res = restore(args)
+        res = restore(args) if args.mode == "restore" else save(args)
     else:
         args.count, args.repeat = args.count or 1_000_000, args.repeat or 3
         res = build(args)

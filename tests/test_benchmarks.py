@@ -275,3 +275,18 @@ def test_write_floor_runs(tmp_path: pathlib.Path) -> None:
     for row in ("1 thread, 1 file (reference)", "2 threads, 1 file", "2 threads, 2 files"):
         assert row in text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["wfloor.txt"]
+
+
+@pytest.mark.parametrize("mode", ["save", "restore"])
+def test_checks_bench_runs(tmp_path: pathlib.Path, mode: str) -> None:
+    """benchmarks/checks_bench.py save / restore run end to end at a tiny size and print their medians as
+    one JSON line; the numbers are not checked."""
+    done = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "checks_bench.py"), mode, "--count", "50", "--repeat", "2",
+         "--shapes", "many", "--order", "shuffled", "--dir", str(tmp_path), "--json-out"],
+        capture_output=True, text=True, timeout=HANG_GUARD, cwd=REPO,
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    res = json.loads(done.stdout.strip().splitlines()[-1])
+    assert set(res) >= ({"save_ms"} if mode == "save" else {"restore_ms", "checks_ms", "share"})
+    assert list(tmp_path.iterdir()) == []
