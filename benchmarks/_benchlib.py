@@ -557,6 +557,19 @@ def table(headers: Sequence[str], rows: Sequence[Sequence[Any]], align: str | No
     return "\n".join(out)
 
 
+def ratio_table(times: dict[str, list[float]], nbytes: int, ratio_header: str) -> str:
+    """The rows of a floor benchmark (``times``: row name -> seconds of each round, the first row the
+    reference): median, minimum, range, GB/s at the median and the median over the reference's."""
+    import numpy as np
+
+    ref = float(np.median(next(iter(times.values()))))
+    rows = []
+    for name, ts in times.items():
+        med = float(np.median(ts))
+        rows.append([name, fmt(med), fmt(min(ts)), fmt(max(ts) - min(ts)), f"{nbytes / med / 1e9:.2f}", f"{med / ref:.2f}x"])
+    return table(["", "median s", "min s", "range s", "GB/s", ratio_header], rows)
+
+
 def emit(lines: Sequence[str], path: str | None) -> str:
     """Prints a report and, with ``path``, writes it there too; returns its text."""
     text = "\n".join(lines) + "\n"

@@ -97,18 +97,12 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             os.close(fd)
     ref = float(np.median(times[rows[0][0]]))
-    table = []
-    for name, _, _ in rows:
-        ts = times[name]
-        med = float(np.median(ts))
-        table.append([name, bl.fmt(med), bl.fmt(min(ts)), bl.fmt(max(ts) - min(ts)), f"{nbytes / med / 1e9:.2f}",
-                      f"{med / ref:.2f}x"])
     lines = bl.header_lines(info) + [
         "",
         f"{nbytes:,} bytes from {args.dir or tempfile.gettempdir()} into memory already touched, {args.threads} threads "
         f"taking chunks in turn, {args.repeat} interleaved rounds",
         "",
-        bl.table(["", "median s", "min s", "range s", "GB/s", "vs read"], table),
+        bl.ratio_table(times, nbytes, "vs read"),
     ]
     best = min(float(np.median(times[name])) for name, _, verify in rows if verify)
     lines += ["", f"checksummed read / read: {best / ref:.2f} at best (the floor of a verified restore against raw)"]

@@ -92,19 +92,12 @@ def main(argv: list[str] | None = None) -> int:
         for _ in range(args.repeat):
             for name, threads, files in rows:
                 times[name].append(write_all(d, data, threads, files))
-    ref = float(np.median(times[rows[0][0]]))
-    table = []
-    for name, _, _ in rows:
-        ts = times[name]
-        med = float(np.median(ts))
-        table.append([name, bl.fmt(med), bl.fmt(min(ts)), bl.fmt(max(ts) - min(ts)), f"{nbytes / med / 1e9:.2f}",
-                      f"{med / ref:.2f}x"])
     lines = bl.header_lines(info) + [
         "",
         f"{nbytes:,} bytes from memory to new files in {args.dir}, {CHUNK >> 20} MiB pwrite calls, "
         f"{args.repeat} interleaved rounds",
         "",
-        bl.table(["", "median s", "min s", "range s", "GB/s", "vs 1 thread"], table),
+        bl.ratio_table(times, nbytes, "vs 1 thread"),
     ]
     bl.emit(lines, args.text)
     return 0

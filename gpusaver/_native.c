@@ -2232,13 +2232,11 @@ static int table_close(Table *t)
     return out_put(&t->table, footer, 48);
 }
 
-/* The finished table as bytes (a bytearray with mutable), or NULL with an exception set. */
-static PyObject *table_finish(Table *t, int mutable)
+/* The finished table as bytes, or NULL with an exception set. */
+static PyObject *table_finish(Table *t)
 {
     if (table_close(t) < 0)
         return NULL;
-    if (mutable)
-        return PyByteArray_FromStringAndSize((const char *)t->table.p, (Py_ssize_t)t->table.len);
     return PyBytes_FromStringAndSize((const char *)t->table.p, (Py_ssize_t)t->table.len);
 }
 
@@ -2295,7 +2293,7 @@ static PyObject *build_table(PyObject *self, PyObject *args)
         if (r != 0)
             goto done;
     }
-    result = table_finish(&t, 0);
+    result = table_finish(&t);
 done:
     table_free(&t);
     Py_DECREF(fast);
@@ -2379,11 +2377,6 @@ static PyObject *build_run_table(PyObject *self, PyObject *args)
             PyErr_NoMemory();
             goto done;
         }
-        for (Py_ssize_t i = 0; i < n; i++)
-            if (crcs[i] == 0) {
-                PyErr_Format(PyExc_ValueError, "build_run_table: crc_at needs non-zero crcs (tensor %zd)", i);
-                goto done;
-            }
     }
     Py_ssize_t ndims_total = b[2].view.len / 8;
     dim_at = PyMem_Malloc((size_t)(n + 1) * sizeof(int64_t));
@@ -2426,7 +2419,7 @@ static PyObject *build_run_table(PyObject *self, PyObject *args)
     for (Py_ssize_t j = 0; j < n && !failed; j++) {
         Py_ssize_t i = ord ? (Py_ssize_t)ord[j] : j;
         uint32_t c = crcs[i];
-        if (crc_pos && c == 0) { /* changed since it was checked: the field would be left out */
+        if (crc_pos && c == 0) { /* the field would be left out: no place to patch the crc into */
             failed = -3;
             bad = i;
             break;
