@@ -253,4 +253,6 @@ def test_mpiexec_ulfm_sigkill_survivors_raise(tmp_path: pathlib.Path) -> None:
         message = got[k][0]["message"]
         assert f"rank {k} of {RANKS}: all_gather_bytes" in message and "MPI_ERR_PROC_FAILED" in message, message
         assert "another rank has probably died or left the job" in message, message
-    assert rc != 0, output[-4000:]
+    # The survivors' uncaught errors end the job through MPI_Abort. Under ULFM, with two CPU hogs beside the
+    # suite, mpiexec has once exited 0 after printing that MPI_ABORT was invoked: the abort is what is checked.
+    assert rc != 0 or "MPI_ABORT was invoked" in output, output[-4000:]
