@@ -23,6 +23,7 @@ __all__ = [
     "StatePathConflictError",
     "InvalidArgumentError",
     "InvalidArgumentTypeError",
+    "SaverBusyError",
     "ShapeMismatchError",
     "DTypeMismatchError",
     "CheckpointWriteError",
@@ -171,6 +172,12 @@ class InsufficientDeviceMemoryError(GpuSaverError, MemoryError):
 
 class SaveTimeoutError(GpuSaverError, TimeoutError):
     """An asynchronous save had not finished within the time its caller waited (it goes on)."""
+
+
+class SaverBusyError(GpuSaverError, RuntimeError):
+    """A Saver was called from inside one of its own calls on the same thread (from a ``progress``
+    or ``on_phase`` callback): the outer call holds the Saver until it returns. Calls from other
+    threads wait their turn instead."""
 
 
 class CoordinatorError(GpuSaverError, RuntimeError):

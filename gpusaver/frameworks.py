@@ -22,9 +22,9 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from gpusaver.errors import UnsupportedDTypeError
+from gpusaver.errors import InvalidArgumentError, UnsupportedDTypeError
 
-__all__ = ["Adapted", "adapt", "framework_of", "ordered_with_framework"]
+__all__ = ["Adapted", "adapt", "check_not_deleted", "framework_of", "ordered_with_framework"]
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,7 @@ def _from_torch(t: Any, name: str | None) -> Adapted:
             f"variable {name!r} is a torch tensor with a lazy conjugate or negation bit; "
             "call .resolve_conj() / .resolve_neg() first"
         )
+    _check_within_storage(t, name)
     special = _torch_special().get(t.dtype)
     if t.device.type == "cpu":
         try:
@@ -103,7 +104,37 @@ def _from_torch(t: Any, name: str | None) -> Adapted:
     raise UnsupportedDTypeError(f"variable {name!r} is a torch tensor on {t.device}; gpusaver saves CPU and CUDA tensors")
 
 
+def check_not_deleted(a: Any, name: str | None) -> None:
+    """Refuses a JAX array whose buffer was deleted (``a.delete()``, or donated to a jitted function).
+
+    Raises:
+        InvalidArgumentError: naming the variable.
+    """
+    is_deleted = getattr(a, "is_deleted", None)
+    if is_deleted is not None and is_deleted():
+        raise InvalidArgumentError(
+            f"variable {name!r} is a deleted JAX array (deleted, or donated to a jitted function with "
+            "donate_argnums): pass the array the function returned"
+        )
+
+
+def _check_within_storage(t: Any, name: str | None) -> None:
+    """Refuses a tensor whose sizes and strides reach past its storage (torch leaves one so when a
+    ``resize_`` fails part way: the sizes changed, the memory did not). Reading it would read
+    memory that is not the tensor's."""
+    n = t.numel()
+    if n == 0:
+        return
+    last = t.storage_offset() + sum((d - 1) * st for d, st in zip(t.shape, t.stride()) if d > 1)
+    if (last + 1) * t.element_size() > t.untyped_storage().nbytes() or min(t.stride(), default=0) < 0:
+        raise InvalidArgumentError(
+            f"variable {name!r} is a torch tensor of shape {list(t.shape)} whose elements reach past its "
+            f"storage of {t.untyped_storage().nbytes()} bytes (a resize_ that failed part way?)"
+        )
+
+
 def _from_jax(a: Any, name: str | None) -> Adapted:
+    check_not_deleted(a, name)
     why = "JAX arrays are immutable: load them with gpusaver.load(path, like=tree)"
     devices = list(a.devices()) if hasattr(a, "devices") else []
     if devices and all(d.platform == "gpu" for d in devices) and len(devices) == 1:

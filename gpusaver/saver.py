@@ -9,6 +9,7 @@ are accepted where TensorFlow has them and documented as such in the README.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import threading
@@ -19,7 +20,7 @@ import math
 import numbers
 import os
 import re
-from typing import Any, Callable, Iterable, Mapping, NamedTuple
+from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple
 
 import numpy as np
 
@@ -38,6 +39,7 @@ from gpusaver.errors import (
     InvalidArgumentError,
     InvalidArgumentTypeError,
     InvalidCheckpointPathError,
+    SaverBusyError,
     StatePathConflictError,
 )
 from gpusaver.storage.fileops import POSIX, FileOps
@@ -58,7 +60,7 @@ from gpusaver.pipeline import snapshot as _snapshot
 from gpusaver.pipeline.background import SaveHandle
 from gpusaver.pipeline.retention import Retention
 from gpusaver.pipeline.tempdirs import TempDir
-from gpusaver.variables import ResolvedVariable, check_restorable, resolve_var_list
+from gpusaver.variables import ResolvedVariable, SourceWatch, check_restorable, re_resolve, resolve_var_list
 
 __all__ = ["Saver"]
 
@@ -261,9 +263,41 @@ class Saver:
                 "No variables to save: gpusaver has no graph to collect them from; pass var_list "
                 "(a dict {name: array} or a list of named Variables), or allow_empty=True"
             )
-        self._variables: list[ResolvedVariable] = resolve_var_list(var_list) if var_list is not None else []
-        if not self._variables and not allow_empty:
+        resolved = resolve_var_list(var_list) if var_list is not None else []
+        if not resolved and not allow_empty:
             raise InvalidArgumentError("No variables to save (pass allow_empty=True to allow an empty Saver)")
+        self._adopt(resolved)
+        self._lock = threading.Lock()
+        self._owner: threading.Thread | None = None  # the thread inside a call of this Saver
+        self._reshape = reshape
+        self._sharded = sharded
+        self._max_to_keep = max_to_keep or 0
+        self._keep_hours = keep_checkpoint_every_n_hours
+        self._name = name or "save"
+        self._restore_sequentially = restore_sequentially
+        self._pad_step_number = pad_step_number
+        self._save_relative_paths = save_relative_paths
+        self._filename = filename
+        self._durable = durable
+        self._fileops = fileops or POSIX
+        self._on_phase = on_phase
+        self._retention = Retention(self._max_to_keep, self._keep_hours)
+        if snapshot_bytes is not None and (not isinstance(snapshot_bytes, numbers.Integral) or snapshot_bytes <= 0):
+            raise InvalidArgumentError(f"snapshot_bytes must be a positive integer, not {snapshot_bytes!r}")
+        self._snapshot_bytes = int(snapshot_bytes) if snapshot_bytes is not None else None
+        self._pool: Any = None  # save_async's snapshot pool, made on first use
+        self._pending: SaveHandle | None = None
+        self._coordinator: Any = None
+        if coordinator is not None or group is not None or comm is not None:
+            from gpusaver.distributed import resolve_coordinator
+
+            self._coordinator = resolve_coordinator(coordinator, group=group, comm=comm)
+        self._check_replicas = bool(check_replicas)
+
+    def _adopt(self, resolved: list[ResolvedVariable]) -> None:
+        """Takes ``resolved`` as this Saver's variables: their device groups and what is derived from them."""
+        self._resolved = resolved
+        self._variables: list[ResolvedVariable] = resolved
         # Regions of partitioned variables travel beside the plain ones: saved as TensorFlow slices,
         # restored from whatever partitioning the checkpoint holds.
         self._parts = [v for v in self._variables if v.partition is not None]
@@ -289,31 +323,36 @@ class Saver:
             v.source for v in self._variables + self._parts if v.source is not None and v.source is not v.array
         ]
         self._tensors: TensorList | None = None
-        self._reshape = reshape
-        self._sharded = sharded
-        self._max_to_keep = max_to_keep or 0
-        self._keep_hours = keep_checkpoint_every_n_hours
-        self._name = name or "save"
-        self._restore_sequentially = restore_sequentially
-        self._pad_step_number = pad_step_number
-        self._save_relative_paths = save_relative_paths
-        self._filename = filename
-        self._durable = durable
-        self._fileops = fileops or POSIX
-        self._on_phase = on_phase
-        self._retention = Retention(self._max_to_keep, self._keep_hours)
         self._restorable = False
-        if snapshot_bytes is not None and (not isinstance(snapshot_bytes, numbers.Integral) or snapshot_bytes <= 0):
-            raise InvalidArgumentError(f"snapshot_bytes must be a positive integer, not {snapshot_bytes!r}")
-        self._snapshot_bytes = int(snapshot_bytes) if snapshot_bytes is not None else None
-        self._pool: Any = None  # save_async's snapshot pool, made on first use
-        self._pending: SaveHandle | None = None
-        self._coordinator: Any = None
-        if coordinator is not None or group is not None or comm is not None:
-            from gpusaver.distributed import resolve_coordinator
+        self.__dict__.pop("_name_set", None)
+        self._watch = SourceWatch(resolved)
 
-            self._coordinator = resolve_coordinator(coordinator, group=group, comm=comm)
-        self._check_replicas = bool(check_replicas)
+    def _refresh(self) -> None:
+        """Views of the caller's tensors made anew where one was given other memory since the last
+        save or restore (see :class:`~gpusaver.variables.SourceWatch`); a cheap check otherwise."""
+        if self._watch.watching and self._watch.stale():
+            self._adopt(re_resolve(self._resolved))
+
+    @contextlib.contextmanager
+    def _exclusive(self, call: str) -> Iterator[None]:
+        """One call of ``save``, ``save_async``, ``restore``, ``wait`` or ``close`` at a time: a call from
+        another thread waits for the one in progress (a ``save_async`` holds the Saver only while it
+        captures); one from inside a call on the same thread (a callback) is refused."""
+        me = threading.current_thread()
+        owner = self._owner
+        if owner is me or (owner is not None and me.name.startswith("gpusaver-")):
+            # The thread the call runs on, or one of the call's own workers (a progress or on_phase
+            # callback): waiting would wait for ever.
+            raise SaverBusyError(
+                f"Saver.{call} was called from inside another call of the same Saver (from a progress or "
+                "on_phase callback?); call it once that call has returned"
+            )
+        with self._lock:
+            self._owner = me
+            try:
+                yield
+            finally:
+                self._owner = None
 
     # ----------------------------------------------------------- properties
     @property
@@ -397,7 +436,15 @@ class Saver:
             CheckpointWriteError: the save failed (an OSError keeping errno);
                 nothing changed on disk.
         """
+        with self._exclusive("save"):
+            return self._save(save_path, global_step, latest_filename, write_state, meta_graph_suffix, progress)
+
+    def _save(
+        self, save_path: Any, global_step: Any, latest_filename: str | None, write_state: bool,
+        meta_graph_suffix: str, progress: ProgressCallback | None,
+    ) -> str | None:
         self._settle()
+        self._refresh()
         if self._coordinator is not None:
             return self._save_ranks(save_path, global_step, latest_filename, write_state, meta_graph_suffix, progress)
         plan = self._plan_save(save_path, global_step, latest_filename, write_state)
@@ -475,7 +522,16 @@ class Saver:
         """
         if snapshot not in ("host", "device"):
             raise InvalidArgumentError(f"snapshot must be 'host' or 'device', not {snapshot!r}")
+        with self._exclusive("save_async"):
+            return self._save_async(save_path, global_step, latest_filename, write_state, meta_graph_suffix, progress,
+                                    snapshot)
+
+    def _save_async(
+        self, save_path: Any, global_step: Any, latest_filename: str | None, write_state: bool,
+        meta_graph_suffix: str, progress: ProgressCallback | None, snapshot: str,
+    ) -> SaveHandle:
         self._settle()
+        self._refresh()
         rank_plan = None
         capture_groups = self._groups
         if self._coordinator is not None:
@@ -566,10 +622,16 @@ class Saver:
 
     def wait(self) -> None:
         """Waits for this Saver's pending asynchronous save; raises its error if nobody has collected it."""
-        self._settle()
+        with self._exclusive("wait"):
+            self._settle()
 
     def _settle(self) -> None:
         """Waits for the pending asynchronous save; raises its error if nobody collected it."""
+        if self._pending is not None and self._pending.on_its_thread():
+            raise SaverBusyError(
+                "a call of the Saver from a callback of its own asynchronous save would wait for that save "
+                "for ever; call it once the save has finished"
+            )
         pending, self._pending = self._pending, None
         if pending is not None:
             error = pending._uncollected()
@@ -749,25 +811,61 @@ class Saver:
                 before it holds checkpoint values, the damaged one its old values
                 or unverified bytes. Raised once the group's other reads are done.
         """
-        self._settle()
-        if self._coordinator is None:
-            return self._restore_here(save_path, strict, cast, progress)
-        from gpusaver.distributed import agree
+        with self._exclusive("restore"):
+            self._settle()
+            self._refresh()
+            return self._restore(save_path, strict, cast, progress)
 
-        result, error = None, None
-        try:
-            result = self._restore_here(save_path, strict, cast, progress)
-        except Exception as e:  # noqa: BLE001 - every rank raises it, naming this rank
-            error = e
-        agree(self._coordinator, error=error, what="restoring")
-        return result
-
-    def _restore_here(
+    def _restore(
         self, save_path: Any, strict: bool, cast: bool, progress: ProgressCallback | None
     ) -> RestoreResult | None:
-        """Restores this process's variables."""
+        """Checks everything a restore could refuse, then writes.
+
+        With a coordinator every rank checks its own variables against the checkpoint, and no rank
+        writes a byte before every rank has passed (the ranks first compare the arguments): a refusal
+        anywhere is raised on every rank with every array as it was.
+        """
+        c = self._coordinator
+        held: list[BundleReader] = []
+        try:
+            with _gc.paused():
+                if c is None:
+                    run = self._check_restore(save_path, strict, cast, progress, held)
+                else:
+                    from gpusaver.distributed import agree, check_same
+
+                    spelled = save_path if save_path is not None else self._filename
+                    if isinstance(spelled, (str, bytes, os.PathLike)):
+                        spelled = os.fsdecode(spelled)
+                    check_same(c, repr((spelled, bool(strict), bool(cast), self._reshape)),
+                               what="the restore's prefix and arguments")
+                    run, error = None, None
+                    try:
+                        run = self._check_restore(save_path, strict, cast, progress, held)
+                    except Exception as e:  # noqa: BLE001 - every rank raises it, naming this rank
+                        error = e
+                    agree(c, error=error, what="checking the restore against the checkpoint")
+                assert run is not None
+                if c is None:
+                    return run()
+                result, error = None, None
+                try:
+                    result = run()
+                except Exception as e:  # noqa: BLE001 - every rank raises it, naming this rank
+                    error = e
+                agree(c, error=error, what="restoring")
+                return result
+        finally:
+            for reader in held:
+                reader.close()
+
+    def _check_restore(
+        self, save_path: Any, strict: bool, cast: bool, progress: ProgressCallback | None, held: list[BundleReader]
+    ) -> Callable[[], RestoreResult | None]:
+        """Checks the restore of this process's variables; returns what writes them. The checkpoint's
+        reader is appended to ``held`` (the caller closes it)."""
         if self._is_empty:
-            return None  # as TensorFlow: an empty Saver restores nothing, from anywhere
+            return lambda: None  # as TensorFlow: an empty Saver restores nothing, from anywhere
         if save_path is None:
             save_path = self._filename
         if save_path is None:
@@ -776,14 +874,21 @@ class Saver:
         local = paths.local_path(prefix)
         if not os.path.lexists(local + ".index"):  # literally: every prefix save() returned restores
             raise InvalidCheckpointPathError(f"The passed save_path is not a valid checkpoint: {prefix}", prefix)
-        if not self._restorable:  # the variables never change: checked once
+        if not self._restorable:  # checked again only once the variables are made anew
             for v in self._variables:
                 if v.immutable is not None:
                     raise InvalidArgumentError(f"variable {v.name!r} cannot be restored in place: {v.immutable}")
             check_restorable(self._variables)
             self._restorable = True
-        with _gc.paused(), ordered_with_framework(self._sources, writes=True):
-            return self._restore(local, strict, cast, progress)
+        reader = BundleReader(local, self._fileops)
+        held.append(reader)
+        write = self._plan_restore(reader, strict, cast, progress)
+
+        def run() -> RestoreResult:
+            with ordered_with_framework(self._sources, writes=True):
+                return write()
+
+        return run
 
     def _all_tensors(self) -> TensorList:
         """Every variable's ``(name, array)``; the group's own list when there is one group."""
@@ -795,49 +900,58 @@ class Saver:
 
     @functools.cached_property
     def _name_set(self) -> frozenset[str]:
-        """Every variable's name (a Saver's variables never change)."""
+        """Every variable's name (made again with the variables)."""
         return frozenset(v.name for v in self._variables + self._parts)
 
-    def _restore(
-        self, prefix: str, strict: bool, cast: bool, progress: ProgressCallback | None
-    ) -> RestoreResult:
-        reader = BundleReader(prefix, self._fileops)
-        try:
-            parts, missing_parts = self._check_parts(reader, strict, cast) if self._parts else ([], [])
-            if not self._variables:
+    def _plan_restore(
+        self, reader: BundleReader, strict: bool, cast: bool, progress: ProgressCallback | None
+    ) -> Callable[[], RestoreResult]:
+        """Checks every variable against the checkpoint (names, dtypes, shapes, memory; casts read and
+        converted); returns what restores them, which changes nothing before it is called."""
+        parts, missing_parts = self._check_parts(reader, strict, cast) if self._parts else ([], [])
+        if not self._variables:
+            def only_parts() -> RestoreResult:
                 self._restore_with_parts(reader, parts, lambda: None)
                 return RestoreResult(missing_parts, sorted(k for k in reader.variables() if k not in self._name_set))
-            if strict and not cast and progress is None:
-                # The fast path: check_restore names a missing variable; nothing else needs the list.
-                check_restore(reader, self._variables, self._reshape, self._all_tensors())
-                for g in self._restore_groups:
-                    g.backend.check_restore_memory(g.device, g.tensors(), reader)
+
+            return only_parts
+        if strict and not cast and progress is None:
+            # The fast path: check_restore names a missing variable; nothing else needs the list.
+            check_restore(reader, self._variables, self._reshape, self._all_tensors())
+            for g in self._restore_groups:
+                g.backend.check_restore_memory(g.device, g.tensors(), reader)
+
+            def fast() -> RestoreResult:
                 self._restore_with_parts(reader, parts, lambda: restore_checkpoint(
                     reader, self._restore_groups, sequential=self._restore_sequentially,
                     order=self._all_tensors().names))
                 return RestoreResult([], _Unexpected(reader, self._name_set))
-            mine = self._name_set
-            stored = reader.variables()
-            missing = [v.name for v in self._variables if v.name not in stored]
-            unexpected = sorted(k for k in stored if k not in mine)
-            if missing and strict:
-                raise TensorNotFoundError(
-                    f"variable {missing[0]!r} not found in checkpoint {reader.prefix!r}"
-                    + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-                    + "; restore(..., strict=False) restores the others",
-                    missing[0],
-                )
-            present = [v for v in self._variables if v.name in stored]
-            converted = [v for v in present if cast and self._dtype_differs(v, stored[v.name])]
-            cast_ids = {id(v) for v in converted}
-            direct = [v for v in present if id(v) not in cast_ids]
-            whole = len(direct) == len(self._variables)
-            groups = self._restore_groups if whole else group_by_device(direct)
-            tensors = self._all_tensors() if whole else TensorList((v.name, v.array) for v in direct)
-            check_restore(reader, direct, self._reshape, tensors)
-            casts = [(v, self._check_cast(v, stored[v.name], reader)) for v in converted]
-            for g in groups:
-                g.backend.check_restore_memory(g.device, g.tensors(), reader)
+
+            return fast
+        mine = self._name_set
+        stored = reader.variables()
+        missing = [v.name for v in self._variables if v.name not in stored]
+        unexpected = sorted(k for k in stored if k not in mine)
+        if missing and strict:
+            raise TensorNotFoundError(
+                f"variable {missing[0]!r} not found in checkpoint {reader.prefix!r}"
+                + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                + "; restore(..., strict=False) restores the others",
+                missing[0],
+            )
+        present = [v for v in self._variables if v.name in stored]
+        converted = [v for v in present if cast and self._dtype_differs(v, stored[v.name])]
+        cast_ids = {id(v) for v in converted}
+        direct = [v for v in present if id(v) not in cast_ids]
+        whole = len(direct) == len(self._variables)
+        groups = self._restore_groups if whole else group_by_device(direct)
+        tensors = self._all_tensors() if whole else TensorList((v.name, v.array) for v in direct)
+        check_restore(reader, direct, self._reshape, tensors)
+        casts = [(v, self._check_cast(v, stored[v.name], reader)) for v in converted]
+        for g in groups:
+            g.backend.check_restore_memory(g.device, g.tensors(), reader)
+
+        def general() -> RestoreResult:
             counter = None
             if progress is not None:
                 counter = Progress(progress, sum(_stored_bytes(reader, v.name, stored[v.name]) for v in present))
@@ -849,8 +963,8 @@ class Saver:
             if counter is not None:
                 counter.finish()
             return RestoreResult(missing + missing_parts, unexpected)
-        finally:
-            reader.close()
+
+        return general
 
     def _check_parts(self, reader: BundleReader, strict: bool, cast: bool) -> tuple[list[tuple[Any, str]], list[str]]:
         """Each region's stored tensor found and checked (full shape, dtype) before anything changes.
@@ -964,6 +1078,10 @@ class Saver:
         closes on exit. Waits for a pending :meth:`save_async` first, gives back its snapshot
         pool, and raises the save's error if it failed and nobody collected it.
         """
+        with self._exclusive("close"):
+            self._close()
+
+    def _close(self) -> None:
         pending, self._pending = self._pending, None
         error = pending._uncollected() if pending is not None else None
         if self._pool is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from itertools import repeat
 from operator import attrgetter, is_, is_not
@@ -13,9 +14,9 @@ from gpusaver import backends, native
 from gpusaver.devices import CPU0, DeviceSpec, parse_device
 from gpusaver.errors import InvalidArgumentError, InvalidArgumentTypeError, UnsupportedDTypeError
 from gpusaver.format import dtypes
-from gpusaver.frameworks import adapt
+from gpusaver.frameworks import adapt, check_not_deleted, framework_of
 
-__all__ = ["Variable", "ResolvedVariable", "resolve_var_list", "slice_spec"]
+__all__ = ["Variable", "ResolvedVariable", "SourceWatch", "resolve_var_list", "re_resolve", "slice_spec"]
 
 
 class Variable:
@@ -70,6 +71,8 @@ class Variable:
         self.value = value
         self.name = name
         self.device = spec
+        #: the device the caller asked for, or None (the array's own)
+        self.requested = spec if device is not None else None
         self.array = array
         self.kind = adapted.kind
         self.immutable = adapted.immutable
@@ -109,6 +112,8 @@ class ResolvedVariable:
     logical_dtype: np.dtype | None = None
     #: ``(full_shape, offset)`` of a partitioned variable, else None
     partition: tuple[tuple[int, ...], tuple[int, ...]] | None = None
+    #: the device the caller asked for, or None (the array's own)
+    requested: DeviceSpec | None = None
 
     @property
     def key(self) -> str:
@@ -162,7 +167,7 @@ def _as_variable(name: str | None, value: Any) -> Variable:
         if (name is not None and value.name is not None and value.name != name) or value.name is None:
             # The dict key wins, as in TensorFlow; the Variable keeps its placement and region.
             part = value.partition
-            return Variable(value.value, name, value.device, full_shape=part and part[0], offset=part and part[1])
+            return Variable(value.value, name, value.requested, full_shape=part and part[0], offset=part and part[1])
         return value
     return Variable(value, name)
 
@@ -246,10 +251,69 @@ def resolve_var_list(var_list: Mapping[str, Any] | Iterable[Any]) -> list[Resolv
                         f"string variable {v.name!r} holds a {type(item).__name__}; object arrays must hold bytes or str"
                     )
         out.append(
-            ResolvedVariable(v.name, v.array, v.device, backend, v.value, v.immutable, v.logical_dtype, v.partition)
+            ResolvedVariable(
+                v.name, v.array, v.device, backend, v.value, v.immutable, v.logical_dtype, v.partition, v.requested
+            )
         )
     check_no_overlap(out)
     return out
+
+
+def re_resolve(variables: "list[ResolvedVariable]") -> list[ResolvedVariable]:
+    """:func:`resolve_var_list` of the caller's objects again: views of their current memory, on the
+    device each now lives on (the one the caller asked for, where it was given), checked as a new
+    Saver's variables are."""
+    again = []
+    for v in variables:
+        part = v.partition
+        try:
+            again.append(Variable(v.source, v.name, v.requested, full_shape=part and part[0], offset=part and part[1]))
+        except InvalidArgumentError as e:
+            raise type(e)(f"variable {v.name!r} changed since the Saver was made: {e}") from None
+    return resolve_var_list(again)
+
+
+class SourceWatch:
+    """Notices when the caller's objects are no longer what a Saver's views of them show.
+
+    A Saver sees a torch tensor through a view of its memory, made once. The tensor object can
+    be given other memory while the Saver holds it (``param.data = new``, ``model.double()``,
+    ``t.set_(...)``, a ``resize_``): a save through the old view would write the old bytes, a
+    restore would write where the model no longer reads. ``stale()`` compares each tensor's
+    data pointer, shape, strides and dtype with those of the view (about half a microsecond a
+    tensor); the old view keeps the old memory alive, so new memory always has another address.
+    A JAX array cannot change, but it can be deleted (donated to a jitted function).
+
+    NumPy and CuPy arrays are the variables themselves: their current memory is read at every
+    save. Objects seen through ``__dlpack__`` or the array interfaces cannot be watched.
+    """
+
+    def __init__(self, variables: "list[ResolvedVariable]") -> None:
+        torch = sys.modules.get("torch")
+        tensor = getattr(torch, "Tensor", None)
+        self._tensors = [v.source for v in variables if tensor is not None and isinstance(v.source, tensor)]
+        self._prints = self._fingerprint() if self._tensors else None
+        self._jax = [(v.name, v.source) for v in variables if framework_of(v.source) in ("jax", "jaxlib")]
+
+    @property
+    def watching(self) -> bool:
+        return bool(self._tensors or self._jax)
+
+    def _fingerprint(self) -> list[tuple[Any, ...]]:
+        import torch
+
+        t, ts = torch.Tensor, self._tensors
+        return list(zip(map(t.data_ptr, ts), map(t.size, ts), map(t.stride, ts), map(_dtype_of, ts)))
+
+    def stale(self) -> bool:
+        """Whether a torch tensor now has other memory, shape, strides or dtype than its view.
+
+        Raises:
+            InvalidArgumentError: a JAX array was deleted.
+        """
+        for name, a in self._jax:
+            check_not_deleted(a, name)
+        return self._prints is not None and self._fingerprint() != self._prints
 
 
 def _check_partitions(a: Variable, b: Variable) -> None:

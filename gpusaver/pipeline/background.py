@@ -68,6 +68,10 @@ class SaveHandle:
         self._thread = threading.Thread(target=run, name="gpusaver-save-async", daemon=False)
         self._thread.start()
 
+    def on_its_thread(self) -> bool:
+        """Whether the caller is this save's own background thread (one of its callbacks)."""
+        return self._thread is not None and self._thread is threading.current_thread()
+
     def done(self) -> bool:
         """Whether the save has finished (committed, or failed)."""
         return self._done.is_set()
