@@ -14,8 +14,10 @@ import dataclasses
 import functools
 import threading
 import time
+import warnings
 
 import errno
+import logging
 import math
 import numbers
 import os
@@ -62,7 +64,7 @@ from gpusaver.pipeline.retention import Retention
 from gpusaver.pipeline.tempdirs import TempDir
 from gpusaver.variables import ResolvedVariable, SourceWatch, check_restorable, re_resolve, resolve_var_list
 
-__all__ = ["Saver"]
+__all__ = ["Saver", "PhaseCallbackWarning"]
 
 
 
@@ -117,6 +119,46 @@ class RestoreResult(NamedTuple):
 
     missing_keys: list[str]
     unexpected_keys: list[str]
+
+#: The phases ``on_phase`` hears of once the save can no longer be taken back: ``merge`` and
+#: ``total`` end after the commit, ``snapshot`` once save_async's background write is under way.
+AFTER_COMMIT_PHASES = frozenset({"merge", "total", "snapshot"})
+
+
+class PhaseCallbackWarning(RuntimeWarning):
+    """An ``on_phase`` callback raised after the save's commit point; the save stands."""
+
+
+def observe_phases(on_phase: Callable[[str, float], None] | None, prefix: str) -> Callable[[str, float], None] | None:
+    """``on_phase`` as a save calls it, with the rule for a callback that raises.
+
+    Before the commit point (``stage:k``, ``checksum:k``, ``write:k``, ``fsync:k``, ``shard:k``) its
+    error fails the save as any other error does: nothing is committed and nothing is left. After
+    it (:data:`AFTER_COMMIT_PHASES`) the checkpoint is committed, recorded in the state file and
+    retention applied, and the save reports success: the callback's error is reported as a
+    :class:`PhaseCallbackWarning` (logged where warnings are errors), never undoing the save.
+    """
+    if on_phase is None:
+        return None
+
+    def observed(phase: str, seconds: float) -> None:
+        if phase not in AFTER_COMMIT_PHASES:
+            on_phase(phase, seconds)
+            return
+        try:
+            on_phase(phase, seconds)
+        except Exception as e:  # noqa: BLE001 - reported, the save stands
+            message = (
+                f"the on_phase callback raised {type(e).__name__}: {e} in phase {phase!r}, after checkpoint "
+                f"{prefix!r} was committed; the save stands"
+            )
+            try:
+                warnings.warn(message, PhaseCallbackWarning, stacklevel=2)
+            except Warning:  # warnings made errors (-W error): still never undo the save
+                logging.getLogger("gpusaver").warning(message)
+
+    return observed
+
 
 #: The suffix of a V2 data file after its prefix.
 _DATA_FILE = re.compile(r"\.data-\d{5}-of-\d{5}")
@@ -203,7 +245,10 @@ class Saver:
             a process crash is still safe; a power loss is not.
         fileops: file operations (tests inject faults here).
         on_phase: called with ``(phase, seconds)`` as each stage of a save ends
-            (``snapshot``: the time :meth:`save_async` blocked).
+            (``snapshot``: the time :meth:`save_async` blocked). A callback that raises
+            before the commit point fails the save with nothing committed; after it
+            (``merge``, ``total``, ``snapshot``) the save stands and the error is reported
+            as a :class:`PhaseCallbackWarning` (see :func:`observe_phases`).
         snapshot_bytes: the most host memory :meth:`save_async` holds for its
             snapshots (``snapshot_bytes`` setting; default a quarter of the
             available memory). Kept and reused from one save to the next;
@@ -617,7 +662,7 @@ class Saver:
             pool.on_full = None
         handle.blocked_seconds = time.perf_counter() - t0
         if self._on_phase:
-            self._on_phase("snapshot", handle.blocked_seconds)
+            observe_phases(self._on_phase, plan.prefix)("snapshot", handle.blocked_seconds)
         return handle
 
     def wait(self) -> None:
@@ -718,7 +763,7 @@ class Saver:
             sharded=self._sharded,
             durable=self._durable,
             fileops=self._fileops,
-            on_phase=self._on_phase,
+            on_phase=observe_phases(self._on_phase, prefix),
             after_commit=record if plan.write_state else None,
             state_file=latest_filename if plan.write_state else None,
             progress=counter,
