@@ -70,7 +70,7 @@ def merge_bundles(
 
     Raises:
         ValueError: no inputs, a duplicate tensor, inputs that disagree on
-            version or endianness.
+            version or endianness, slices of one tensor that overlap.
         CorruptCheckpointError: an unreadable input.
         CheckpointWriteError: an OSError, keeping its errno.
     """
@@ -120,6 +120,7 @@ def merge_bundles(
                     entry.dtype, entry.shape, entry.shard_id, entry.offset, entry.size, entry.crc32c
                 )
     for key, full in sliced.items():
+        _check_disjoint(key, full.shape, full.slices, "cannot merge: ")
         merged[key] = encode_entry(full.dtype, full.shape, full.shard_id, slices=full.slices)
     num_files = len(file_ids)
     header = encode_header(num_files)
@@ -276,27 +277,96 @@ def _cleanup_inputs(ops: FileOps, prefixes: list[str], merged_prefix: str, empty
                 pass
 
 
+def find_overlap(boxes: Sequence[Sequence[tuple[int, int]]]) -> tuple[int, int] | None:
+    """Two of ``boxes`` that share an element, as their positions ``(i, j)`` with ``i < j``; None when
+    they are disjoint.
+
+    Each box is a ``(start, stop)`` per dimension, all of one rank; an empty box (``start >= stop``
+    somewhere) holds nothing and meets no other. The boxes are swept in order of their starts along the
+    dimension where the starts differ most (a row split's rows, a column split's columns), each checked
+    only against the earlier ones it can still reach there. The answer depends only on ``boxes``: ranks
+    that look at the same boxes name the same pair.
+    """
+    live = [i for i, box in enumerate(boxes) if all(lo < hi for lo, hi in box)]
+    if len(live) < 2:
+        return None
+    ndim = len(boxes[live[0]])
+    if ndim == 0:
+        return live[0], live[1]  # two regions of a scalar are the scalar, twice
+    axis = max(range(ndim), key=lambda d: len({boxes[i][d][0] for i in live}))
+    active: list[int] = []
+    for i in sorted(live, key=lambda k: (boxes[k][axis][0], k)):
+        start = boxes[i][axis][0]
+        active = [j for j in active if boxes[j][axis][1] > start]
+        for j in active:
+            if all(a < d and c < b for (a, b), (c, d) in zip(boxes[i], boxes[j])):
+                return min(i, j), max(i, j)
+        active.append(i)
+    return None
+
+
+def _box(shape: Sequence[int], extents: Sequence[tuple[int, int]]) -> list[tuple[int, int]]:
+    return [(0, dim) if length == -1 else (start, start + length) for dim, (start, length) in zip(shape, extents)]
+
+
+def _spec(extents: Sequence[tuple[int, int]]) -> str:
+    return ":".join("-" if length == -1 else f"{start},{length}" for start, length in extents)
+
+
 def combine_slices(items: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
     """Sorted index items of several shards, with each partitioned tensor's entries made one.
 
     Each shard lists the slices it holds in its own entry for the tensor; the merged index holds one
-    entry listing them all (as TensorFlow's MergeBundles does).
+    entry listing them all (as TensorFlow's MergeBundles does). The slices of the shards must be
+    disjoint: TensorFlow refuses a tensor whose slices overlap, and a reader would take either
+    shard's values where they meet. Slices that leave holes are kept (the format allows them).
 
     Raises:
-        InvalidArgumentError: one name stored twice, or as slices that disagree on dtype or shape.
+        InvalidArgumentError: one name stored twice, or as slices that disagree on dtype or shape, or
+            slices that overlap.
     """
     out: list[tuple[bytes, bytes]] = []
-    for key, value in items:
-        if out and out[-1][0] == key:
-            first, other = decode_entry(out[-1][1]), decode_entry(value)
-            if not first.slices or not other.slices:
-                raise InvalidArgumentError(f"tensor {key.decode('utf-8', 'replace')!r} is stored twice")
-            if first.dtype != other.dtype or tuple(first.shape) != tuple(other.shape):
-                raise InvalidArgumentError(
-                    f"the slices of {key.decode('utf-8', 'replace')!r} disagree: {list(first.shape)} and "
-                    f"{list(other.shape)}"
-                )
-            out[-1] = (key, encode_entry(first.dtype, first.shape, first.shard_id, slices=[*first.slices, *other.slices]))
-        else:
+    n, at = len(items), 0
+    while at < n:
+        key, value = items[at]
+        end = at + 1
+        while end < n and items[end][0] == key:
+            end += 1
+        if end == at + 1:
             out.append((key, value))
+        else:
+            out.append((key, _combined(key, [v for _, v in items[at:end]])))
+        at = end
     return out
+
+
+def _combined(key: bytes, values: list[bytes]) -> bytes:
+    """One entry for a tensor whose slices several shards list."""
+    name = key.decode("utf-8", "replace")
+    entries = [decode_entry(v) for v in values]
+    first = entries[0]
+    for other in entries[1:]:
+        if not first.slices or not other.slices:
+            raise InvalidArgumentError(f"tensor {name!r} is stored twice")
+        if tuple(first.shape) != tuple(other.shape):
+            raise InvalidArgumentError(
+                f"the slices of {name!r} disagree: {list(first.shape)} and {list(other.shape)}"
+            )
+        if first.dtype != other.dtype:
+            raise InvalidArgumentError(
+                f"the slices of {name!r} disagree on the dtype: DataType {first.dtype} and {other.dtype}"
+            )
+    slices = [list(s) for e in entries for s in e.slices]
+    _check_disjoint(key, first.shape, slices)
+    return encode_entry(first.dtype, first.shape, first.shard_id, slices=slices)
+
+
+def _check_disjoint(key: bytes, shape: Sequence[int], slices: Sequence[Sequence[tuple[int, int]]], what: str = "") -> None:
+    """Raises InvalidArgumentError, naming two of them, when ``slices`` of the tensor ``key`` overlap."""
+    pair = find_overlap([_box(shape, s) for s in slices])
+    if pair is not None:
+        a, b = (slices[k] for k in pair)
+        raise InvalidArgumentError(
+            f"{what}the slices of {key.decode('utf-8', 'replace')!r} overlap: {_spec(a)} and {_spec(b)} of shape "
+            f"{list(shape)}"
+        )

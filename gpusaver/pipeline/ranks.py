@@ -5,10 +5,15 @@ agreement of all ranks (any failure raises on every rank, naming the first rank
 that failed):
 
 1. **Plan.** Each rank sends how many shards it writes and its variables' names,
-   dtypes and shapes. Shard numbers are global, in (rank, device) order. A name
+   dtypes and shapes (a region of a partitioned variable: its tensor's full shape
+   and its offset too). Shard numbers are global, in (rank, device) order. A name
    held by several ranks is a *replicated* variable: its shapes and dtypes must
    agree, and one of its holders writes it (the holders take turns, name by
-   name, so that no rank writes them all).
+   name, so that no rank writes them all). The regions of a partitioned variable
+   must be of one tensor (full shape, dtype) and disjoint across the ranks; the
+   same region held by several ranks is replicated as a variable is; a name may
+   not be a whole variable on one rank and partitioned on another. Any of these
+   refused here is refused on every rank before anything is written.
 2. **Write.** Each rank writes its shards into a temporary directory of its own,
    ``<prefix>_temp_<uuid>`` (locked by its process, as a single-process save's),
    and sends the encoded index entries and the paths of its data files.
@@ -41,7 +46,7 @@ from gpusaver.distributed import agree, broadcast_result
 from gpusaver.errors import CheckpointWriteError, DTypeMismatchError, InvalidArgumentError, ShapeMismatchError
 from gpusaver.format import BundleWriter
 from gpusaver.format.entry import encode_header
-from gpusaver.format.merge import combine_slices, commit_merged
+from gpusaver.format.merge import combine_slices, commit_merged, find_overlap
 from gpusaver.format.naming import index_filename
 from gpusaver.pipeline import write_group
 from gpusaver.pipeline.tempdirs import COMMITTING, make_temp_dir, roll_back_unrecorded
@@ -90,58 +95,174 @@ def _host_crc(array: Any) -> int:
 
 
 def _describe(groups: Sequence[Any], with_crc: bool) -> bytes:
-    """Each variable's name, dtype, shape (and with ``with_crc`` the crc32c of its bytes), as JSON."""
+    """Each variable's key, dtype, shape (and with ``with_crc`` the crc32c of its bytes), as JSON; a region of a
+    partitioned variable also its name, its tensor's full shape and its offset."""
     rows = [
         [v.key, str(v.dtype), list(np.shape(v.array)), _host_crc(v.array) if with_crc else None]
         for g in groups
-        for v in [*g.variables, *getattr(g, "parts", ())]
+        for v in g.variables
+    ]
+    rows += [
+        [v.key, str(v.dtype), list(np.shape(v.array)), _host_crc(v.array) if with_crc else None,
+         v.name, list(v.partition[0]), list(v.partition[1])]
+        for g in groups
+        for v in getattr(g, "parts", ())
     ]
     return json.dumps(rows).encode()
 
 
+class _Replica:
+    """One variable, or one region, and the ranks that hold it."""
+
+    __slots__ = ("key", "dtype", "shape", "holders", "checksum")
+
+    def __init__(self, key: str, dtype: str, shape: tuple[int, ...], rank: int, checksum: Any) -> None:
+        self.key, self.dtype, self.shape, self.holders, self.checksum = key, dtype, shape, [rank], checksum
+
+
+def _check_bytes(what: str, got: _Replica, rank: int, checksum: Any) -> None:
+    if checksum is not None and got.checksum is not None and checksum != got.checksum:
+        raise InvalidArgumentError(
+            f"{what} differs between rank {got.holders[0]} and rank {rank} "
+            f"(crc32c {got.checksum:#010x} and {checksum:#010x}; check_replicas=True)"
+        )
+
+
+def _where(offset: Sequence[int], shape: Sequence[int]) -> str:
+    return f"offset {list(offset)} shape {list(shape)}"
+
+
+def _plan(described: Sequence[bytes], rank: int) -> tuple[set[str], set[str]]:
+    """:func:`plan_replicas`, as the keys of the plain variables and those of the regions this rank does not write."""
+    plain: dict[str, _Replica] = {}
+    #: a partitioned variable's name -> (full shape, dtype, the first rank holding a region of it)
+    tensors: dict[str, tuple[tuple[int, ...], str, int]] = {}
+    #: (name, offset, shape) -> the region
+    regions: dict[tuple[str, tuple[int, ...], tuple[int, ...]], _Replica] = {}
+    for r, blob in enumerate(described):
+        for row in json.loads(blob):
+            key, dtype, shape, checksum = row[0], row[1], tuple(row[2]), row[3]
+            if len(row) == 4:
+                got = plain.get(key)
+                if got is None:
+                    plain[key] = _Replica(key, dtype, shape, r, checksum)
+                    continue
+                if got.dtype != dtype:
+                    raise DTypeMismatchError(
+                        f"replicated variable {key!r}: rank {got.holders[0]} holds {got.dtype}, rank {r} holds {dtype}"
+                    )
+                if got.shape != shape:
+                    raise ShapeMismatchError(
+                        f"replicated variable {key!r}: rank {got.holders[0]} holds shape {list(got.shape)}, "
+                        f"rank {r} holds {list(shape)}"
+                    )
+                _check_bytes(f"replicated variable {key!r}", got, r, checksum)
+                got.holders.append(r)
+                continue
+            name, full, offset = row[4], tuple(row[5]), tuple(row[6])
+            tensor = tensors.setdefault(name, (full, dtype, r))
+            if tensor[0] != full:
+                raise ShapeMismatchError(
+                    f"partitioned variable {name!r}: rank {tensor[2]} holds a region of a tensor of shape "
+                    f"{list(tensor[0])}, rank {r} a region of a tensor of shape {list(full)}"
+                )
+            if tensor[1] != dtype:
+                raise DTypeMismatchError(
+                    f"partitioned variable {name!r}: rank {tensor[2]} holds a region of a {tensor[1]} tensor, "
+                    f"rank {r} a region of a {dtype} tensor"
+                )
+            got = regions.get((name, offset, shape))
+            if got is None:
+                regions[(name, offset, shape)] = _Replica(key, dtype, shape, r, checksum)
+                continue
+            _check_bytes(f"the region {_where(offset, shape)} of partitioned variable {name!r}", got, r, checksum)
+            got.holders.append(r)
+    for name, (full, _, r) in tensors.items():
+        whole = plain.get(name)
+        if whole is not None:
+            raise InvalidArgumentError(
+                f"variable {name!r} is a whole variable of shape {list(whole.shape)} on rank {whole.holders[0]} "
+                f"and a partitioned one (a region of a tensor of shape {list(full)}) on rank {r}: every rank "
+                "must hold it the same way"
+            )
+    by_name: dict[str, list[tuple[tuple[int, ...], tuple[int, ...], _Replica]]] = {}
+    for (name, offset, shape), region in regions.items():
+        by_name.setdefault(name, []).append((offset, shape, region))
+    for name, held in by_name.items():
+        pair = find_overlap([[(o, o + n) for o, n in zip(offset, shape)] for offset, shape, _ in held])
+        if pair is None:
+            continue
+        (oa, sa, a), (ob, sb, b) = sorted((held[k] for k in pair), key=lambda h: h[2].holders[0])
+        raise InvalidArgumentError(
+            f"partitioned variable {name!r}: the region {_where(oa, sa)} on rank {a.holders[0]} overlaps the region "
+            f"{_where(ob, sb)} on rank {b.holders[0]}; the regions of a variable must be disjoint across ranks "
+            "(a region that several ranks hold whole is a replica, written once)"
+        )
+    # Replicas, plain and regions alike, in order of their keys: each holder set's holders take turns.
+    replicated = sorted(
+        [(v.key, 0, v) for v in plain.values() if len(v.holders) > 1]
+        + [(v.key, 1, v) for v in regions.values() if len(v.holders) > 1],
+        key=lambda t: (t[0], t[1]),
+    )
+    skip: tuple[set[str], set[str]] = (set(), set())
+    turns: dict[tuple[int, ...], int] = {}
+    for key, kind, v in replicated:
+        holders = tuple(v.holders)
+        turn = turns.get(holders, 0)
+        turns[holders] = turn + 1
+        if rank in holders and holders[turn % len(holders)] != rank:
+            skip[kind].add(key)
+    return skip
+
+
 def plan_replicas(described: Sequence[bytes], rank: int) -> set[str]:
-    """The replicated keys (names; a region's name and slice spec) this rank does not write (another holder does), after checking that every
-    holder of a name has the same dtype and shape.
+    """The replicated keys (names; a region's name and slice spec) this rank does not write (another holder does),
+    after checking that the ranks agree about the variables.
 
     A name held by ranks ``h_0 < h_1 < ...`` is written by ``h_(c mod len(h))``, where ``c`` counts the
     replicated names with that same holder set before it in sorted order: each holder takes every
     ``len(h)``-th of them.
 
+    A region of a partitioned variable is replicated as a variable is: the same region (name, offset and
+    shape, of one full shape and dtype) held by several ranks is written once, by one of its holders, the
+    holders taking turns over the replicated keys as above (with ``check_replicas``, their bytes compared
+    too). Regions that overlap without being the same are refused, as one process refuses them: the
+    stored slices would overlap, which TensorFlow refuses ("Overlapping slices") and from which a reader
+    takes one rank's values. Regions that leave holes are allowed (TensorFlow's partial slices).
+
     Raises:
-        DTypeMismatchError, ShapeMismatchError: holders disagree (the same on every rank).
-        InvalidArgumentError: with crcs (``check_replicas``), holders hold different bytes.
+        DTypeMismatchError, ShapeMismatchError: holders of a name disagree on its dtype or shape, or
+            ranks holding regions of a partitioned variable disagree on its dtype or full shape.
+        InvalidArgumentError: regions of a partitioned variable on two ranks overlap without being the same; a
+            name is a whole variable on one rank and partitioned on another; with crcs (``check_replicas``),
+            holders hold different bytes. All of them the same on every rank (``described`` is).
     """
-    seen: dict[str, tuple[str, tuple[int, ...], list[int], Any]] = {}
-    for r, blob in enumerate(described):
-        for name, dtype, shape, checksum in json.loads(blob):
-            got = seen.get(name)
-            if got is None:
-                seen[name] = (dtype, tuple(shape), [r], checksum)
-                continue
-            if got[0] != dtype:
-                raise DTypeMismatchError(
-                    f"replicated variable {name!r}: rank {got[2][0]} holds {got[0]}, rank {r} holds {dtype}"
-                )
-            if got[1] != tuple(shape):
-                raise ShapeMismatchError(
-                    f"replicated variable {name!r}: rank {got[2][0]} holds shape {list(got[1])}, "
-                    f"rank {r} holds {list(shape)}"
-                )
-            if checksum is not None and got[3] is not None and checksum != got[3]:
-                raise InvalidArgumentError(
-                    f"replicated variable {name!r} differs between rank {got[2][0]} and rank {r} "
-                    f"(crc32c {got[3]:#010x} and {checksum:#010x}; check_replicas=True)"
-                )
-            got[2].append(r)
-    skip: set[str] = set()
-    turns: dict[tuple[int, ...], int] = {}
-    for name in sorted(n for n, (_, _, holders, _) in seen.items() if len(holders) > 1):
-        holders = tuple(seen[name][2])
-        turn = turns.get(holders, 0)
-        turns[holders] = turn + 1
-        if rank in holders and holders[turn % len(holders)] != rank:
-            skip.add(name)
-    return skip
+    skip_plain, skip_regions = _plan(described, rank)
+    return skip_plain | skip_regions
+
+
+def _without(groups: Sequence[Any], skip_plain: set[str], skip_regions: set[str]) -> list[Any]:
+    """``groups`` without the plain variables keyed in ``skip_plain`` and the regions keyed in ``skip_regions``."""
+    from gpusaver.pipeline import Group
+
+    return [
+        Group(g.device, [v for v in g.variables if v.key not in skip_plain],
+              [v for v in getattr(g, "parts", ()) if v.key not in skip_regions])
+        for g in groups
+    ]
+
+
+def _ambiguous(groups: Sequence[Any], skip_plain: set[str], skip_regions: set[str]) -> bool:
+    """Whether one of the keys to leave out is also the key of a variable of the other kind this rank writes
+    (a plain variable named like a region, ``"emb/0,5"``): a filter by key alone would drop both."""
+    parts = {v.key for g in groups for v in getattr(g, "parts", ())}
+    if not parts:
+        return False  # the common case: checked without a look at the (maybe millions of) plain variables
+    if (skip_plain & parts) - skip_regions:
+        return True
+    return bool(skip_regions) and any(
+        v.key in skip_regions and v.key not in skip_plain for g in groups for v in g.variables
+    )
 
 
 class _Written:
@@ -177,18 +298,25 @@ def plan_ranks(
         check_replicas: compare the crc32c of every replicated variable's bytes across its holders.
 
     Raises:
-        CoordinatorError: on every rank, when holders of a replicated variable disagree (or a rank failed).
+        CoordinatorError: on every rank, before anything is written, when the ranks disagree about the variables
+            (``error_type`` and, on each rank, ``__cause__`` say how: see :func:`plan_replicas`), or a rank failed.
     """
     c = coordinator
     error: BaseException | None = None
     described = agree(c, _describe(groups, check_replicas), what="planning the save")
-    skip: set[str] = set()
+    skip_plain: set[str] = set()
+    skip_regions: set[str] = set()
     try:
-        skip = plan_replicas(described, c.rank)
+        skip_plain, skip_regions = _plan(described, c.rank)
     except BaseException as e:  # noqa: BLE001 - the same on every rank; agreed below all the same
         error = e
     agree(c, error=error, what="planning the save")
-    mine = filter_groups(skip) if skip and filter_groups is not None else groups
+    mine: Sequence[Any] = groups
+    if skip_plain or skip_regions:
+        if filter_groups is not None and not _ambiguous(groups, skip_plain, skip_regions):
+            mine = filter_groups(skip_plain | skip_regions)
+        else:
+            mine = _without(groups, skip_plain, skip_regions)
     mine = [g for g in mine if g.variables or getattr(g, "parts", None)]
     count = (len(mine) if sharded else 1) if mine else 0
     counts = [int(x) for x in agree(c, str(count).encode(), what="counting the shards")]
