@@ -174,9 +174,14 @@ def _check_leaf(reader: Any, variable: Any, strict: bool, cast: bool) -> bool:
     stored_dtype = reader.get_variable_to_dtype_map()[name]
     stored_shape = tuple(reader.get_variable_to_shape_map()[name])
     want = variable.dtype
-    if stored_dtype != want and (not cast or (stored_dtype.kind == "O") != (want.kind == "O")):
-        why = "strings and numbers do not convert" if cast else "cast=True converts it"
+    if stored_dtype != want and not _python_number_takes(variable.value, stored_dtype) and not cast:
+        numbers = (stored_dtype.kind == "O") == (want.kind == "O")
+        why = "cast=True converts it where every value fits exactly" if numbers else "strings and numbers do not convert"
         raise DTypeMismatchError(f"{name!r} is {want} but checkpoint {reader.prefix!r} stores {stored_dtype} ({why})")
+    if cast and (stored_dtype.kind == "O") != (want.kind == "O"):
+        raise DTypeMismatchError(
+            f"{name!r} is {want} but checkpoint {reader.prefix!r} stores {stored_dtype} (strings and numbers do not convert)"
+        )
     if stored_shape != variable.shape:
         raise ShapeMismatchError(f"{name!r} has shape {list(variable.shape)}, the checkpoint {list(stored_shape)}")
     return True
@@ -200,10 +205,49 @@ def _load_dict(prefix: str, device: int | None, progress: ProgressCallback | Non
     return out
 
 
+def _python_number_takes(old: Any, stored: np.dtype) -> bool:
+    """Whether a Python int, float or bool leaf holds every value of ``stored`` exactly, so that no
+    cast is needed (a Python int has no width: any stored integer fits; a float any stored float)."""
+    if isinstance(old, (bool, np.generic)) or not isinstance(old, (int, float)):
+        return isinstance(old, bool) and stored.kind == "b"
+    from gpusaver.variables import _is_ml_float
+
+    if isinstance(old, int):
+        return stored.kind in "biu"
+    return stored.kind == "f" or _is_ml_float(stored)
+
+
+def _python_number(old: Any, value: np.ndarray, name: str) -> Any:
+    """The 0-d ``value`` as a Python number of ``old``'s type, exactly (or a DTypeMismatchError)."""
+    from gpusaver.variables import checked_cast
+
+    if isinstance(old, bool):
+        return bool(checked_cast(value, np.dtype(bool), name)[()])
+    if isinstance(old, int):
+        if value.dtype.kind in "biu":
+            return int(value.item())  # a Python int holds any stored integer
+        as_int = checked_cast(value.astype(np.float64) if value.dtype.kind != "c" else value,
+                              np.dtype(np.float64), name)
+        x = float(as_int.real if as_int.dtype.kind == "c" else as_int)
+        if not np.isfinite(x) or x != int(x):
+            from gpusaver.errors import DTypeMismatchError
+
+            raise DTypeMismatchError(
+                f"variable {name!r}: the stored {value.dtype} value {value.item()!r} does not convert to a Python int "
+                "exactly (it is not a finite integral value)"
+            )
+        return int(x)
+    return float(checked_cast(value, np.dtype(np.float64), name)[()])
+
+
 def _like(old: Any, variable: Any, value: np.ndarray, cast: bool) -> Any:
-    """A new immutable leaf of ``old``'s kind holding ``value``."""
+    """A new immutable leaf of ``old``'s kind holding ``value`` (converted exactly, or refused)."""
+    if variable.kind == "scalar" and isinstance(old, (int, float)) and not isinstance(old, np.generic):
+        return _python_number(old, value, variable.name)
     if value.dtype != variable.dtype:  # checked by _check_leaf: cast=True, both numbers
-        value = value.astype(variable.dtype)
+        from gpusaver.variables import checked_cast
+
+        value = checked_cast(value, variable.dtype, variable.name)
     if variable.kind == "jax":
         import jax
 

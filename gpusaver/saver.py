@@ -62,7 +62,14 @@ from gpusaver.pipeline import snapshot as _snapshot
 from gpusaver.pipeline.background import SaveHandle
 from gpusaver.pipeline.retention import Retention
 from gpusaver.pipeline.tempdirs import TempDir
-from gpusaver.variables import ResolvedVariable, SourceWatch, check_restorable, re_resolve, resolve_var_list
+from gpusaver.variables import (
+    ResolvedVariable,
+    SourceWatch,
+    check_restorable,
+    checked_cast,
+    re_resolve,
+    resolve_var_list,
+)
 
 __all__ = ["Saver", "PhaseCallbackWarning"]
 
@@ -835,9 +842,13 @@ class Saver:
                 variables the checkpoint has are restored and the others keep
                 their values (as ``torch.nn.Module.load_state_dict(strict=False)``
                 and TensorFlow's ``expect_partial``).
-            cast: restore a stored tensor of another dtype by converting it
-                (NumPy's unsafe casting, as ``astype``); without it a dtype
-                difference is a DTypeMismatchError, never a silent conversion.
+            cast: restore a stored tensor of another dtype by converting it: a
+                float may round to a narrower float; nothing else changes a value
+                (no wrap-around, no NaN as an integer: such a value is a
+                DTypeMismatchError naming it and the target's range, raised before
+                anything changes; see :func:`gpusaver.variables.checked_cast`).
+                Without it a dtype difference is a DTypeMismatchError, never a
+                silent conversion.
             progress: ``callback(done_bytes, total_bytes)`` as the data is read.
 
         Returns:
@@ -1105,14 +1116,7 @@ class Saver:
             )
         if not getattr(getattr(v.array, "flags", None), "writeable", True):
             raise InvalidArgumentError(f"variable {v.name!r} is read-only and cannot be restored in place")
-        mine = v.dtype
-        value = reader.get_tensor(v.name)
-        if (value.dtype.kind == "O") != (mine.kind == "O"):
-            raise DTypeMismatchError(
-                f"variable {v.name!r} is {mine} but checkpoint {reader.prefix!r} stores {value.dtype}: "
-                "strings and numbers do not convert"
-            )
-        return value.astype(mine).reshape(shape)
+        return checked_cast(reader.get_tensor(v.name), v.dtype, v.name).reshape(shape)
 
     # --------------------------------------------------------------- protos
     def close(self) -> None:

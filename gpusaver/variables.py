@@ -518,3 +518,66 @@ def _check_group(variables: "list[ResolvedVariable]", members: list[int]) -> Non
                     "views of one buffer); restoring into both would be nondeterministic: save a copy of one"
                 )
         active.append((hi, i))
+
+
+def checked_cast(value: np.ndarray, dtype: np.dtype, name: str) -> np.ndarray:
+    """``value`` converted to ``dtype`` for a restore with ``cast=True``: exact, or refused.
+
+    A cast may round a floating-point value to a narrower float (float64 -> float32, -> bfloat16),
+    as any conversion of precision does; it never wraps, saturates or invents a value: an integer
+    or bool target must hold every value (integral, finite, within its range; bool: 0 or 1), a
+    float target every finite value without overflowing (and an integer exactly), a real target
+    no imaginary part.
+
+    Raises:
+        DTypeMismatchError: naming the variable, the first value that does not fit and the
+            target's range; strings and numbers never convert.
+    """
+    from gpusaver.errors import DTypeMismatchError
+
+    src, dst = value.dtype, np.dtype(dtype)
+    if (src.kind == "O") != (dst.kind == "O"):
+        raise DTypeMismatchError(f"variable {name!r} is {dst} but the checkpoint stores {src}: strings and numbers do not convert")
+    if src == dst or src.kind == "O":
+        return value.astype(dst)
+
+    def refuse(bad: Any, why: str) -> DTypeMismatchError:
+        return DTypeMismatchError(f"variable {name!r}: the stored {src} value {bad!r} does not convert to {dst} exactly ({why})")
+
+    flat = value.reshape(-1)
+    if src.kind == "c" and dst.kind != "c":
+        imag = np.flatnonzero(flat.imag != 0)
+        if imag.size:
+            raise refuse(flat[imag[0]].item(), "it has an imaginary part")
+        flat = flat.real
+    with np.errstate(all="ignore"):  # a value that does not fit is found below and refused
+        out = flat.astype(dst)
+    if dst.kind in "biu":
+        lo, hi = (0, 1) if dst.kind == "b" else (int(np.iinfo(dst).min), int(np.iinfo(dst).max))
+        if flat.dtype.kind == "f" or _is_ml_float(flat.dtype):
+            as64 = flat.astype(np.float64)
+            bad = np.flatnonzero(~np.isfinite(as64) | (as64 != np.floor(as64)) | (as64 < lo) | (as64 > hi))
+        elif flat.dtype.kind in "iu" and flat.size and (int(flat.min()) < lo or int(flat.max()) > hi):
+            bad = np.array([next(i for i, x in enumerate(flat.tolist()) if not lo <= x <= hi)])
+        else:
+            bad = np.empty(0, np.intp)
+        if bad.size:
+            raise refuse(flat[bad[0]].item(), f"{dst} holds {'0 and 1' if dst.kind == 'b' else f'integers from {lo} to {hi}'}")
+    elif dst.kind in "fc" or _is_ml_float(dst):
+        back = (out.real if dst.kind == "c" else out).astype(flat.dtype) if flat.dtype.kind in "biu" else None
+        if back is not None:
+            bad = np.flatnonzero(back != flat)
+            if bad.size:
+                raise refuse(flat[bad[0]].item(), f"{dst} cannot hold that integer exactly")
+        else:
+            finite_before = np.isfinite(flat.astype(np.complex128 if flat.dtype.kind == "c" else np.float64))
+            finite_after = np.isfinite(out.astype(np.complex128 if dst.kind == "c" else np.float64))
+            bad = np.flatnonzero(finite_before & ~finite_after)
+            if bad.size:
+                raise refuse(flat[bad[0]].item(), f"beyond the largest finite {dst}")
+    return out.reshape(value.shape)
+
+
+def _is_ml_float(dtype: np.dtype) -> bool:
+    """bfloat16 and the float8 types (ml_dtypes'), which NumPy reports as kind 'V'."""
+    return dtype.kind == "V" and dtype.type.__module__.startswith("ml_dtypes")
