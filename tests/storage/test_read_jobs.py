@@ -11,7 +11,6 @@ from __future__ import annotations
 import os
 import random
 import threading
-import time
 
 import crc32c
 import hypothesis.strategies as st
@@ -114,24 +113,37 @@ def test_short_file_raises_naming_it(tmp_path) -> None:
 
 
 def test_run_jobs_runs_each_once_on_several_threads() -> None:
-    """Every job runs exactly once; with more workers than jobs, or none, nothing breaks; the threads share them."""
+    """Every job runs exactly once; with more workers than jobs, or none, nothing breaks; the threads share them.
+
+    The first job waits until a job runs on another thread (not for a time: a busy machine can
+    delay a thread by any amount), so a run_jobs that used one thread alone fails the test."""
     for n_jobs, workers in ((0, 3), (1, 4), (5, 1), (40, 2), (40, 8)):
         ran: list[int] = []
-        names: set[str] = set()
+        threads: set[int] = set()
         lock = threading.Lock()
+        first: list[int] = []
+        elsewhere = threading.Event()
+        wait_for_others = n_jobs >= 40 and workers > 1
 
         def job(i: int):
             def run() -> None:
-                time.sleep(0.001)  # long enough that a second thread takes some
+                me = threading.get_ident()
                 with lock:
                     ran.append(i)
-                    names.add(threading.current_thread().name)
+                    threads.add(me)
+                    is_first = not first
+                    if is_first:
+                        first.append(me)
+                    elif me != first[0]:
+                        elsewhere.set()
+                if is_first and wait_for_others:
+                    elsewhere.wait(120)
             return run
 
         run_jobs([job(i) for i in range(n_jobs)], workers, "test-jobs")
         assert sorted(ran) == list(range(n_jobs))
-        if n_jobs >= 40 and workers > 1:
-            assert len(names) > 1
+        if wait_for_others:
+            assert len(threads) > 1
 
 
 def test_run_jobs_stops_taking_jobs_after_an_error_and_raises_the_first() -> None:
