@@ -23,6 +23,7 @@ __all__ = [
     "StatePathConflictError",
     "InvalidArgumentError",
     "InvalidArgumentTypeError",
+    "UnsupportedSchemeError",
     "SaverBusyError",
     "ShapeMismatchError",
     "DTypeMismatchError",
@@ -124,6 +125,21 @@ class StatePathConflictError(GpuSaverError, ValueError, RuntimeError):
 class InvalidArgumentError(GpuSaverError, ValueError):
     """An argument gpusaver cannot accept: an empty or unencodable name, the same
     memory under two names, a path that cannot be a checkpoint."""
+
+
+class UnsupportedSchemeError(InvalidArgumentError):
+    """A path is a URL of a scheme gpusaver does not serve (``s3://``, ``gs://``, ...).
+
+    Attributes:
+        scheme: the URL's scheme, as spelled.
+    """
+
+    def __init__(self, message: str, scheme: str = "") -> None:
+        super().__init__(message)
+        self.scheme = scheme
+
+    def __reduce__(self):  # type: ignore[no-untyped-def] - picklable with its attribute
+        return (type(self), (str(self.args[0]) if self.args else "", self.scheme))
 
 
 class InvalidArgumentTypeError(InvalidArgumentError, TypeError):

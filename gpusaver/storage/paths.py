@@ -14,10 +14,11 @@ from __future__ import annotations
 import errno
 import glob
 import os
+import re
 import stat
 from typing import Hashable
 
-from gpusaver.errors import CorruptCheckpointError
+from gpusaver.errors import CorruptCheckpointError, UnsupportedSchemeError
 
 __all__ = [
     "local_path",
@@ -31,20 +32,38 @@ __all__ = [
 ]
 
 _FILE_SCHEME = "file://"
+#: ``scheme://`` at the start of a path (RFC 3986's scheme characters)
+_URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
 
 
 def local_path(path: "str | os.PathLike[str]") -> str:
     """The local file-system path of ``path``: ``file:///a/b`` and ``file://localhost/a/b`` are ``/a/b``.
 
     Other strings are returned unchanged (``os.fspath``); nothing is unquoted, as in TensorFlow.
+
+    Raises:
+        UnsupportedSchemeError: a URL of any other scheme (``s3://``, ``gs://``, ``hdfs://``,
+            ``file://host/`` of another host): never taken for a local directory named ``s3:``.
     """
     p = os.fspath(path)
     if not isinstance(p, str):
         p = os.fsdecode(p)
+    url = _URL.match(p)
+    if url is not None and (url.group(1).lower() != "file" or not p.startswith(_FILE_SCHEME)):
+        raise UnsupportedSchemeError(
+            f"{p!r} is a {url.group(1)}:// URL; gpusaver reads and writes local paths and file:// URLs only "
+            f"(a {url.group(1)}:// path would otherwise become a local directory named {url.group(1) + ':'!r})",
+            url.group(1),
+        )
     if p.startswith(_FILE_SCHEME):
         rest = p[len(_FILE_SCHEME) :]
         if rest.startswith("localhost/"):
             rest = rest[len("localhost") :]
+        if not rest.startswith("/"):
+            raise UnsupportedSchemeError(
+                f"{p!r} names a file on another host ({rest.split('/')[0]!r}); file:// URLs here are "
+                "file:///path or file://localhost/path", "file"
+            )
         return rest
     return p
 
