@@ -69,6 +69,7 @@ from gpusaver.variables import (
     checked_cast,
     re_resolve,
     resolve_var_list,
+    restore_targets,
 )
 
 __all__ = ["Saver", "PhaseCallbackWarning"]
@@ -376,6 +377,7 @@ class Saver:
         ]
         self._tensors: TensorList | None = None
         self._restorable = False
+        self._ties: list[list[int]] = []  # set with _restorable: one array under several names
         self.__dict__.pop("_name_set", None)
         self._watch = SourceWatch(resolved)
 
@@ -935,6 +937,9 @@ class Saver:
                 if v.immutable is not None:
                     raise InvalidArgumentError(f"variable {v.name!r} cannot be restored in place: {v.immutable}")
             check_restorable(self._variables)
+            # One array under several names (tied weights) is written once; other views that share
+            # memory cannot each get their own values.
+            self._ties = restore_targets(self._variables)
             self._restorable = True
         reader = BundleReader(local, self._fileops)
         held.append(reader)
@@ -971,7 +976,7 @@ class Saver:
                 return RestoreResult(missing_parts, sorted(k for k in reader.variables() if k not in self._name_set))
 
             return only_parts
-        if strict and not cast and progress is None:
+        if strict and not cast and progress is None and not self._ties:
             # The fast path: check_restore names a missing variable; nothing else needs the list.
             check_restore(reader, self._variables, self._reshape, self._all_tensors())
             for g in self._restore_groups:
@@ -996,6 +1001,8 @@ class Saver:
                 missing[0],
             )
         present = [v for v in self._variables if v.name in stored]
+        if self._ties:
+            present = self._written_once(present, stored, reader)
         converted = [v for v in present if cast and self._dtype_differs(v, stored[v.name])]
         cast_ids = {id(v) for v in converted}
         direct = [v for v in present if id(v) not in cast_ids]
@@ -1021,6 +1028,32 @@ class Saver:
             return RestoreResult(missing + missing_parts, unexpected)
 
         return general
+
+    def _written_once(self, present: list[ResolvedVariable], stored: Mapping[str, Any], reader: BundleReader
+                      ) -> list[ResolvedVariable]:
+        """``present`` with each array under several names (tied weights) kept once: under its first
+        name the checkpoint holds. Its other names must hold the same tensor there (dtype, shape and
+        crc32c), else restoring would leave whichever came last.
+
+        Raises:
+            InvalidArgumentError: naming two tied variables whose stored values differ.
+        """
+        here = {id(v) for v in present}
+        dropped: set[int] = set()
+        for group in self._ties:
+            members = [self._variables[i] for i in group if id(self._variables[i]) in here]
+            first = members[0] if members else None
+            for other in members[1:]:
+                a, b = stored[first.name], stored[other.name]
+                same = (a.dtype == b.dtype and tuple(a.shape) == tuple(b.shape) and not a.slices and not b.slices
+                        and a.crc32c == b.crc32c and a.size == b.size)
+                if not same:
+                    raise InvalidArgumentError(
+                        f"variables {first.name!r} and {other.name!r} are one array (tied), but checkpoint "
+                        f"{reader.prefix!r} holds different values for them; restore one of the names only"
+                    )
+                dropped.add(id(other))
+        return [v for v in present if id(v) not in dropped]
 
     def _check_parts(self, reader: BundleReader, strict: bool, cast: bool) -> tuple[list[tuple[Any, str]], list[str]]:
         """Each region's stored tensor found and checked (full shape, dtype) before anything changes.

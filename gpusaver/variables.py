@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from itertools import repeat
-from operator import attrgetter, is_, is_not
+from operator import attrgetter, is_
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -16,7 +16,18 @@ from gpusaver.errors import InvalidArgumentError, InvalidArgumentTypeError, Unsu
 from gpusaver.format import dtypes
 from gpusaver.frameworks import adapt, check_not_deleted, framework_of
 
-__all__ = ["Variable", "ResolvedVariable", "SourceWatch", "resolve_var_list", "re_resolve", "slice_spec"]
+__all__ = [
+    "Variable",
+    "ResolvedVariable",
+    "SourceWatch",
+    "check_no_overlap",
+    "checked_cast",
+    "find_ties",
+    "resolve_var_list",
+    "re_resolve",
+    "restore_targets",
+    "slice_spec",
+]
 
 
 class Variable:
@@ -255,7 +266,6 @@ def resolve_var_list(var_list: Mapping[str, Any] | Iterable[Any]) -> list[Resolv
                 v.name, v.array, v.device, backend, v.value, v.immutable, v.logical_dtype, v.partition, v.requested
             )
         )
-    check_no_overlap(out)
     return out
 
 
@@ -289,11 +299,19 @@ class SourceWatch:
     """
 
     def __init__(self, variables: "list[ResolvedVariable]") -> None:
-        torch = sys.modules.get("torch")
-        tensor = getattr(torch, "Tensor", None)
-        self._tensors = [v.source for v in variables if tensor is not None and isinstance(v.source, tensor)]
-        self._prints = self._fingerprint() if self._tensors else None
-        self._jax = [(v.name, v.source) for v in variables if framework_of(v.source) in ("jax", "jaxlib")]
+        self._tensors: list[Any] = []
+        self._jax: list[tuple[str, Any]] = []
+        self._prints: list[tuple[Any, ...]] | None = None
+        kinds = set(map(type, map(_source_of, variables)))
+        kinds.discard(np.ndarray)  # the common case, a dict of NumPy arrays, has nothing to watch
+        if not kinds:
+            return
+        tensor = getattr(sys.modules.get("torch"), "Tensor", None)
+        if tensor is not None and any(issubclass(k, tensor) for k in kinds):
+            self._tensors = [v.source for v in variables if isinstance(v.source, tensor)]
+            self._prints = self._fingerprint()
+        if any(k.__module__.split(".")[0] in ("jax", "jaxlib") for k in kinds):
+            self._jax = [(v.name, v.source) for v in variables if framework_of(v.source) in ("jax", "jaxlib")]
 
     @property
     def watching(self) -> bool:
@@ -337,7 +355,7 @@ def _check_disjoint(a: Variable, b: Variable) -> None:
 
 
 _dtype_of = attrgetter("dtype")
-_base_of = attrgetter("base")
+_source_of = attrgetter("source")
 
 
 def _resolve_host_arrays(var_list: Mapping[str, Any]) -> list[ResolvedVariable] | None:
@@ -379,23 +397,7 @@ def _resolve_host_arrays(var_list: Mapping[str, Any]) -> list[ResolvedVariable] 
         except UnsupportedDTypeError:
             return None
     numpy_backend = backends.NUMPY
-    out = list(map(ResolvedVariable, names, values, repeat(CPU0), repeat(numpy_backend), values))
-    if any(map(is_not, map(_base_of, values), repeat(None))) and not _disjoint(values):
-        check_no_overlap(out)  # views of shared memory whose bounds meet: the exact check
-    return out
-
-
-def _disjoint(arrays: list[np.ndarray]) -> bool:
-    """True when no two of the NumPy arrays' byte ranges intersect (so no two share memory); False
-    when some do, or the C extension that measures them is missing."""
-    bounds = getattr(native.lib, "byte_bounds", None)
-    if bounds is None:
-        return False
-    lo, hi = bounds(arrays)
-    if len(lo) > 1 and not (lo[1:] >= lo[:-1]).all():
-        order = np.argsort(lo, kind="stable")
-        lo, hi = lo[order], hi[order]
-    return bool((np.maximum.accumulate(hi)[:-1] <= lo[1:]).all())
+    return list(map(ResolvedVariable, names, values, repeat(CPU0), repeat(numpy_backend), values))
 
 
 def _byte_bounds(array: Any) -> tuple[bool, int, int] | None:
@@ -469,18 +471,11 @@ def _overlap(a: Any, b: Any) -> bool:
     return True  # device arrays: intersecting bounds are refused
 
 
-def check_no_overlap(variables: "list[ResolvedVariable]") -> None:
-    """Refuses variables whose arrays share memory (overlapping views of one buffer).
-
-    Restoring into two views of the same bytes would leave whichever wrote
-    last; the result would depend on scheduling. Views that interleave without
-    sharing a byte (``a[::2]`` and ``a[1::2]``) are fine on the host.
-
-    Raises:
-        InvalidArgumentError: naming both variables.
-    """
-    # Host arrays can share memory only with arrays from the same allocation (the
-    # ndarray at the end of their .base chain); a group of one needs no check.
+def _memory_groups(variables: "list[ResolvedVariable]") -> list[list[int]]:
+    """Positions of the variables that may share memory, in groups of two or more: host arrays can
+    share memory only with arrays of the same allocation (the ndarray at the end of their .base
+    chain; views of other libraries' buffers, torch's included, all in one group), device arrays
+    with device arrays."""
     groups: dict[Any, list[int]] = {}
     for i, v in enumerate(variables):
         arr = v.array
@@ -492,9 +487,66 @@ def check_no_overlap(variables: "list[ResolvedVariable]") -> None:
         else:
             key = "device"
         groups.setdefault(key, []).append(i)
-    for members in groups.values():
-        if len(members) > 1:
-            _check_group(variables, members)
+    return [members for members in groups.values() if len(members) > 1]
+
+
+def restore_targets(variables: "list[ResolvedVariable]") -> list[list[int]]:
+    """Checks that a restore can write into ``variables`` (no two share memory unless they are one
+    array under several names) and returns those ties (:func:`find_ties`), which the restore writes
+    once. Host arrays whose byte ranges are all apart are told so at once by the C extension."""
+    if variables and all(type(v.array) is np.ndarray for v in variables) and _disjoint([v.array for v in variables]):
+        return []
+    ties = find_ties(variables)
+    seconds = {i for group in ties for i in group[1:]}
+    check_no_overlap([v for i, v in enumerate(variables) if i not in seconds])
+    return ties
+
+
+def _disjoint(arrays: list[np.ndarray]) -> bool:
+    """True when no two of the NumPy arrays' byte ranges intersect (so no two share memory); False
+    when some do, or the C extension that measures them is missing."""
+    bounds = getattr(native.lib, "byte_bounds", None)
+    if bounds is None:
+        return False
+    lo, hi = bounds(arrays)
+    if len(lo) > 1 and not (lo[1:] >= lo[:-1]).all():
+        order = np.argsort(lo, kind="stable")
+        lo, hi = lo[order], hi[order]
+    return bool((np.maximum.accumulate(hi)[:-1] <= lo[1:]).all())
+
+
+def find_ties(variables: "list[ResolvedVariable]") -> list[list[int]]:
+    """The groups of variables that are one array under several names: the same memory seen
+    the same way (address, shape, strides, dtype), as a tied embedding and output head are in
+    a ``state_dict()``. Each group lists positions in order; variables tied to none are left out."""
+    ties = []
+    for members in _memory_groups(variables):
+        by_view: dict[tuple[Any, ...], list[int]] = {}
+        for i in members:
+            v = variables[i]
+            bounds = _byte_bounds(v.array)
+            if bounds is None:
+                continue  # empty: nothing to write
+            key = (bounds, tuple(v.array.shape), tuple(v.array.strides), str(v.array.dtype), v.device.canonical)
+            by_view.setdefault(key, []).append(i)
+        ties += [group for group in by_view.values() if len(group) > 1]
+    return sorted(ties)
+
+
+def check_no_overlap(variables: "list[ResolvedVariable]") -> None:
+    """Refuses a restore into variables whose arrays share memory (overlapping views of one buffer).
+
+    Restoring into two views of the same bytes would leave whichever wrote
+    last; the result would depend on scheduling. Views that interleave without
+    sharing a byte (``a[::2]`` and ``a[1::2]``) are fine on the host. A save of
+    such views is fine (it only reads them), and so is a restore into one array
+    under several names (:func:`find_ties`: the caller writes it once).
+
+    Raises:
+        InvalidArgumentError: naming both variables.
+    """
+    for members in _memory_groups(variables):
+        _check_group(variables, members)
 
 
 def _check_group(variables: "list[ResolvedVariable]", members: list[int]) -> None:

@@ -128,19 +128,24 @@ def test_save_async_after_replacement(tmp_path) -> None:
     saver.close()
 
 
-def test_replaced_by_shared_memory_is_refused_not_saved_stale(tmp_path) -> None:
-    """``b.data = a.data``: both now share memory, which a Saver refuses as it refuses it in a new
-    var_list; the save raises (typed) and writes nothing, never b's old bytes."""
+def test_replaced_by_a_tie_is_saved_live_and_restored_once(tmp_path) -> None:
+    """``b.data = a.data``: b is now a's memory under another name (a tie). The save writes the
+    live bytes under both names; a restore writes that memory once, and refuses a checkpoint that
+    holds two different values for it rather than keep whichever came last."""
     a, b = torch.ones(4), torch.zeros(4)
     saver = gs.Saver({"a": a, "b": b})
-    saver.save(str(tmp_path / "x"))
+    untied = saver.save(str(tmp_path / "x"))
     b.data = a.data
-    with pytest.raises(InvalidArgumentError, match="'a' and 'b' share memory"):
-        saver.save(str(tmp_path / "y"))
-    assert not list(tmp_path.glob("y*"))
-    b.data = torch.full((4,), 2.0)  # apart again: saves and restores
-    saver.restore(str(tmp_path / "x"))
-    assert (a == 1).all() and (b == 0).all()
+    tied = saver.save(str(tmp_path / "y"))
+    got = _saved(tied)
+    assert (got["a"] == 1).all() and (got["b"] == 1).all()
+    with pytest.raises(InvalidArgumentError, match="'a' and 'b' are one array .* different values"):
+        saver.restore(untied)
+    assert (a == 1).all()
+    with torch.no_grad():
+        a.zero_()
+    saver.restore(tied)
+    assert (a == 1).all() and (b == 1).all()
 
 
 def test_deleted_jax_array_is_a_typed_error(tmp_path) -> None:

@@ -1,0 +1,123 @@
+"""One array under several names (tied weights) and other views that share memory.
+
+A ``state_dict()`` holds the tied embedding and output head of a GPT-2 as two tensor objects over
+the same memory. A Saver saves every name (TensorFlow sees both variables); a restore into them
+writes that memory once, after checking that the checkpoint holds one value for all its names
+(dtype, shape, crc32c), and refuses a checkpoint that holds two. Views that overlap without being
+the same view are saved as they are; a restore into them is refused, naming both, before anything
+changes. Tested with transformers' own GPT-2 (a tiny config), torch and NumPy views, and as a
+property over random views of one buffer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import gpusaver as gs
+from gpusaver.errors import InvalidArgumentError
+
+torch = pytest.importorskip("torch")
+
+
+def _gpt2(seed: int):
+    transformers = pytest.importorskip("transformers")
+    transformers.logging.set_verbosity_error()
+    torch.manual_seed(seed)
+    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=96, n_positions=16,
+                                     bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(config)
+
+
+def test_gpt2_state_dict_saves_and_restores_with_its_tie(tmp_path, tf) -> None:
+    model = _gpt2(0)
+    sd = model.state_dict()
+    assert sd["lm_head.weight"].data_ptr() == sd["transformer.wte.weight"].data_ptr()
+    prefix = gs.Saver(sd).save(str(tmp_path / "gpt2"))
+    reader = tf.train.load_checkpoint(prefix)
+    np.testing.assert_array_equal(reader.get_tensor("lm_head.weight"), sd["transformer.wte.weight"].numpy())
+    other = _gpt2(1)
+    osd = other.state_dict()
+    assert not torch.equal(osd["transformer.wte.weight"], sd["transformer.wte.weight"])
+    gs.Saver(osd).restore(prefix)
+    for k, v in sd.items():
+        assert torch.equal(osd[k], v), k
+    assert other.lm_head.weight.data_ptr() == other.transformer.wte.weight.data_ptr()  # still tied
+    ids = torch.tensor([[1, 2, 3, 4]])
+    model.eval(), other.eval()
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, other(ids).logits)
+
+
+def test_gs_save_and_load_like_a_tied_state_dict(tmp_path) -> None:
+    model, other = _gpt2(2), _gpt2(3)
+    gs.save(model.state_dict(), str(tmp_path / "g"))
+    gs.load(str(tmp_path / "g"), like=other.state_dict())
+    for (k, a), b in zip(model.state_dict().items(), other.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_a_checkpoint_with_two_values_for_a_tie_is_refused_before_anything_changes(tmp_path) -> None:
+    w = torch.arange(6.0)
+    gs.save({"emb": np.zeros(6, np.float32), "head": np.ones(6, np.float32), "bias": np.full(2, 5.0)},
+            str(tmp_path / "two"))
+    bias = torch.zeros(2, dtype=torch.float64)
+    with pytest.raises(InvalidArgumentError, match="'emb' and 'head' are one array"):
+        gs.Saver({"emb": w, "head": w.detach(), "bias": bias}).restore(str(tmp_path / "two"))
+    assert torch.equal(w, torch.arange(6.0)) and (bias == 0).all()
+
+
+def test_a_tie_restores_from_a_checkpoint_holding_one_of_its_names(tmp_path) -> None:
+    w = torch.zeros(3)
+    gs.save({"head": np.full(3, 2.0, np.float32)}, str(tmp_path / "one"))
+    result = gs.Saver({"emb": w, "head": w.detach()}).restore(str(tmp_path / "one"), strict=False)
+    assert (w == 2).all() and result.missing_keys == ["emb"]
+
+
+def test_overlapping_views_save_as_they_are_and_a_restore_names_them(tmp_path) -> None:
+    base = np.arange(10.0)
+    views = {"low": base[:6], "high": base[4:], "odd": base[1::2]}
+    prefix = gs.Saver(views).save(str(tmp_path / "v"))
+    got = gs.load(prefix)
+    for k, v in views.items():
+        np.testing.assert_array_equal(got[k], v)
+    with pytest.raises(InvalidArgumentError, match="share memory"):
+        gs.Saver(views).restore(prefix)
+    np.testing.assert_array_equal(base, np.arange(10.0))
+    apart = {"even": base[::2], "odd": base[1::2]}  # interleaved, no shared byte: restores
+    gs.Saver(apart).restore(gs.Saver(apart).save(str(tmp_path / "apart")))
+
+
+_VIEW = st.tuples(st.integers(0, 11), st.integers(0, 12), st.sampled_from([1, 2, 3]))
+
+
+@settings(max_examples=60, deadline=None)
+@given(views=st.lists(_VIEW, min_size=1, max_size=5))
+def test_random_views_of_one_buffer(tmp_path_factory, views) -> None:
+    """Any set of views saves, each name with its own values; a restore succeeds exactly when no two
+    views share a byte without being the same view, and brings back the saved values."""
+    tmp = tmp_path_factory.mktemp("views")
+    base = np.arange(12.0)
+    arrays = {f"v{i}": base[a:b:s] for i, (a, b, s) in enumerate(views)}
+    prefix = gs.Saver(arrays).save(str(tmp / "c"))
+    got = gs.load(prefix)
+    for k, v in arrays.items():
+        np.testing.assert_array_equal(got[k], v)
+    clash = False
+    for i in range(len(views)):
+        for j in range(i):
+            vi, vj = arrays[f"v{i}"], arrays[f"v{j}"]
+            if vi.size and vj.size and np.shares_memory(vi, vj):
+                identical = (vi.__array_interface__["data"][0], vi.shape, vi.strides) == (
+                    vj.__array_interface__["data"][0], vj.shape, vj.strides)
+                clash = clash or not identical
+    base[:] = -1
+    if clash:
+        with pytest.raises(InvalidArgumentError, match="share memory"):
+            gs.Saver(arrays).restore(prefix)
+        assert (base == -1).all()
+    else:
+        gs.Saver(arrays).restore(prefix)
+        for k, v in arrays.items():
+            np.testing.assert_array_equal(v, got[k])
