@@ -16,6 +16,7 @@ torch, JAX and CuPy are imported only when an object of theirs is seen.
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -60,8 +61,9 @@ def _is_torch_tensor(value: Any) -> bool:
     return isinstance(value, torch.Tensor)
 
 
+@functools.lru_cache(maxsize=None)
 def _torch_special() -> dict[Any, tuple[Any, np.dtype]]:
-    """torch dtypes NumPy lacks -> (same-size integer dtype to view through, ml_dtypes type)."""
+    """torch dtypes NumPy lacks -> (same-size integer dtype to view through, ml_dtypes type); made once."""
     import ml_dtypes
     import torch
 
@@ -84,7 +86,7 @@ def _from_torch(t: Any, name: str | None) -> Adapted:
         )
     _check_within_storage(t, name)
     special = _torch_special().get(t.dtype)
-    if t.device.type == "cpu":
+    if t.is_cpu:
         try:
             if special is not None:
                 arr = t.view(special[0]).numpy().view(special[1])
@@ -125,7 +127,10 @@ def _check_within_storage(t: Any, name: str | None) -> None:
     n = t.numel()
     if n == 0:
         return
-    last = t.storage_offset() + sum((d - 1) * st for d, st in zip(t.shape, t.stride()) if d > 1)
+    if t.is_contiguous():  # the common case, without a pass over the dimensions
+        last = t.storage_offset() + n - 1
+    else:
+        last = t.storage_offset() + sum((d - 1) * st for d, st in zip(t.shape, t.stride()) if d > 1)
     if (last + 1) * t.element_size() > t.untyped_storage().nbytes() or min(t.stride(), default=0) < 0:
         raise InvalidArgumentError(
             f"variable {name!r} is a torch tensor of shape {list(t.shape)} whose elements reach past its "

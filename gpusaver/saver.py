@@ -384,8 +384,10 @@ class Saver:
     def _refresh(self) -> None:
         """Views of the caller's tensors made anew where one was given other memory since the last
         save or restore (see :class:`~gpusaver.variables.SourceWatch`); a cheap check otherwise."""
-        if self._watch.watching and self._watch.stale():
-            self._adopt(re_resolve(self._resolved))
+        if self._watch.watching:
+            with _gc.paused():  # tuples for every tensor: the collector would walk the heap for them
+                if self._watch.stale():
+                    self._adopt(re_resolve(self._resolved))
 
     @contextlib.contextmanager
     def _exclusive(self, call: str) -> Iterator[None]:
