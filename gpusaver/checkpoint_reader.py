@@ -69,6 +69,8 @@ class CheckpointReader:
         Raises:
             TensorNotFoundError: no such tensor (a KeyError).
             ChecksumError: its bytes do not match their crc32c.
+            UnsupportedDTypeError: a dtype gpusaver cannot read, or a valid tensor no NumPy array can
+                hold (``[0, 2**61]`` float32, more than 64 dimensions), naming it.
         """
         if device is None:
             return self._bundle.get_tensor(name)

@@ -19,7 +19,10 @@ float8 e4m3fnuz / e5m2fnuz and complex64 (``C64``). Names are kept as they are.
   straight from the files (the documented layout: an 8-byte little-endian
   header length, a JSON header, the data; the library is not needed, and its
   NumPy reader cannot return float8), and writes one checkpoint through
-  :class:`~gpusaver.format.BundleWriter`, which commits it atomically.
+  :class:`~gpusaver.format.BundleWriter`, which commits it atomically. The files
+  are read in large pieces, never mapped: one that shrinks meanwhile raises
+  :class:`~gpusaver.errors.CorruptCheckpointError` naming it (a mapping would die
+  of SIGBUS), and the destination is left as it was.
 
 Both check everything they can before a byte is written: a tensor that the
 other format cannot hold raises :class:`~gpusaver.errors.UnsupportedDTypeError`
@@ -30,16 +33,18 @@ output that already exists is refused, never overwritten.
 from __future__ import annotations
 
 import errno
+import functools
 import glob
 import json
 import mmap
 import os
 import re
 import struct
+import threading
 import uuid
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -75,9 +80,15 @@ DEFAULT_MAX_SHARD_SIZE = 5_000_000_000
 _MAX_HEADER = 100_000_000
 #: Checkpoint bytes are checksummed, and progress counted, this many at a time.
 _SEGMENT = 16 << 20
-#: Tensors are handed to the BundleWriter in groups of about this many bytes.
-_GROUP_BYTES = 64 << 20
+#: safetensors -> checkpoint: tensors below _LARGE_BYTES are read and handed to the BundleWriter in
+#: groups of at most _GROUP_BYTES (from the first's start to the last's end) and _GROUP_COUNT tensors,
+#: each group in a buffer of its own; larger ones in _SLAB_BYTES pieces, into _SLAB_COUNT slabs reused
+#: once written. The source is read, never mapped: a file that shrinks is an error, not a SIGBUS.
+_LARGE_BYTES = 1 << 20
+_GROUP_BYTES = 4 << 20
 _GROUP_COUNT = 1024
+_SLAB_BYTES = 16 << 20
+_SLAB_COUNT = 6
 _U64 = struct.Struct("<Q")
 
 
@@ -357,7 +368,9 @@ class _CheckpointBytes:
             ChecksumError: the stored bytes do not match their crc32c.
         """
         reader, entry = self.reader, item.entry
-        if entry.slices or reader.big_endian:
+        if entry.slices and not item.nbytes:  # nothing stored (and maybe a shape NumPy cannot hold, [0, 2**61])
+            return np.empty(0, np.uint8)
+        if entry.slices or (reader.big_endian and item.nbytes):
             value = np.ascontiguousarray(reader.get_tensor(item.name))
             self._count(value.nbytes)
             return value.reshape(-1).view(np.uint8)
@@ -825,7 +838,6 @@ def _from_safetensors(
     total = sum(t.end - t.begin for _, chosen in plan for t, _ in chosen)
     counter = Progress(progress, total) if progress is not None else None
     created: list[str] = []
-    maps: list[mmap.mmap] = []
     names: list[str] = []
     _makedirs(os.path.dirname(prefix), created)
     try:
@@ -834,23 +846,16 @@ def _from_safetensors(
         _remove_quietly([], created)
         raise
     try:
+        slabs = _Slabs(_SLAB_COUNT, _SLAB_BYTES)
         for file, chosen in plan:
-            mm = _map_file(file, chosen)
-            if mm is not None:
-                maps.append(mm)
-                _add_file(writer, mm, chosen, counter)
+            if chosen:
+                _add_file(writer, file, chosen, counter, slabs)
             names.extend(t.name for t, _ in chosen)
         writer.finish()  # the index appears last, once everything is written
     except BaseException:
         writer.abort()
         _remove_quietly([], created)
         raise
-    finally:
-        for mm in maps:
-            try:
-                mm.close()
-            except BufferError:  # an array still refers to it: the collector closes it
-                pass
     if counter is not None:
         counter.finish()
     return ConversionResult(
@@ -862,38 +867,143 @@ def _from_safetensors(
     )
 
 
-def _map_file(file: _SafetensorsFile, chosen: list[tuple[_In, _DType]]) -> mmap.mmap | None:
-    """The file mapped into memory (None when nothing is to be read from it)."""
-    if not chosen:
-        return None
+class _Slabs:
+    """A few reusable buffers that large tensors are read into, a slab at a time: :meth:`take` waits
+    until the writer has written one (its ``done`` callback gives it back), so at most ``count`` slabs
+    of the source are in memory however large the file."""
+
+    def __init__(self, count: int, size: int) -> None:
+        self.size = size
+        self._left = count  # slabs not made yet: made on first need, so a small file allocates little
+        self._free: list[np.ndarray] = []
+        self._ready = threading.Condition()
+
+    def take(self) -> np.ndarray:
+        with self._ready:
+            while not self._free:
+                if self._left:
+                    self._left -= 1
+                    return np.empty(self.size, np.uint8)
+                self._ready.wait()
+            return self._free.pop()
+
+    def give(self, slab: np.ndarray) -> None:
+        with self._ready:
+            self._free.append(slab)
+            self._ready.notify()
+
+
+def _read_source(fd: int, file: _SafetensorsFile, out: np.ndarray, offset: int, tensor: _In) -> None:
+    """Fills ``out`` with the file's bytes at ``offset`` (within ``tensor``'s data, or a group of tensors'
+    ending with it), in as few ``preadv`` calls as the kernel allows.
+
+    Raises:
+        CorruptCheckpointError: the file ends first: it shrank after its header was read.
+    """
+    view = memoryview(out)
+    done, n = 0, len(view)
+    while done < n:
+        got = os.preadv(fd, [view[done:]], offset + done)
+        if got <= 0:
+            raise CorruptCheckpointError(
+                f"{file.path!r} was truncated while being converted: tensor {tensor.name!r} needs bytes "
+                f"[{tensor.begin}, {tensor.end}) but the file now has {os.fstat(fd).st_size} bytes",
+                file.path,
+            )
+        done += got
+
+
+def _add_file(
+    writer: BundleWriter,
+    file: _SafetensorsFile,
+    chosen: list[tuple[_In, _DType]],
+    counter: Progress | None,
+    slabs: _Slabs,
+) -> None:
+    """Hands one file's tensors to the writer, read from the file (never mapped: a file that shrinks
+    meanwhile is an error, not a SIGBUS).
+
+    Small tensors are read a group at a time, one read per group into a buffer of the group's own, and
+    handed to the writer together as arrays over it (freed once written). Large ones are read in slabs
+    that are reused once written.
+    """
     fd = open_regular(file.path, "safetensors file")
     try:
         if os.fstat(fd).st_size < max(t.end for t, _ in chosen):
-            raise _corrupt(file.path, "it was truncated while being converted")
-        return mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+            raise CorruptCheckpointError(
+                f"{file.path!r} was truncated while being converted: it now has {os.fstat(fd).st_size} bytes, "
+                "fewer than its header describes",
+                file.path,
+            )
+        if hasattr(os, "posix_fadvise"):  # read once, front to back: a larger readahead from a cold disk
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        group: list[tuple[_In, _DType]] = []
+        for t, d in chosen:
+            count = t.end - t.begin
+            if count >= _LARGE_BYTES:
+                _add_group(writer, fd, file, group, counter)
+                group = []
+                writer.add_raw(t.name, d.numpy, t.shape, _slab_chunks(fd, file, t, slabs, counter))
+                continue
+            if (not count or len(t.shape) > 32) and not _fits_numpy(t.shape, d.numpy):
+                # a valid shape no NumPy array can have ([0, 2**61] float32, 65 dimensions): raw bytes
+                chunk = np.empty(count, np.uint8)
+                _read_source(fd, file, chunk, t.begin, t)
+                writer.add_raw(t.name, d.numpy, t.shape, [(chunk, None)] if count else ())
+                if counter is not None and count:
+                    counter.add(count)
+                continue
+            if group and (t.end - group[0][0].begin > _GROUP_BYTES or len(group) >= _GROUP_COUNT):
+                _add_group(writer, fd, file, group, counter)
+                group = []
+            group.append((t, d))
+        _add_group(writer, fd, file, group, counter)
     finally:
         os.close(fd)
 
 
-def _add_file(writer: BundleWriter, mm: mmap.mmap, chosen: list[tuple[_In, _DType]], counter: Progress | None) -> None:
-    """Hands one file's tensors to the writer, as arrays over the mapped file, a group at a time."""
-    names: list[str] = []
-    arrays: list[np.ndarray] = []
-    group_bytes = 0
-    for k, (t, d) in enumerate(chosen):
-        count = t.end - t.begin
-        if count:
-            array = np.frombuffer(mm, d.numpy, count=count // d.numpy.itemsize, offset=t.begin)
-        else:
-            array = np.empty(0, d.numpy)
-        names.append(t.name)
-        arrays.append(array.reshape(t.shape))
-        group_bytes += count
-        if group_bytes >= _GROUP_BYTES or len(names) >= _GROUP_COUNT or k == len(chosen) - 1:
-            writer.add_many(names, arrays)
-            if counter is not None and group_bytes:
-                counter.add(group_bytes)
-            names, arrays, group_bytes = [], [], 0
+def _add_group(
+    writer: BundleWriter, fd: int, file: _SafetensorsFile, group: list[tuple[_In, _DType]], counter: Progress | None
+) -> None:
+    """Reads consecutive small tensors with one read (the bytes between them too) and adds them at once."""
+    if not group:
+        return
+    start, end = group[0][0].begin, group[-1][0].end
+    buf = np.empty(end - start, np.uint8)
+    _read_source(fd, file, buf, start, group[-1][0])
+    arrays = []
+    for t, d in group:
+        arrays.append(buf[t.begin - start : t.end - start].view(d.numpy).reshape(t.shape))
+    writer.add_many([t.name for t, _ in group], arrays)
+    if counter is not None and sum(t.end - t.begin for t, _ in group):
+        counter.add(sum(t.end - t.begin for t, _ in group))
+
+
+def _slab_chunks(
+    fd: int, file: _SafetensorsFile, t: _In, slabs: _Slabs, counter: Progress | None
+) -> Iterator[tuple[np.ndarray, Callable[[], None]]]:
+    """A large tensor's bytes for :meth:`BundleWriter.add_raw`, a slab at a time, each given back once written."""
+    for lo in range(t.begin, t.end, slabs.size):
+        n = min(slabs.size, t.end - lo)
+        slab = slabs.take()
+        try:
+            _read_source(fd, file, slab[:n], lo, t)
+        except BaseException:
+            slabs.give(slab)
+            raise
+        yield slab[:n], functools.partial(slabs.give, slab)
+        if counter is not None:
+            counter.add(n)
+
+
+def _fits_numpy(shape: tuple[int, ...], dtype: np.dtype) -> bool:
+    """Whether NumPy can make an array of this shape (a zero-element one included: NumPy refuses
+    shapes whose nonzero dimensions times the item size pass its largest size, and ranks above its limit)."""
+    try:
+        np.empty(0, dtype).reshape(shape)
+    except ValueError:
+        return False
+    return True
 
 
 def from_safetensors(
@@ -922,7 +1032,8 @@ def from_safetensors(
 
     Raises:
         CheckpointNotFoundError: no such file (a ``FileNotFoundError``).
-        CorruptCheckpointError: a malformed file or index, or a shard missing.
+        CorruptCheckpointError: a malformed file or index, a shard missing, or a file that
+            shrank while it was read (named); nothing is committed.
         UnsupportedDTypeError: a dtype a checkpoint cannot hold, naming the tensor.
         CheckpointWriteError: the checkpoint exists already (errno EEXIST) or
             cannot be written; nothing is committed.

@@ -28,7 +28,7 @@ from gpusaver.format import crc, dtypes, slices as _slices
 from gpusaver.format.entry import BundleEntry, BundleHeader, decode_entry, decode_header
 from gpusaver.format.naming import data_filename, index_filename
 from gpusaver.format.table import TableReader
-from gpusaver.format.tensors import decode_strings
+from gpusaver.format.tensors import decode_strings, empty_array
 from gpusaver.format.wire import Malformed
 from gpusaver.storage.paths import local_path, read_regular
 from gpusaver.storage import POSIX, FileOps, checked_read_jobs, read_exact, read_with_checksums, read_workers
@@ -587,6 +587,13 @@ class BundleReader:
         """Reads a whole tensor as a NumPy array, checksums verified.
 
         Partitioned tensors are assembled from their stored slices.
+
+        Raises:
+            TensorNotFoundError: no such tensor.
+            CorruptCheckpointError: a damaged entry or data file (ChecksumError: bytes that do not
+                match their crc32c).
+            UnsupportedDTypeError: a dtype gpusaver cannot read, or a valid tensor NumPy cannot hold
+                (a zero-element ``[0, 2**61]`` float32 one, more than 64 dimensions), naming it.
         """
         entry = self.entry(name)
         if entry.slices:
@@ -603,7 +610,7 @@ class BundleReader:
             return decode_strings(buf, entry.shape, crc.unmask(entry.crc32c), path, name)
         self._check_size(name, entry, dtype)
         self.data_location(name, entry)  # truncation is found before allocating
-        out = np.empty(entry.shape, dtype=dtype)
+        out = empty_array(entry.shape, dtype, name, self.index_path)
         self._read_into(name, entry, out.reshape(-1).view(np.uint8))
         if self.header.endianness == 1 and dtype.itemsize > 1:
             out = out.view(dtype.newbyteorder(">")).astype(dtype)
@@ -643,7 +650,7 @@ class BundleReader:
     def _assemble(self, name: str, entry: BundleEntry, want: list[tuple[int, int]]) -> np.ndarray:
         """Cuts the region ``want`` out of the stored slices (checked first by :meth:`_slice_plan`)."""
         dtype, region, region_shape, plan = self._slice_plan(name, entry, want)
-        out = np.empty(region_shape, dtype=dtype)
+        out = empty_array(tuple(region_shape), dtype, name, self.index_path)
         covered = np.zeros(out.shape, dtype=bool)
         for inter, stored, part_entry in plan:
             part = self._read_entry(name, part_entry)

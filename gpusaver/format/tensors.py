@@ -16,7 +16,7 @@ from gpusaver.errors import ChecksumError, CorruptCheckpointError, UnsupportedDT
 from gpusaver.format import crc, dtypes
 from gpusaver.format.wire import FIXED32, Malformed, decode_varint, encode_varint
 
-__all__ = ["as_host_array", "byte_view", "encode_strings", "decode_strings"]
+__all__ = ["as_host_array", "byte_view", "empty_array", "encode_strings", "decode_strings", "verify_strings"]
 
 _U32 = struct.Struct("<I")
 _U64 = struct.Struct("<Q")
@@ -47,6 +47,28 @@ def as_host_array(value: Any, name: str | None = None) -> np.ndarray:
     if not arr.flags.c_contiguous:
         arr = np.ascontiguousarray(arr).reshape(arr.shape)  # ascontiguousarray makes 0-d arrays 1-d
     return arr
+
+
+def empty_array(shape: tuple[int, ...], dtype: np.dtype, name: str, path: str) -> np.ndarray:
+    """A new uninitialised array to read a stored tensor into.
+
+    A tensor TensorFlow can hold may be one NumPy cannot make: a shape whose nonzero
+    dimensions times the item size pass NumPy's largest size (a zero-element
+    ``[0, 2**61]`` float32 tensor, which holds no values), or more dimensions than
+    NumPy allows (TensorFlow allows 254). Such a tensor is valid; it cannot be read.
+
+    Raises:
+        UnsupportedDTypeError: NumPy cannot make an array of this shape and dtype
+            (naming the tensor, the file and NumPy's reason).
+    """
+    try:
+        return np.empty(shape, dtype=dtype)
+    except ValueError as e:
+        raise UnsupportedDTypeError(
+            f"cannot read tensor {name!r} of {path!r} as a NumPy array: NumPy cannot make a {dtype} array "
+            f"of shape {list(shape)} ({str(e).rstrip('.')}); the checkpoint itself is valid, and list_variables() or "
+            "'gpusaver inspect' show the tensor's dtype and shape"
+        ) from None
 
 
 def byte_view(arr: np.ndarray) -> memoryview:
@@ -88,7 +110,32 @@ def decode_strings(
     Raises:
         CorruptCheckpointError: malformed bytes.
         ChecksumError: the lengths' or the tensor's crc32c does not match.
+        UnsupportedDTypeError: a valid tensor whose shape NumPy cannot make (see :func:`empty_array`).
     """
+    lengths, pos = _checked_lengths(buf, shape, expected_crc, path, name)
+    out = empty_array(shape, dtypes.OBJECT, name, path)
+    flat = out.reshape(-1)
+    mv = memoryview(buf)
+    for i, n in enumerate(lengths):
+        flat[i] = bytes(mv[pos : pos + n])
+        pos += n
+    return out
+
+
+def verify_strings(buf: bytes | memoryview, shape: tuple[int, ...], expected_crc: int, path: str, name: str) -> None:
+    """Every check :func:`decode_strings` makes, without making the array.
+
+    Raises:
+        CorruptCheckpointError: malformed bytes.
+        ChecksumError: the lengths' or the tensor's crc32c does not match.
+    """
+    _checked_lengths(buf, shape, expected_crc, path, name)
+
+
+def _checked_lengths(
+    buf: bytes | memoryview, shape: tuple[int, ...], expected_crc: int, path: str, name: str
+) -> tuple[list[int], int]:
+    """The strings' lengths and where their bytes start, every crc32c checked."""
     count = 1
     for d in shape:
         count *= d
@@ -121,9 +168,4 @@ def decode_strings(
     actual = crc.extend(running, buf[pos:end])
     if actual != expected_crc:
         raise ChecksumError(path, name, expected_crc, actual)
-    out = np.empty(count, dtype=object)
-    mv = memoryview(buf)
-    for i, n in enumerate(lengths):
-        out[i] = bytes(mv[pos : pos + n])
-        pos += n
-    return out.reshape(shape)
+    return lengths, pos
