@@ -42,7 +42,7 @@ from gpusaver.format.entry import BundleEntry
 from gpusaver.format.naming import data_filename
 from gpusaver.format.reader import BundleReader
 from gpusaver.storage import read_exact
-from gpusaver.format.tensors import decode_strings
+from gpusaver.format.tensors import verify_strings
 
 __all__ = ["main"]
 
@@ -51,6 +51,7 @@ EXIT_DAMAGED = 1
 EXIT_USAGE = 2
 
 _CHUNK = 8 << 20  # verify reads large tensors in pieces of this size
+_SHOWN_PER_FILE = 5  # verify lists this many damaged tensors per data file, then counts the rest
 
 
 # ------------------------------------------------------------------ helpers
@@ -218,13 +219,28 @@ class _Verifier:
         self._ticked = 0  # bytes counted towards progress so far
         self.missing: dict[int, int] = {}  # shard -> tensors it holds
         self._buf = bytearray()  # grows to at most _CHUNK bytes, reused for every tensor
+        self._shown: dict[int, int] = {}  # shard -> damaged tensors reported in it, line by line
+        self._unshown: dict[int, int] = {}  # shard -> damaged tensors past those, counted only
         for shard in range(self.num_shards):
             if not os.path.isfile(data_filename(reader.prefix, shard, self.num_shards)):
                 self.missing[shard] = 0
 
-    def damage(self, what: str, message: str) -> None:
+    def damage(self, what: str, message: str, shard: int | None = None) -> None:
+        """Reports damage; in data file ``shard``, only the first few, the rest counted (see :meth:`report_unshown`)."""
         self.damaged += 1
+        if shard is not None:
+            shown = self._shown.get(shard, 0)
+            if shown >= _SHOWN_PER_FILE:
+                self._unshown[shard] = self._unshown.get(shard, 0) + 1
+                return
+            self._shown[shard] = shown + 1
         print(f"DAMAGED {what}: {message}", file=self.out)
+
+    def report_unshown(self) -> None:
+        """One line per data file with more damaged tensors than were shown."""
+        for shard, count in sorted(self._unshown.items()):
+            path = data_filename(self.reader.prefix, shard, self.num_shards)
+            print(f"... and {count} more damaged tensor{'s' if count != 1 else ''} in {path}", file=self.out)
 
     def _tick(self, n: int) -> None:
         self._ticked += n
@@ -252,9 +268,9 @@ class _Verifier:
             self._check(name, entry)
         except ChecksumError as e:
             self.damage(label, f"crc32c mismatch in {e.path} (offset {entry.offset}, {entry.size} bytes): "
-                        f"expected 0x{e.expected:08x}, actual 0x{e.actual:08x}")
+                        f"expected 0x{e.expected:08x}, actual 0x{e.actual:08x}", entry.shard_id)
         except (CorruptCheckpointError, UnsupportedDTypeError) as e:
-            self.damage(label, str(e))
+            self.damage(label, str(e), entry.shard_id)
         else:
             self.bytes += entry.size
 
@@ -267,7 +283,7 @@ class _Verifier:
             fd, offset, size, path = reader.data_location(name, entry)
             buf = bytearray(size)
             read_exact(fd, memoryview(buf), offset, path, reader.fileops)
-            decode_strings(buf, entry.shape, crc.unmask(entry.crc32c), path, name)
+            verify_strings(buf, entry.shape, crc.unmask(entry.crc32c), path, name)  # no array: any shape
             return
         if entry.size != entry.num_elements * dtype.itemsize:
             raise CorruptCheckpointError(
@@ -366,6 +382,7 @@ def _cmd_verify(args: argparse.Namespace, out: TextIO) -> int:
             check = _Verifier(reader, out, counter)
             for name, entry in sorted(variables.items()):
                 check.variable(name, entry)
+            check.report_unshown()
             check.report_missing()
             if counter is not None:
                 counter.finish()
@@ -442,6 +459,8 @@ def _content_change(
             if (pa.size, pa.crc32c) != (pb.size, pb.crc32c):
                 differ.append(_slices.format_slice_spec(extents))
         return {**record, "slices": differ} if differ else None
+    if ea.num_elements == 0:  # no values to differ (and maybe a shape NumPy cannot hold, [0, 2**61])
+        return None
     if _same_values(ra.get_tensor(name), rb.get_tensor(name)):
         return None
     return {**record, "compared": "values"}
@@ -507,15 +526,12 @@ def _print_diff(info: dict[str, Any], out: TextIO) -> None:
     if info["identical"]:
         print(f"IDENTICAL: {info['same']} variable{'s' if info['same'] != 1 else ''}", file=out)
         return
-    counts = [
-        (len(info["only_in_a"]), "only in a"),
-        (len(info["only_in_b"]), "only in b"),
-        (len(info["dtype"]), "dtype"),
-        (len(info["shape"]), "shape"),
-        (len(info["bytes"]), "bytes"),
-    ]
-    parts = ", ".join(f"{n} {what}" for n, what in counts if n)
-    print(f"DIFFERENT: {parts}; {info['same']} identical", file=out)
+    kinds = [("only_in_a", "only in a"), ("only_in_b", "only in b"), ("dtype", "in dtype"), ("shape", "in shape"),
+             ("bytes", "in bytes")]
+    parts = ", ".join(f"{len(info[key])} {what}" for key, what in kinds if info[key])
+    differ = len({v["name"] for key, _ in kinds for v in info[key]})  # a variable may differ in dtype and shape
+    print(f"DIFFERENT: {differ} variable{'s' if differ != 1 else ''} differ{'s' if differ == 1 else ''}: {parts}; "
+          f"{info['same']} identical", file=out)
 
 
 def _cmd_diff(args: argparse.Namespace, out: TextIO) -> int:

@@ -2,15 +2,17 @@
 
 Numeric types are stored as their raw little-endian element bytes. The narrow
 float and integer types come from ``ml_dtypes`` (one byte per element even for
-the 4- and 2-bit types, as TensorFlow stores them). ``DT_STRING`` tensors are
-NumPy object arrays of ``bytes``.
+the 4- and 2-bit types, as TensorFlow stores them), imported the first time one
+of them is needed: the command line and the readers of other dtypes start
+without it. ``DT_STRING`` tensors are NumPy object arrays of ``bytes``.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from gpusaver.errors import UnsupportedDTypeError
@@ -27,7 +29,7 @@ DT_STRING = 7
 OBJECT = np.dtype(object)
 
 # enum value -> (TF name, NumPy dtype). Quantized types read as their storage type.
-_TYPES: dict[int, tuple[str, np.dtype]] = {
+_NUMPY_TYPES: dict[int, tuple[str, np.dtype]] = {
     1: ("DT_FLOAT", np.dtype(np.float32)),
     2: ("DT_DOUBLE", np.dtype(np.float64)),
     3: ("DT_INT32", np.dtype(np.int32)),
@@ -41,7 +43,6 @@ _TYPES: dict[int, tuple[str, np.dtype]] = {
     11: ("DT_QINT8", np.dtype(np.int8)),
     12: ("DT_QUINT8", np.dtype(np.uint8)),
     13: ("DT_QINT32", np.dtype(np.int32)),
-    14: ("DT_BFLOAT16", np.dtype(ml_dtypes.bfloat16)),
     15: ("DT_QINT16", np.dtype(np.int16)),
     16: ("DT_QUINT16", np.dtype(np.uint16)),
     17: ("DT_UINT16", np.dtype(np.uint16)),
@@ -49,29 +50,66 @@ _TYPES: dict[int, tuple[str, np.dtype]] = {
     19: ("DT_HALF", np.dtype(np.float16)),
     22: ("DT_UINT32", np.dtype(np.uint32)),
     23: ("DT_UINT64", np.dtype(np.uint64)),
-    24: ("DT_FLOAT8_E5M2", np.dtype(ml_dtypes.float8_e5m2)),
-    25: ("DT_FLOAT8_E4M3FN", np.dtype(ml_dtypes.float8_e4m3fn)),
-    26: ("DT_FLOAT8_E4M3FNUZ", np.dtype(ml_dtypes.float8_e4m3fnuz)),
-    27: ("DT_FLOAT8_E4M3B11FNUZ", np.dtype(ml_dtypes.float8_e4m3b11fnuz)),
-    28: ("DT_FLOAT8_E5M2FNUZ", np.dtype(ml_dtypes.float8_e5m2fnuz)),
-    29: ("DT_INT4", np.dtype(ml_dtypes.int4)),
-    30: ("DT_UINT4", np.dtype(ml_dtypes.uint4)),
-    31: ("DT_INT2", np.dtype(ml_dtypes.int2)),
-    32: ("DT_UINT2", np.dtype(ml_dtypes.uint2)),
-    33: ("DT_FLOAT4_E2M1FN", np.dtype(ml_dtypes.float4_e2m1fn)),
+}
+
+# enum value -> (TF name, the ml_dtypes type's name). ml_dtypes takes most of a second to import, so
+# these join the tables the first time one of them is needed (see _load_ml_dtypes), not at import.
+_ML_TYPES: dict[int, tuple[str, str]] = {
+    14: ("DT_BFLOAT16", "bfloat16"),
+    24: ("DT_FLOAT8_E5M2", "float8_e5m2"),
+    25: ("DT_FLOAT8_E4M3FN", "float8_e4m3fn"),
+    26: ("DT_FLOAT8_E4M3FNUZ", "float8_e4m3fnuz"),
+    27: ("DT_FLOAT8_E4M3B11FNUZ", "float8_e4m3b11fnuz"),
+    28: ("DT_FLOAT8_E5M2FNUZ", "float8_e5m2fnuz"),
+    29: ("DT_INT4", "int4"),
+    30: ("DT_UINT4", "uint4"),
+    31: ("DT_INT2", "int2"),
+    32: ("DT_UINT2", "uint2"),
+    33: ("DT_FLOAT4_E2M1FN", "float4_e2m1fn"),
 }
 
 _UNSAVABLE = {0: "DT_INVALID", 20: "DT_RESOURCE", 21: "DT_VARIANT"}
 
 _QUANTIZED = {11, 12, 13, 15, 16}
 
-# NumPy dtype -> enum value, for writing. Quantized types are never chosen.
-_FROM_NUMPY: dict[np.dtype, int] = {
-    dt: num for num, (_, dt) in _TYPES.items() if num not in _QUANTIZED
-}
-# A few NumPy spellings that are the same storage.
-for _alias, _num in ((np.dtype(np.int64), 9), (np.dtype(np.uint64), 23)):
-    _FROM_NUMPY.setdefault(_alias, _num)
+_NAMES: dict[int, str] = {num: name for num, (name, _) in {**_NUMPY_TYPES, **_ML_TYPES}.items()}
+
+
+def _tables(types: dict[int, tuple[str, np.dtype]]) -> tuple[dict[int, tuple[str, np.dtype]], dict[np.dtype, int]]:
+    """The enum -> dtype table in enum order, and the dtype -> enum table for writing (quantized types
+    are never chosen; a few NumPy spellings that are the same storage added)."""
+    ordered = dict(sorted(types.items()))
+    from_numpy = {dt: num for num, (_, dt) in ordered.items() if num not in _QUANTIZED}
+    for alias, num in ((np.dtype(np.int64), 9), (np.dtype(np.uint64), 23)):
+        from_numpy.setdefault(alias, num)
+    return ordered, from_numpy
+
+
+_TYPES, _FROM_NUMPY = _tables(_NUMPY_TYPES)
+_ml_loaded = False
+_ml_lock = threading.Lock()
+
+
+def _load_ml_dtypes() -> None:
+    """Imports ml_dtypes (once) and puts its types into the tables."""
+    global _TYPES, _FROM_NUMPY, _ml_loaded
+    with _ml_lock:
+        if _ml_loaded:
+            return
+        import ml_dtypes
+
+        types = dict(_NUMPY_TYPES)
+        for num, (name, attr) in _ML_TYPES.items():
+            types[num] = (name, np.dtype(getattr(ml_dtypes, attr)))
+        _TYPES, _FROM_NUMPY = _tables(types)
+        _ml_loaded = True
+
+
+# A process that forks loads ml_dtypes first, once: its children (a fork server's savers, a fork pool's
+# workers) inherit it, as they did when gpusaver imported it eagerly, instead of each importing it on its
+# first save. A process that never forks (the command line) never pays for it unless it needs it.
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(before=_load_ml_dtypes)
 
 
 def to_numpy(dtype_enum: int, *, path: str | None = None, tensor: str | None = None) -> np.dtype:
@@ -80,16 +118,19 @@ def to_numpy(dtype_enum: int, *, path: str | None = None, tensor: str | None = N
     Raises:
         UnsupportedDTypeError: an enum value this package cannot read.
     """
-    try:
-        return _TYPES[dtype_enum][1]
-    except KeyError:
-        name = _UNSAVABLE.get(dtype_enum, f"unknown DataType {dtype_enum}")
-        where = f" for tensor {tensor!r}" if tensor is not None else ""
-        infile = f" in {path!r}" if path is not None else ""
-        raise UnsupportedDTypeError(
-            f"cannot read {name}{where}{infile}: gpusaver reads numeric, bool and "
-            "string tensors only"
-        ) from None
+    found = _TYPES.get(dtype_enum)
+    if found is None and dtype_enum in _ML_TYPES:
+        _load_ml_dtypes()
+        found = _TYPES.get(dtype_enum)
+    if found is not None:
+        return found[1]
+    name = _UNSAVABLE.get(dtype_enum, f"unknown DataType {dtype_enum}")
+    where = f" for tensor {tensor!r}" if tensor is not None else ""
+    infile = f" in {path!r}" if path is not None else ""
+    raise UnsupportedDTypeError(
+        f"cannot read {name}{where}{infile}: gpusaver reads numeric, bool and "
+        "string tensors only"
+    )
 
 
 def from_numpy(dtype: Any, *, tensor: str | None = None) -> int:
@@ -100,28 +141,38 @@ def from_numpy(dtype: Any, *, tensor: str | None = None) -> int:
     Raises:
         UnsupportedDTypeError: a dtype the format cannot store.
     """
-    dt = np.dtype(dtype)
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:  # a name such as "bfloat16" NumPy knows once ml_dtypes is imported
+        if _ml_loaded:
+            raise
+        _load_ml_dtypes()
+        dt = np.dtype(dtype)
     if dt.kind in "SUO":
         return DT_STRING
     if dt.byteorder not in "=|":
         dt = dt.newbyteorder("=")
-    try:
-        return _FROM_NUMPY[dt]
-    except KeyError:
-        where = f" of tensor {tensor!r}" if tensor is not None else ""
-        raise UnsupportedDTypeError(
-            f"dtype {dt}{where} cannot be stored in a TensorFlow checkpoint; supported: "
-            + ", ".join(sorted({str(d) for d in _FROM_NUMPY}))
-        ) from None
+    found = _FROM_NUMPY.get(dt)
+    if found is None and not _ml_loaded:  # an ml_dtypes type (whose array means ml_dtypes is imported)
+        _load_ml_dtypes()
+        found = _FROM_NUMPY.get(dt)
+    if found is not None:
+        return found
+    where = f" of tensor {tensor!r}" if tensor is not None else ""
+    raise UnsupportedDTypeError(
+        f"dtype {dt}{where} cannot be stored in a TensorFlow checkpoint; supported: "
+        + ", ".join(sorted({str(d) for d in _FROM_NUMPY}))
+    )
 
 
 def supported_numpy_dtypes() -> list[np.dtype]:
     """Every NumPy dtype a tensor may be written as (numeric, bool, and object for strings)."""
+    _load_ml_dtypes()
     return list(_FROM_NUMPY)
 
 
 def dtype_name(dtype_enum: int) -> str:
     """TensorFlow's name for an enum value (``DT_FLOAT`` ...)."""
-    if dtype_enum in _TYPES:
-        return _TYPES[dtype_enum][0]
+    if dtype_enum in _NAMES:
+        return _NAMES[dtype_enum]
     return _UNSAVABLE.get(dtype_enum, f"DataType({dtype_enum})")

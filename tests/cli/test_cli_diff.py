@@ -94,7 +94,9 @@ def test_every_kind_of_difference(tmp_path: Path, capsys: pytest.CaptureFixture[
         ["bytes", "dense/w", f"crc32c {crcs['dense/w'][0]} -> {crcs['dense/w'][1]}"],
         ["bytes", "vocab", f"crc32c {crcs['vocab'][0]} -> {crcs['vocab'][1]}"],
     ]
-    assert out.splitlines()[-1] == "DIFFERENT: 1 only in a, 1 only in b, 1 dtype, 1 shape, 2 bytes; 0 identical"
+    assert out.splitlines()[-1] == (
+        "DIFFERENT: 6 variables differ: 1 only in a, 1 only in b, 1 in dtype, 1 in shape, 2 in bytes; 0 identical"
+    )
     rc, out, _ = run(capsys, "diff", "--json", str(a), str(b))
     info = json.loads(out)
     assert rc == 1 and info["identical"] is False
