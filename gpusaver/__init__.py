@@ -45,14 +45,17 @@ from gpusaver.errors import (
     InvalidArgumentTypeError,
     InvalidCheckpointPathError,
     SaveTimeoutError,
+    SaverBusyError,
     ShapeMismatchError,
+    StepAlreadyExistsError,
     StatePathConflictError,
     TensorNotFoundError,
     UnsupportedDTypeError,
+    UnsupportedSchemeError,
     UnsupportedVersionError,
 )
 from gpusaver.pipeline.background import SaveHandle
-from gpusaver.saver import RestoreResult, Saver
+from gpusaver.saver import PhaseCallbackWarning, RestoreResult, Saver
 from gpusaver.variables import Variable
 
 __all__ = [
@@ -84,6 +87,10 @@ __all__ = [
     "CheckpointNotFoundError",
     "CoordinatorError",
     "SaveTimeoutError",
+    "SaverBusyError",
+    "StepAlreadyExistsError",
+    "UnsupportedSchemeError",
+    "PhaseCallbackWarning",
     "InvalidCheckpointPathError",
     "StatePathConflictError",
     "ShapeMismatchError",

@@ -449,7 +449,7 @@ def _remove_matching(pattern: str, version: int, meta_graph_suffix: str, ops: Fi
 
 
 def remove_checkpoint_literally(
-    checkpoint_prefix: StrPath, *, meta_graph_suffix: str = "meta", fileops: FileOps | None = None
+    checkpoint_prefix: StrPath, *, meta_graph_suffix: str | None = "meta", fileops: FileOps | None = None
 ) -> None:
     """Deletes one V2 checkpoint's files, the prefix taken literally (retention's deletion).
 
@@ -468,6 +468,6 @@ def remove_checkpoint_literally(
         logger.info("no checkpoint index matches %s", index)
     for path in data_files(prefix):
         _remove(path, ops)
-    meta = f"{_SHARD_SUFFIX.sub('', prefix)}.{meta_graph_suffix}"
-    if os.path.lexists(meta):
+    meta = None if meta_graph_suffix is None else f"{_SHARD_SUFFIX.sub('', prefix)}.{meta_graph_suffix}"
+    if meta is not None and os.path.lexists(meta):
         _remove(meta, ops)

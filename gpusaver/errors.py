@@ -25,6 +25,7 @@ __all__ = [
     "InvalidArgumentTypeError",
     "UnsupportedSchemeError",
     "SaverBusyError",
+    "StepAlreadyExistsError",
     "ShapeMismatchError",
     "DTypeMismatchError",
     "CheckpointWriteError",
@@ -140,6 +141,10 @@ class UnsupportedSchemeError(InvalidArgumentError):
 
     def __reduce__(self):  # type: ignore[no-untyped-def] - picklable with its attribute
         return (type(self), (str(self.args[0]) if self.args else "", self.scheme))
+
+
+class StepAlreadyExistsError(InvalidArgumentError, FileExistsError):
+    """A CheckpointManager's save of a step that exists already, or that is not newer than its newest."""
 
 
 class InvalidArgumentTypeError(InvalidArgumentError, TypeError):

@@ -167,7 +167,7 @@ def commit_merged(
     """
     ops.phase("merge:start")
     try:
-        with _commit_lock(os.path.dirname(merged_prefix) or "."):
+        with commit_lock(os.path.dirname(merged_prefix) or "."):
             ops.phase("merge:locked")
             _commit(ops, merged_prefix, header, items, file_ids, len(file_ids), durable, table)
     except OSError as e:
@@ -175,7 +175,7 @@ def commit_merged(
 
 
 @contextlib.contextmanager
-def _commit_lock(directory: str) -> Iterator[None]:
+def commit_lock(directory: str) -> Iterator[None]:
     """Holds an exclusive ``flock`` on the checkpoint's directory for one commit.
 
     Two saves committing one prefix at once (two Savers, two processes) would otherwise interleave:

@@ -136,8 +136,9 @@ class Retention:
         return doomed
 
     @staticmethod
-    def delete(path: str, tombstone: TempDir, meta_graph_suffix: str, ops: FileOps) -> None:
-        """Deletes a dropped checkpoint (literally: index, data files, meta file), then its tombstone.
+    def delete(path: str, tombstone: TempDir, meta_graph_suffix: str | None, ops: FileOps) -> None:
+        """Deletes a dropped checkpoint (literally: index, data files, meta file unless ``meta_graph_suffix``
+        is None), then its tombstone.
 
         A failure is logged, not raised (the new checkpoint is committed and
         recorded, and TensorFlow carries on too); the tombstone then stays,
