@@ -169,7 +169,7 @@ def identical(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def compare(tree: dict[str, torch.Tensor], path: str) -> list[str]:
     """The differences between ``tree`` and the state saved at ``path`` (empty: identical)."""
-    stored = {name for name, _ in gs.list_variables(path)}
+    stored = {name for name, _ in gs.list_variables(path) if not name.startswith("_gpusaver/")}
     problems = [f"{n}: not in {path}" for n in sorted(set(tree) - stored)]
     problems += [f"{n}: in {path} but not in this run" for n in sorted(stored - set(tree))]
     if problems:

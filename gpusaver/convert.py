@@ -48,6 +48,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from gpusaver.tree import RESERVED_PREFIX
 from gpusaver.errors import (
     BackendUnavailableError,
     CheckpointNotFoundError,
@@ -402,6 +403,8 @@ def _plan_to(
     items: list[_Out] = []
     skipped: list[tuple[str, str]] = []
     for name, entry in sorted(reader.variables().items()):
+        if name.startswith(RESERVED_PREFIX):
+            continue  # gpusaver's own (the tree's structure): not a tensor of the model
         d = _BY_TF.get(entry.dtype)
         reserved = name == "__metadata__"
         if reserved:

@@ -47,6 +47,7 @@ from gpusaver.errors import (
 from gpusaver.storage.fileops import POSIX, FileOps
 from gpusaver.frameworks import ordered_with_framework
 from gpusaver.progress import Progress, ProgressCallback
+from gpusaver.tree import RESERVED_PREFIX
 from gpusaver.format import BundleReader
 from gpusaver.pipeline import (
     write_group,
@@ -98,7 +99,7 @@ class _Unexpected(list):  # type: ignore[type-arg]
         if self._source is not None:
             reader, mine = self._source
             self._source = None
-            self.extend(sorted(k for k in reader.variable_names() if k not in mine))
+            self.extend(sorted(k for k in reader.variable_names() if k not in mine and not k.startswith(RESERVED_PREFIX)))
 
     def __iter__(self) -> Any:
         self._fill()
@@ -975,7 +976,8 @@ class Saver:
         if not self._variables:
             def only_parts() -> RestoreResult:
                 self._restore_with_parts(reader, parts, lambda: None)
-                return RestoreResult(missing_parts, sorted(k for k in reader.variables() if k not in self._name_set))
+                return RestoreResult(missing_parts, sorted(k for k in reader.variables()
+                                                           if k not in self._name_set and not k.startswith(RESERVED_PREFIX)))
 
             return only_parts
         if strict and not cast and progress is None and not self._ties:
@@ -994,7 +996,7 @@ class Saver:
         mine = self._name_set
         stored = reader.variables()
         missing = [v.name for v in self._variables if v.name not in stored]
-        unexpected = sorted(k for k in stored if k not in mine)
+        unexpected = sorted(k for k in stored if k not in mine and not k.startswith(RESERVED_PREFIX))
         if missing and strict:
             raise TensorNotFoundError(
                 f"variable {missing[0]!r} not found in checkpoint {reader.prefix!r}"

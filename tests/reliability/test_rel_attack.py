@@ -663,8 +663,7 @@ def test_more_untyped_errors_the_second_pass_found(tmp_path: Path) -> None:
     (tmp_path / "afile").write_text("x")
     with pytest.raises(gs.InvalidArgumentError):
         gs.save({"a": np.ones(3)}, tmp_path / "afile" / "model")
-    with pytest.raises(gs.UnsupportedDTypeError, match="64 bits"):
-        gs.save({"a": 2**70}, tmp_path / "big")
+    assert gs.load(gs.save({"a": 2**70}, tmp_path / "big"))["a"] == 2**70  # a Python int of any size: in the tree
     prefix = gs.save({"a": np.ones(3)}, tmp_path / "loop")
     os.remove(prefix + ".index")
     os.symlink(prefix + ".index", prefix + ".index")
