@@ -28,6 +28,7 @@ from gpusaver.checkpoint_management import (
     remove_checkpoint,
     update_checkpoint_state,
 )
+from gpusaver.checkpoint_manager import CheckpointManager
 from gpusaver.checkpoint_reader import CheckpointReader, list_variables, load_checkpoint
 from gpusaver.devices import DeviceSpec, canonical_device
 from gpusaver.errors import (
@@ -63,6 +64,7 @@ __all__ = [
     "save",
     "load",
     "Saver",
+    "CheckpointManager",
     "RestoreResult",
     "SaveHandle",
     "Variable",
