@@ -608,7 +608,10 @@ def checked_cast(value: np.ndarray, dtype: np.dtype, name: str) -> np.ndarray:
         lo, hi = (0, 1) if dst.kind == "b" else (int(np.iinfo(dst).min), int(np.iinfo(dst).max))
         if flat.dtype.kind == "f" or _is_ml_float(flat.dtype):
             as64 = flat.astype(np.float64)
-            bad = np.flatnonzero(~np.isfinite(as64) | (as64 != np.floor(as64)) | (as64 < lo) | (as64 > hi))
+            # hi + 1 is a power of two, exact as a float (hi itself is not: float(2**63 - 1) is 2**63)
+            bad = np.flatnonzero(
+                ~np.isfinite(as64) | (as64 != np.floor(as64)) | (as64 < float(lo)) | (as64 >= float(hi + 1))
+            )
         elif flat.dtype.kind in "iu" and flat.size and (int(flat.min()) < lo or int(flat.max()) > hi):
             bad = np.array([next(i for i, x in enumerate(flat.tolist()) if not lo <= x <= hi)])
         else:
@@ -616,17 +619,23 @@ def checked_cast(value: np.ndarray, dtype: np.dtype, name: str) -> np.ndarray:
         if bad.size:
             raise refuse(flat[bad[0]].item(), f"{dst} holds {'0 and 1' if dst.kind == 'b' else f'integers from {lo} to {hi}'}")
     elif dst.kind in "fc" or _is_ml_float(dst):
-        back = (out.real if dst.kind == "c" else out).astype(flat.dtype) if flat.dtype.kind in "biu" else None
-        if back is not None:
-            bad = np.flatnonzero(back != flat)
+        wide = out.astype(np.complex128 if dst.kind == "c" else np.float64)
+        if flat.dtype.kind in "biu":
+            # An integer that overflows a float becomes inf, and inf casts back to INT_MIN: refuse
+            # the non-finite first, then check the rest by the round trip.
+            bad = np.flatnonzero(~np.isfinite(wide))
+            if not bad.size:
+                with np.errstate(all="ignore"):
+                    back = (out.real if dst.kind == "c" else out).astype(flat.dtype)
+                bad = np.flatnonzero(back != flat)
             if bad.size:
                 raise refuse(flat[bad[0]].item(), f"{dst} cannot hold that integer exactly")
         else:
-            finite_before = np.isfinite(flat.astype(np.complex128 if flat.dtype.kind == "c" else np.float64))
-            finite_after = np.isfinite(out.astype(np.complex128 if dst.kind == "c" else np.float64))
-            bad = np.flatnonzero(finite_before & ~finite_after)
+            before = flat.astype(np.complex128 if flat.dtype.kind == "c" else np.float64)
+            # finite -> inf is an overflow; inf -> nan a type without infinities (float8_e4m3fn)
+            bad = np.flatnonzero((np.isfinite(before) & ~np.isfinite(wide)) | (np.isinf(before) & ~np.isinf(wide)))
             if bad.size:
-                raise refuse(flat[bad[0]].item(), f"beyond the largest finite {dst}")
+                raise refuse(flat[bad[0]].item(), f"beyond the largest finite {dst}, or an infinity it cannot hold")
     return out.reshape(value.shape)
 
 

@@ -89,14 +89,18 @@ def test_hint_only_where_a_cast_can_succeed(tmp_path) -> None:
         gs.load(str(tmp_path / "c"), like={"n": np.int8(0)}, strict=False)
 
 
+# the bounds of every integer type, as integers and as the floats nearest them
+_EDGES = [e for b in (7, 8, 15, 16, 31, 32, 53, 63, 64) for k in (2**b - 1, 2**b, 2**b + 1, -(2**b), -(2**b) - 1)
+          for e in (k, float(k))]
+
 _NUMERIC = [np.bool_, np.int8, np.uint8, np.int16, np.int32, np.uint32, np.int64, np.uint64,
             np.float16, np.float32, np.float64, np.complex64]
 
 
 @settings(max_examples=300, deadline=None)
 @given(src=st.sampled_from(_NUMERIC), dst=st.sampled_from(_NUMERIC),
-       values=st.lists(st.one_of(st.integers(-(2**64), 2**64), st.floats(allow_nan=True, allow_infinity=True)),
-                       min_size=1, max_size=6))
+       values=st.lists(st.one_of(st.integers(-(2**64), 2**64), st.floats(allow_nan=True, allow_infinity=True),
+                                 st.sampled_from(_EDGES)), min_size=1, max_size=6))
 def test_checked_cast_is_exact_or_refused(src, dst, values) -> None:
     """Against Python's exact arithmetic: a cast that returns gives back each value (or its rounding
     to a narrower float); one that refuses names a value that does not fit."""
@@ -117,5 +121,29 @@ def test_checked_cast_is_exact_or_refused(src, dst, values) -> None:
                 continue
             assert np.isfinite(abs(b)) == np.isfinite(abs(a))
             assert abs(b - a) <= abs(a) * 1e-2 + 1e-4 or a == b  # rounding of precision only
+        elif np.dtype(src).kind in "fc":  # a float into an integer: the same number, exactly
+            assert int(a.real) == int(b.real) and a.imag == 0, (src, dst, a, b)
         else:
             assert a == b, (src, dst, a, b)
+
+
+@pytest.mark.parametrize("value,dtype", [
+    (2.0**63, np.int64), (2.0**64, np.uint64), (np.float32(2**63), np.int64), (-(2**31), np.float16),
+    (-(2**63), np.float16), (np.inf, "float8_e4m3fn"), (-np.inf, "float8_e4m3fn"), (2.0**31, np.int32),
+])
+def test_the_edges_that_once_wrapped_are_refused(value, dtype) -> None:
+    """float64 2**63 into int64 became INT64_MIN (2**63 - 1 rounds to 2**63 as a float bound); an int32
+    INT_MIN into float16 became -inf (inf casts back to INT_MIN); inf into float8_e4m3fn became NaN."""
+    import ml_dtypes
+
+    target = np.dtype(getattr(ml_dtypes, dtype)) if isinstance(dtype, str) else np.dtype(dtype)
+    src = np.array([value], dtype=np.int32 if value == -(2**31) else None)
+    with pytest.raises(DTypeMismatchError, match="'v'"):
+        checked_cast(src, target, "v")
+
+
+def test_the_largest_exact_values_still_convert() -> None:
+    assert checked_cast(np.array([-(2.0**63)]), np.dtype(np.int64), "v")[0] == -(2**63)
+    assert checked_cast(np.array([2.0**64 - 2048]), np.dtype(np.uint64), "v")[0] == 2**64 - 2048
+    assert checked_cast(np.array([2.0**62]), np.dtype(np.int64), "v")[0] == 2**62
+    assert np.isinf(checked_cast(np.array([np.inf]), np.dtype(np.float16), "v")[0])
