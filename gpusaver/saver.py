@@ -936,13 +936,13 @@ class Saver:
         if not os.path.lexists(local + ".index"):  # literally: every prefix save() returned restores
             raise InvalidCheckpointPathError(f"The passed save_path is not a valid checkpoint: {prefix}", prefix)
         if not self._restorable:  # checked again only once the variables are made anew
-            for v in self._variables:
+            for v in self._variables + self._parts:
                 if v.immutable is not None:
                     raise InvalidArgumentError(f"variable {v.name!r} cannot be restored in place: {v.immutable}")
-            check_restorable(self._variables)
+            check_restorable(self._variables + self._parts)
             # One array under several names (tied weights) is written once; other views that share
             # memory cannot each get their own values.
-            self._ties = restore_targets(self._variables)
+            self._ties = restore_targets(self._variables, self._parts)
             self._restorable = True
         reader = BundleReader(local, self._fileops)
         held.append(reader)
@@ -1059,10 +1059,14 @@ class Saver:
                 dropped.add(id(other))
         return [v for v in present if id(v) not in dropped]
 
-    def _check_parts(self, reader: BundleReader, strict: bool, cast: bool) -> tuple[list[tuple[Any, str]], list[str]]:
-        """Each region's stored tensor found and checked (full shape, dtype) before anything changes.
+    def _check_parts(
+        self, reader: BundleReader, strict: bool, cast: bool
+    ) -> tuple[list[tuple[Any, str, Any]], list[str]]:
+        """Each region's stored tensor found and checked (full shape, dtype) before anything changes;
+        a region of another stored dtype (``cast``) is read and converted here, exactly or refused.
 
-        Returns the ``(variable, slice spec)`` pairs to restore and the names the checkpoint lacks.
+        Returns the ``(variable, slice spec, converted value or None)`` to restore and the names the
+        checkpoint lacks.
         """
         from gpusaver.variables import slice_spec
 
@@ -1086,15 +1090,19 @@ class Saver:
                     f"variable {v.name!r} is a region of a tensor of shape {list(full)}, but the checkpoint "
                     f"holds shape {list(entry.shape)}"
                 )
-            if self._dtype_differs(v, entry) and not cast:
+            differs = self._dtype_differs(v, entry)
+            if differs and not cast:
                 raise DTypeMismatchError(
                     f"variable {v.name!r} is {v.dtype} but the checkpoint holds {reader.dtype(v.name)}; "
-                    "restore(..., cast=True) converts it"
+                    "restore(..., cast=True) converts it where every value fits exactly"
                 )
+            if not getattr(getattr(v.array, "flags", None), "writeable", True):
+                raise InvalidArgumentError(f"variable {v.name!r} is read-only and cannot be restored in place")
             if 0 not in tuple(v.array.shape):  # an empty region reads nothing
                 spec = slice_spec(v.partition, tuple(v.array.shape))
                 reader.check_slice(v.name, spec)  # its stored slices are whole in their files
-                todo.append((v, spec))
+                converted = checked_cast(reader.read_slice(v.name, spec), v.dtype, v.name) if differs else None
+                todo.append((v, spec, converted))
         return todo, missing
 
     def _restore_with_parts(self, reader: BundleReader, parts: list[tuple[Any, str]], plain: Callable[[], None]) -> None:
@@ -1115,13 +1123,13 @@ class Saver:
             raise min(failures, key=lambda e: position.get(e.tensor or "", len(position)))
 
     @staticmethod
-    def _restore_parts(reader: BundleReader, parts: list[tuple[Any, str]]) -> list[ChecksumError]:
+    def _restore_parts(reader: BundleReader, parts: list[tuple[Any, str, Any]]) -> list[ChecksumError]:
         """Reads each region from the stored slices that overlap it (each checked against its crc32c); a damaged
         slice leaves its region as it was and the others are still restored. Returns the damage met, in order."""
         failures: list[ChecksumError] = []
-        for v, spec in parts:
+        for v, spec, converted in parts:
             try:
-                value = reader.read_slice(v.name, spec)
+                value = reader.read_slice(v.name, spec) if converted is None else converted
             except ChecksumError as e:
                 failures.append(e)
                 continue

@@ -472,33 +472,27 @@ def _overlap(a: Any, b: Any) -> bool:
 
 
 def _memory_groups(variables: "list[ResolvedVariable]") -> list[list[int]]:
-    """Positions of the variables that may share memory, in groups of two or more: host arrays can
-    share memory only with arrays of the same allocation (the ndarray at the end of their .base
-    chain; views of other libraries' buffers, torch's included, all in one group), device arrays
-    with device arrays."""
+    """Positions of the variables that may share memory, in groups of two or more: host arrays with
+    host arrays, device arrays with device arrays. (Not by allocation: a NumPy array and
+    ``torch.from_numpy`` of it have different .base chains and the same memory.)"""
     groups: dict[Any, list[int]] = {}
     for i, v in enumerate(variables):
-        arr = v.array
-        if isinstance(arr, np.ndarray):
-            root = arr
-            while isinstance(root.base, np.ndarray):
-                root = root.base
-            key: Any = id(root) if root.base is None else "foreign buffers"
-        else:
-            key = "device"
-        groups.setdefault(key, []).append(i)
+        groups.setdefault("host" if isinstance(v.array, np.ndarray) else "device", []).append(i)
     return [members for members in groups.values() if len(members) > 1]
 
 
-def restore_targets(variables: "list[ResolvedVariable]") -> list[list[int]]:
-    """Checks that a restore can write into ``variables`` (no two share memory unless they are one
-    array under several names) and returns those ties (:func:`find_ties`), which the restore writes
-    once. Host arrays whose byte ranges are all apart are told so at once by the C extension."""
-    if variables and all(type(v.array) is np.ndarray for v in variables) and _disjoint([v.array for v in variables]):
+def restore_targets(variables: "list[ResolvedVariable]", regions: "list[ResolvedVariable]" = ()) -> list[list[int]]:
+    """Checks that a restore can write into ``variables`` and the ``regions`` of partitioned ones (no
+    two share memory unless they are one array under several names) and returns the ties among
+    ``variables`` (:func:`find_ties`), which the restore writes once. Host arrays whose byte ranges
+    are all apart are told so at once by the C extension."""
+    everything = list(variables) + list(regions)
+    arrays = [v.array for v in everything]
+    if arrays and all(type(a) is np.ndarray for a in arrays) and _disjoint(arrays):
         return []
-    ties = find_ties(variables)
+    ties = find_ties(list(variables))
     seconds = {i for group in ties for i in group[1:]}
-    check_no_overlap([v for i, v in enumerate(variables) if i not in seconds])
+    check_no_overlap([v for i, v in enumerate(everything) if i not in seconds])
     return ties
 
 

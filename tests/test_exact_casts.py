@@ -147,3 +147,20 @@ def test_the_largest_exact_values_still_convert() -> None:
     assert checked_cast(np.array([2.0**64 - 2048]), np.dtype(np.uint64), "v")[0] == 2**64 - 2048
     assert checked_cast(np.array([2.0**62]), np.dtype(np.int64), "v")[0] == 2**62
     assert np.isinf(checked_cast(np.array([np.inf]), np.dtype(np.float16), "v")[0])
+
+
+def test_regions_of_partitioned_variables_cast_exactly_or_refuse(tmp_path) -> None:
+    """A region restored with cast=True went through a bare astype ([1.5, nan, 2**40] into int32 gave
+    [1, INT_MIN, INT_MIN]); it is read, checked and converted before anything changes."""
+    prefix = gs.Saver([gs.Variable(np.array([1.5, np.nan, 2.0**40, -1.0]), "w", full_shape=[8], offset=[0]),
+                       gs.Variable(np.array([1.0, 2.0, 3.0, 4.0]), "w", full_shape=[8], offset=[4])]).save(
+        str(tmp_path / "c"))
+    plain_before = np.zeros(2, np.float64)
+    region = np.zeros(4, np.int32)
+    with pytest.raises(DTypeMismatchError, match="'w'"):
+        gs.Saver([gs.Variable(plain_before, "other"), gs.Variable(region, "w", full_shape=[8], offset=[0])]).restore(
+            prefix, strict=False, cast=True)
+    assert (region == 0).all()
+    fine = np.zeros(4, np.int16)
+    gs.Saver([gs.Variable(fine, "w", full_shape=[8], offset=[4])]).restore(prefix, cast=True)
+    assert fine.tolist() == [1, 2, 3, 4]

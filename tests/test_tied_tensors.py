@@ -121,3 +121,40 @@ def test_random_views_of_one_buffer(tmp_path_factory, views) -> None:
         gs.Saver(arrays).restore(prefix)
         for k, v in arrays.items():
             np.testing.assert_array_equal(v, got[k])
+
+
+def test_a_numpy_array_and_torch_from_numpy_of_it_are_one_array(tmp_path) -> None:
+    """Their .base chains differ (NumPy owns the memory; torch's view leads elsewhere): still a tie,
+    and a view of it that is not the same view is an overlap."""
+    a = np.zeros(4, np.float32)
+    saver = gs.Saver({"x": a, "y": torch.from_numpy(a)})
+    gs.save({"x": np.ones(4, np.float32), "y": np.full(4, 2.0, np.float32)}, str(tmp_path / "two"))
+    with pytest.raises(InvalidArgumentError, match="'x' and 'y' are one array"):
+        saver.restore(str(tmp_path / "two"))
+    assert (a == 0).all()
+    b = np.ones(4, np.float32)
+    with pytest.raises(InvalidArgumentError, match="share memory"):
+        gs.Saver({"x": b, "y": torch.from_numpy(b)[1:3]}).restore(
+            gs.save({"x": np.zeros(4, np.float32), "y": np.full(2, 2.0, np.float32)}, str(tmp_path / "v")))
+    assert (b == 1).all()
+
+
+def test_regions_share_the_restore_checks(tmp_path) -> None:
+    """A read-only region, a JAX region, a region sharing memory with a plain variable: refused before
+    any variable changes (they were found only while writing, after the plain variables)."""
+    full = np.arange(6.0)
+    prefix = gs.Saver([gs.Variable(full, "plain"), gs.Variable(np.arange(3.0), "emb", full_shape=[6], offset=[0]),
+                       gs.Variable(np.arange(3.0, 6.0), "emb", full_shape=[6], offset=[3])]).save(str(tmp_path / "c"))
+    plain = np.zeros(6)
+    ro = np.zeros(3)
+    ro.flags.writeable = False
+    with pytest.raises(InvalidArgumentError, match="read-only"):
+        gs.Saver([gs.Variable(plain, "plain"), gs.Variable(ro, "emb", full_shape=[6], offset=[0])]).restore(prefix)
+    assert (plain == 0).all()
+    with pytest.raises(InvalidArgumentError, match="share memory"):
+        gs.Saver([gs.Variable(plain, "plain"), gs.Variable(plain[:3], "emb", full_shape=[6], offset=[0])]).restore(prefix)
+    assert (plain == 0).all()
+    jnp = pytest.importorskip("jax.numpy")
+    with pytest.raises(InvalidArgumentError, match="cannot be restored in place"):
+        gs.Saver([gs.Variable(plain, "plain"), gs.Variable(jnp.zeros(3), "emb", full_shape=[6], offset=[0])]).restore(prefix)
+    assert (plain == 0).all()
