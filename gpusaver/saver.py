@@ -60,7 +60,7 @@ from gpusaver.pipeline import (
 # Imported here, not when first used: a process that later cannot read its install (it dropped
 # privileges, its directory was unmounted) still saves.
 from gpusaver.pipeline import snapshot as _snapshot
-from gpusaver.pipeline.background import SaveHandle
+from gpusaver.pipeline.background import SaveHandle, served, serving
 from gpusaver.pipeline.retention import Retention
 from gpusaver.pipeline.tempdirs import TempDir
 from gpusaver.variables import (
@@ -396,13 +396,14 @@ class Saver:
         another thread waits for the one in progress (a ``save_async`` holds the Saver only while it
         captures); one from inside a call on the same thread (a callback) is refused."""
         me = threading.current_thread()
-        owner = self._owner
-        if owner is me or (owner is not None and me.name.startswith("gpusaver-")):
-            # The thread the call runs on, or one of the call's own workers (a progress or on_phase
-            # callback): waiting would wait for ever.
+        now = served()
+        if self._owner is me or (now is not None and now[0] is self):
+            # The thread the call runs on, or a callback of one of this Saver's calls or background
+            # saves, on whatever thread: waiting would wait for ever.
             raise SaverBusyError(
-                f"Saver.{call} was called from inside another call of the same Saver (from a progress or "
-                "on_phase callback?); call it once that call has returned"
+                f"Saver.{call} was called from inside the same Saver's own call or callback (progress or "
+                "on_phase, of a call or of an asynchronous save), which would wait for ever; call it once "
+                "that call or save has finished"
             )
         with self._lock:
             self._owner = me
@@ -410,6 +411,18 @@ class Saver:
                 yield
             finally:
                 self._owner = None
+
+    def _guarded(self, callback: Any, handle: SaveHandle | None = None) -> Any:
+        """``callback`` run as this Saver's (and ``handle``'s) callback: a call of this Saver, or a
+        wait for ``handle``, from inside it raises SaverBusyError instead of waiting for ever."""
+        if callback is None:
+            return None
+
+        def guarded(*args: Any) -> Any:
+            with serving(self, handle):
+                return callback(*args)
+
+        return guarded
 
     # ----------------------------------------------------------- properties
     @property
@@ -507,7 +520,7 @@ class Saver:
         plan = self._plan_save(save_path, global_step, latest_filename, write_state)
         if plan is None:
             return None
-        counter = Progress(progress, self._nbytes()) if progress is not None else None
+        counter = Progress(self._guarded(progress), self._nbytes()) if progress is not None else None
         with _gc.paused(), ordered_with_framework(self._sources):
             return self._write(plan, self._groups, counter, meta_graph_suffix)
 
@@ -517,7 +530,7 @@ class Saver:
     ) -> str:
         """``save`` on every rank of a job: arguments checked and compared everywhere, then written together."""
         plan = self._agreed_plan(save_path, global_step, latest_filename, write_state)
-        counter = Progress(progress, self._nbytes()) if progress is not None else None
+        counter = Progress(self._guarded(progress), self._nbytes()) if progress is not None else None
         with _gc.paused(), ordered_with_framework(self._sources):
             return self._write(plan, self._groups, counter, meta_graph_suffix)
 
@@ -608,7 +621,7 @@ class Saver:
         pool = self._snapshot_pool()
         pool.begin()
         handle = SaveHandle(plan.prefix)
-        counter = Progress(progress, self._nbytes()) if progress is not None else None
+        counter = Progress(self._guarded(progress, handle), self._nbytes()) if progress is not None else None
         background: list[Any] = []
         captures: list[tuple[Any, Any]] = []
         device_copies: list[Any] = []
@@ -626,7 +639,8 @@ class Saver:
             try:
                 # A shard that fails stops the pool at once: a capture waiting for memory that shard
                 # would have freed raises instead of waiting for ever.
-                return self._write(plan, background, counter, meta_graph_suffix, rank_plan=rank_plan, on_failure=pool.stop)
+                return self._write(plan, background, counter, meta_graph_suffix, rank_plan=rank_plan,
+                                   on_failure=pool.stop, handle=handle)
             except BaseException:
                 pool.stop()  # a capture still waiting for the pool stops
                 raise
@@ -674,7 +688,7 @@ class Saver:
             pool.on_full = None
         handle.blocked_seconds = time.perf_counter() - t0
         if self._on_phase:
-            observe_phases(self._on_phase, plan.prefix)("snapshot", handle.blocked_seconds)
+            observe_phases(self._guarded(self._on_phase, handle), plan.prefix)("snapshot", handle.blocked_seconds)
         return handle
 
     def wait(self) -> None:
@@ -744,9 +758,10 @@ class Saver:
 
     def _write(
         self, plan: "_SavePlan", groups: Any, counter: Any, meta_graph_suffix: str, rank_plan: Any = None,
-        on_failure: Callable[[], None] | None = None,
+        on_failure: Callable[[], None] | None = None, handle: SaveHandle | None = None,
     ) -> str:
-        """Writes ``groups`` as the checkpoint ``plan`` names, commits it, records it, applies retention."""
+        """Writes ``groups`` as the checkpoint ``plan`` names, commits it, records it, applies retention
+        (``handle``: the asynchronous save this is, whose callbacks must not wait for it)."""
         prefix, parent, parent_local, latest_filename = plan.prefix, plan.parent, plan.parent_local, plan.latest_filename
         clean_stale_temp_dirs(parent_local, self._fileops)
         doomed: list[tuple[str, TempDir]] = []
@@ -775,7 +790,7 @@ class Saver:
             sharded=self._sharded,
             durable=self._durable,
             fileops=self._fileops,
-            on_phase=observe_phases(self._on_phase, prefix),
+            on_phase=observe_phases(self._guarded(self._on_phase, handle), prefix),
             after_commit=record if plan.write_state else None,
             state_file=latest_filename if plan.write_state else None,
             progress=counter,
@@ -1021,7 +1036,8 @@ class Saver:
         def general() -> RestoreResult:
             counter = None
             if progress is not None:
-                counter = Progress(progress, sum(_stored_bytes(reader, v.name, stored[v.name]) for v in present))
+                counter = Progress(self._guarded(progress),
+                                   sum(_stored_bytes(reader, v.name, stored[v.name]) for v in present))
                 reader.set_progress(counter)
             for v, value in casts:  # read and checked up front, before anything changed
                 v.backend.assign(v.array, value)

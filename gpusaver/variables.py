@@ -290,8 +290,9 @@ class SourceWatch:
     be given other memory while the Saver holds it (``param.data = new``, ``model.double()``,
     ``t.set_(...)``, a ``resize_``): a save through the old view would write the old bytes, a
     restore would write where the model no longer reads. ``stale()`` compares each tensor's
-    data pointer, shape, strides and dtype with those of the view (about half a microsecond a
-    tensor); the old view keeps the old memory alive, so new memory always has another address.
+    data pointer, shape, strides, dtype and lazy conjugate/negation bits with those of the view
+    (well under a microsecond a tensor); the old view keeps the old memory alive, so new memory
+    always has another address.
     A JAX array cannot change, but it can be deleted (donated to a jitted function).
 
     NumPy and CuPy arrays are the variables themselves: their current memory is read at every
@@ -321,7 +322,9 @@ class SourceWatch:
         import torch
 
         t, ts = torch.Tensor, self._tensors
-        return list(zip(map(t.data_ptr, ts), map(t.size, ts), map(t.stride, ts), map(_dtype_of, ts)))
+        # the lazy conjugate and negation bits too: t.data = t.data.conj() keeps memory, shape and dtype
+        return list(zip(map(t.data_ptr, ts), map(t.size, ts), map(t.stride, ts), map(_dtype_of, ts),
+                        map(t.is_conj, ts), map(t.is_neg, ts)))
 
     def stale(self) -> bool:
         """Whether a torch tensor now has other memory, shape, strides or dtype than its view.

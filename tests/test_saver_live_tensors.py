@@ -220,3 +220,17 @@ def test_random_sequences_save_what_is_live_and_restore_into_it(tmp_path_factory
         got = _saved(path)
         for k in values:
             np.testing.assert_array_equal(got[k], values[k])
+
+
+def test_a_lazy_conjugate_put_in_place_is_seen(tmp_path) -> None:
+    """``t.data = t.data.conj()`` keeps the memory, shape, strides and dtype: only the conj bit moves. A
+    Saver made before it saved the unconjugated values; now it refuses, as a new Saver does."""
+    t = torch.tensor([1 + 2j, 3 - 4j], dtype=torch.complex64)
+    saver = gs.Saver({"t": t})
+    saver.save(str(tmp_path / "a"))
+    t.data = t.data.conj()
+    with pytest.raises(gs.UnsupportedDTypeError, match="conjugate"):
+        saver.save(str(tmp_path / "b"))
+    assert not list(tmp_path.glob("b*"))
+    with pytest.raises(gs.UnsupportedDTypeError, match="conjugate"):
+        saver.restore(str(tmp_path / "a"))

@@ -133,7 +133,7 @@ def test_callback_calling_its_own_saver_is_refused_not_a_deadlock(tmp_path) -> N
     errors = _run_threads([lambda: saver.save(str(tmp_path / "outer"))])
     assert not errors, errors
     assert refused, "the callback's call was not refused"
-    assert all("from inside another call of the same Saver" in str(e) for e in refused)
+    assert all("own call or callback" in str(e) for e in refused)
     assert not list(tmp_path.glob("inner*"))
     assert gs.load(str(tmp_path / "outer"))["v1"][0] == 2.0
 
@@ -171,7 +171,7 @@ def test_background_save_callback_calling_its_saver_is_refused(tmp_path) -> None
     handle = saver.save_async(str(tmp_path / "outer"))
     errors = _run_threads([lambda: handle.result(timeout=STUCK)])
     assert not errors, errors
-    assert refused and "asynchronous save" in str(refused[0])
+    assert refused and "own call or callback" in str(refused[0])
     holder["armed"] = False
     saver.close()
 
@@ -208,3 +208,66 @@ def test_random_calls_from_threads_finish_and_restore_whole_checkpoints(tmp_path
         got = gs.load(path)
         for k, v in state.items():
             np.testing.assert_array_equal(got[k], v)
+
+
+@pytest.mark.parametrize("call", ["wait", "save", "result", "exception"])
+def test_a_shard_thread_callback_of_a_background_save_is_refused_not_a_deadlock(tmp_path, call) -> None:
+    """The callback runs on a shard worker of a sharded save_async: neither the caller's thread nor
+    the background save's own thread. Waiting for the Saver or the handle there would wait for ever."""
+    refused: list[BaseException] = []
+    holder: dict = {}
+
+    def on_phase(phase: str, seconds: float) -> None:
+        if phase.startswith("shard:") and holder.get("armed"):
+            try:
+                if call == "wait":
+                    holder["saver"].wait()
+                elif call == "save":
+                    holder["saver"].save(str(tmp_path / "inner"))
+                elif call == "result":
+                    holder["handle"].result()
+                else:
+                    holder["handle"].exception()
+            except SaverBusyError as e:
+                refused.append(e)
+
+    saver = gs.Saver({"a": np.ones(100), "b": gs.Variable(np.zeros(50), device="/cpu:1")}, sharded=True,
+                     on_phase=on_phase)
+    holder["saver"], holder["armed"] = saver, True
+    holder["handle"] = handle = saver.save_async(str(tmp_path / "outer"))
+    errors = _run_threads([lambda: handle.result(timeout=STUCK)])
+    assert not errors, errors
+    assert refused, "the callback's call was not refused"
+    holder["armed"] = False
+    saver.close()
+    assert not list(tmp_path.glob("inner*"))
+
+
+def test_another_savers_callback_and_a_thread_named_like_ours_wait_their_turn(tmp_path) -> None:
+    """Only a Saver's own callbacks are refused: saver A's background save calling B.save while B is
+    busy waits for B; so does a user thread that happens to be named gpusaver-*."""
+    b_state = {"b": np.ones(200_000)}
+    b = gs.Saver(b_state, max_to_keep=None)
+    inside_b = threading.Event()
+    results: list = []
+
+    def progress(done: int, total: int) -> None:
+        inside_b.set()
+
+    def on_phase(phase: str, seconds: float) -> None:
+        if phase == "total":
+            inside_b.wait(STUCK)
+            results.append(b.save(str(tmp_path / "from-a")))
+
+    a = gs.Saver({"a": np.zeros(10)}, on_phase=on_phase)
+    def user() -> None:
+        threading.current_thread().name = "gpusaver-my-worker"
+        inside_b.wait(STUCK)
+        results.append(b.save(str(tmp_path / "from-user")))
+
+    handle = a.save_async(str(tmp_path / "a"))
+    errors = _run_threads([lambda: b.save(str(tmp_path / "main"), progress=progress), user])
+    assert not errors, errors
+    handle.result(timeout=STUCK)
+    assert sorted(results) == [str(tmp_path / "from-a"), str(tmp_path / "from-user")]
+    a.close()

@@ -9,18 +9,40 @@ stderr, any failure nobody collected.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 import sys
 import threading
 import weakref
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from gpusaver.errors import SaveTimeoutError
 
-__all__ = ["SaveHandle"]
+__all__ = ["SaveHandle", "serving", "served"]
 
 _handles: "weakref.WeakSet[SaveHandle]" = weakref.WeakSet()
 _handles_lock = threading.Lock()
+
+
+_serving = threading.local()
+
+
+@contextlib.contextmanager
+def serving(owner: Any, handle: "SaveHandle | None" = None) -> Iterator[None]:
+    """Marks the calling thread, while a user's callback (``progress``, ``on_phase``) runs, as working
+    for ``owner`` (a Saver) and its save ``handle``: a call of that Saver, or a wait for that
+    handle, from inside the callback would wait for ever, and is refused instead."""
+    previous = getattr(_serving, "now", None)
+    _serving.now = (owner, handle)
+    try:
+        yield
+    finally:
+        _serving.now = previous
+
+
+def served() -> "tuple[Any, SaveHandle | None] | None":
+    """``(owner, handle)`` of the callback running on this thread, or None."""
+    return getattr(_serving, "now", None)
 
 
 class SaveHandle:
@@ -68,6 +90,15 @@ class SaveHandle:
         self._thread = threading.Thread(target=run, name="gpusaver-save-async", daemon=False)
         self._thread.start()
 
+    def _refuse_from_own_callback(self) -> None:
+        now = served()
+        if now is not None and now[1] is self:
+            from gpusaver.errors import SaverBusyError
+
+            raise SaverBusyError(
+                "a callback of this asynchronous save waited for the save itself, which would wait for ever"
+            )
+
     def on_its_thread(self) -> bool:
         """Whether the caller is this save's own background thread (one of its callbacks)."""
         return self._thread is not None and self._thread is threading.current_thread()
@@ -77,7 +108,12 @@ class SaveHandle:
         return self._done.is_set()
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Waits for the save to finish; returns :meth:`done` (False after ``timeout`` seconds)."""
+        """Waits for the save to finish; returns :meth:`done` (False after ``timeout`` seconds).
+
+        Raises:
+            SaverBusyError: called from a callback of this very save (it would wait for ever).
+        """
+        self._refuse_from_own_callback()
         return self._done.wait(timeout)
 
     def result(self, timeout: float | None = None) -> str | None:
@@ -88,6 +124,7 @@ class SaveHandle:
             the save's own error (e.g. :class:`~gpusaver.errors.CheckpointWriteError`) if it failed;
                 nothing was committed. Raised here, it is not raised again by the Saver's next call.
         """
+        self._refuse_from_own_callback()
         if not self._done.wait(timeout):
             raise SaveTimeoutError(f"the save of {self.prefix!r} has not finished within {timeout} s")
         if self._error is not None:
@@ -97,6 +134,7 @@ class SaveHandle:
 
     def exception(self, timeout: float | None = None) -> BaseException | None:
         """The save's error (None if it succeeded), once finished; it counts as collected."""
+        self._refuse_from_own_callback()
         if not self._done.wait(timeout):
             raise SaveTimeoutError(f"the save of {self.prefix!r} has not finished within {timeout} s")
         if self._error is not None:
