@@ -513,10 +513,10 @@ class Saver:
         self, save_path: Any, global_step: Any, latest_filename: str | None, write_state: bool,
         meta_graph_suffix: str, progress: ProgressCallback | None,
     ) -> str | None:
-        self._settle()
-        self._refresh()
+        early = self._prepare_call()
         if self._coordinator is not None:
-            return self._save_ranks(save_path, global_step, latest_filename, write_state, meta_graph_suffix, progress)
+            return self._save_ranks(save_path, global_step, latest_filename, write_state, meta_graph_suffix, progress,
+                                    early)
         plan = self._plan_save(save_path, global_step, latest_filename, write_state)
         if plan is None:
             return None
@@ -526,24 +526,29 @@ class Saver:
 
     def _save_ranks(
         self, save_path: Any, global_step: Any, latest_filename: str | None, write_state: bool,
-        meta_graph_suffix: str, progress: ProgressCallback | None,
+        meta_graph_suffix: str, progress: ProgressCallback | None, early: Exception | None,
     ) -> str:
         """``save`` on every rank of a job: arguments checked and compared everywhere, then written together."""
-        plan = self._agreed_plan(save_path, global_step, latest_filename, write_state)
+        plan = self._agreed_plan(save_path, global_step, latest_filename, write_state, early)
         counter = Progress(self._guarded(progress), self._nbytes()) if progress is not None else None
         with _gc.paused(), ordered_with_framework(self._sources):
             return self._write(plan, self._groups, counter, meta_graph_suffix)
 
-    def _agreed_plan(self, save_path: Any, global_step: Any, latest_filename: str | None, write_state: bool) -> "_SavePlan":
-        """The save's arguments checked on every rank (any rank's error raised on all) and compared."""
+    def _agreed_plan(
+        self, save_path: Any, global_step: Any, latest_filename: str | None, write_state: bool,
+        early: Exception | None = None,
+    ) -> "_SavePlan":
+        """The save's arguments checked on every rank (any rank's error raised on all, ``early`` the one
+        this rank met before: see :meth:`_prepare_call`) and compared."""
         from gpusaver.distributed import agree, check_same
 
         c = self._coordinator
-        plan, error = None, None
-        try:
-            plan = self._plan_save(save_path, global_step, latest_filename, write_state, empty_ok=True)
-        except Exception as e:  # noqa: BLE001 - every rank raises it, naming this rank
-            error = e
+        plan, error = None, early
+        if error is None:
+            try:
+                plan = self._plan_save(save_path, global_step, latest_filename, write_state, empty_ok=True)
+            except Exception as e:  # noqa: BLE001 - every rank raises it, naming this rank
+                error = e
         agree(c, error=error, what="checking the save's arguments")
         assert plan is not None
         check_same(c, repr((plan.prefix, plan.latest_filename, plan.write_state)), what="the save's prefix and arguments")
@@ -600,14 +605,13 @@ class Saver:
         self, save_path: Any, global_step: Any, latest_filename: str | None, write_state: bool,
         meta_graph_suffix: str, progress: ProgressCallback | None, snapshot: str,
     ) -> SaveHandle:
-        self._settle()
-        self._refresh()
+        early = self._prepare_call()
         rank_plan = None
         capture_groups = self._groups
         if self._coordinator is not None:
             from gpusaver.pipeline.ranks import plan_ranks
 
-            plan = self._agreed_plan(save_path, global_step, latest_filename, write_state)
+            plan = self._agreed_plan(save_path, global_step, latest_filename, write_state, early)
             rank_plan = plan_ranks(
                 self._groups, self._coordinator, sharded=self._sharded, filter_groups=self._without,
                 check_replicas=self._check_replicas,
@@ -888,12 +892,26 @@ class Saver:
                 or unverified bytes. Raised once the group's other reads are done.
         """
         with self._exclusive("restore"):
+            early = self._prepare_call()
+            return self._restore(save_path, strict, cast, progress, early)
+
+    def _prepare_call(self) -> Exception | None:
+        """What every call does first: waits for the pending asynchronous save, makes the views of
+        tensors given other memory anew. Alone, an error is raised here; with a coordinator it is
+        returned, for the call's first agreement (every rank then raises it at once, instead of the
+        others waiting for this rank until the coordinator's timeout)."""
+        try:
             self._settle()
             self._refresh()
-            return self._restore(save_path, strict, cast, progress)
+        except Exception as e:  # noqa: BLE001 - raised here, or by every rank at the agreement
+            if self._coordinator is None:
+                raise
+            return e
+        return None
 
     def _restore(
-        self, save_path: Any, strict: bool, cast: bool, progress: ProgressCallback | None
+        self, save_path: Any, strict: bool, cast: bool, progress: ProgressCallback | None,
+        early: Exception | None = None,
     ) -> RestoreResult | None:
         """Checks everything a restore could refuse, then writes.
 
@@ -915,11 +933,12 @@ class Saver:
                         spelled = os.fsdecode(spelled)
                     check_same(c, repr((spelled, bool(strict), bool(cast), self._reshape)),
                                what="the restore's prefix and arguments")
-                    run, error = None, None
-                    try:
-                        run = self._check_restore(save_path, strict, cast, progress, held)
-                    except Exception as e:  # noqa: BLE001 - every rank raises it, naming this rank
-                        error = e
+                    run, error = None, early
+                    if error is None:
+                        try:
+                            run = self._check_restore(save_path, strict, cast, progress, held)
+                        except Exception as e:  # noqa: BLE001 - every rank raises it, naming this rank
+                            error = e
                     agree(c, error=error, what="checking the restore against the checkpoint")
                 assert run is not None
                 if c is None:

@@ -164,3 +164,30 @@ def test_random_faults_any_rank_nothing_written_anywhere(tmp_path_factory, size,
         for state in arrays.values():
             for a in state.values():
                 assert (a == want).all(), faults
+
+
+@pytest.mark.parametrize("call", ["save", "save_async", "restore"])
+def test_an_error_before_the_first_agreement_is_raised_on_every_rank_at_once(tmp_path, call) -> None:
+    """A rank whose call fails before the ranks first talk (here its tensor's views cannot be made
+    anew: a resize_ that torch refused left sizes past the storage): every rank raises, naming it, at
+    once; the others used to wait for it until the coordinator's timeout."""
+    torch = pytest.importorskip("torch")
+    seven, _ = _checkpoints(tmp_path, 2)
+
+    def rank(c):
+        state = {"w": np.zeros(4, np.float32), f"own{c.rank}": torch.zeros(2)}
+        saver = gs.Saver(state, coordinator=c)
+        if c.rank == 1:
+            with pytest.raises(RuntimeError):
+                state["own1"].resize_(100)  # refused (a NumPy view shares it), but the sizes stay changed
+        if call == "save":
+            return saver.save(str(tmp_path / "again"))
+        if call == "save_async":
+            return saver.save_async(str(tmp_path / "again")).result()
+        return saver.restore(seven, strict=False)
+
+    for k, r in enumerate(run_ranks(2, rank, timeout=600.0)):
+        assert isinstance(r, CoordinatorError), (k, r)
+        assert r.rank == 1 and r.error_type.endswith("InvalidArgumentError"), (k, r, r.error_type)
+        assert "reach past its storage" in str(r), (k, r)
+    assert not (tmp_path / "again.index").exists()
