@@ -56,6 +56,7 @@ def use(enabled: bool) -> None:
 
 
 _CODES: dict[int, int] | None = None
+_CODES_NARROW = False
 
 
 def type_codes() -> dict[int, int]:
@@ -64,10 +65,10 @@ def type_codes() -> dict[int, int]:
     Only native-order numeric types are listed; a byte-swapped array, an
     object array or an unknown type number takes the general path.
     """
-    global _CODES
-    if _CODES is None:
-        from gpusaver.format import dtypes
+    global _CODES, _CODES_NARROW
+    from gpusaver.format import dtypes
 
+    if _CODES is None or _CODES_NARROW != dtypes.narrow_dtypes_loaded():  # again once ml_dtypes' types join
         codes: dict[int, int] = {}
         candidates = [np.dtype(c) for c in np.typecodes["All"]]
         candidates += [dt for dt in dtypes.supported_numpy_dtypes()]
@@ -79,5 +80,5 @@ def type_codes() -> dict[int, int]:
             except Exception:  # noqa: BLE001 - unsupported types stay off the fast path
                 continue
             codes[dt.num] = enum
-        _CODES = codes
+        _CODES, _CODES_NARROW = codes, dtypes.narrow_dtypes_loaded()
     return _CODES

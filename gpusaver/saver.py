@@ -157,9 +157,10 @@ def observe_phases(on_phase: Callable[[str, float], None] | None, prefix: str) -
         try:
             on_phase(phase, seconds)
         except Exception as e:  # noqa: BLE001 - reported, the save stands
+            when = "the save was under way" if phase == "snapshot" else "the checkpoint was committed"
             message = (
-                f"the on_phase callback raised {type(e).__name__}: {e} in phase {phase!r}, after checkpoint "
-                f"{prefix!r} was committed; the save stands"
+                f"the on_phase callback raised {type(e).__name__}: {e} in phase {phase!r} of {prefix!r}, after "
+                f"{when}; the save stands"
             )
             try:
                 warnings.warn(message, PhaseCallbackWarning, stacklevel=2)

@@ -10,6 +10,7 @@ without it. ``DT_STRING`` tensors are NumPy object arrays of ``bytes``.
 from __future__ import annotations
 
 import os
+import sys
 import threading
 from typing import Any
 
@@ -153,7 +154,7 @@ def from_numpy(dtype: Any, *, tensor: str | None = None) -> int:
     if dt.byteorder not in "=|":
         dt = dt.newbyteorder("=")
     found = _FROM_NUMPY.get(dt)
-    if found is None and not _ml_loaded:  # an ml_dtypes type (whose array means ml_dtypes is imported)
+    if found is None and not _ml_loaded and "ml_dtypes" in sys.modules:  # an ml_dtypes type: it is imported
         _load_ml_dtypes()
         found = _FROM_NUMPY.get(dt)
     if found is not None:
@@ -165,9 +166,20 @@ def from_numpy(dtype: Any, *, tensor: str | None = None) -> int:
     )
 
 
+def narrow_dtypes_loaded() -> bool:
+    """Whether ml_dtypes' types (bfloat16, float8, ...) are in the tables yet."""
+    return _ml_loaded
+
+
 def supported_numpy_dtypes() -> list[np.dtype]:
-    """Every NumPy dtype a tensor may be written as (numeric, bool, and object for strings)."""
-    _load_ml_dtypes()
+    """Every NumPy dtype a tensor may be written as now (numeric, bool, and object for strings).
+
+    ml_dtypes' types are listed once ml_dtypes is imported: no array can have one before, and a
+    process that can no longer read its install (it dropped privileges) must not need to import it
+    for a save of float32 arrays.
+    """
+    if "ml_dtypes" in sys.modules:
+        _load_ml_dtypes()
     return list(_FROM_NUMPY)
 
 
