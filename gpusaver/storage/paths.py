@@ -34,6 +34,9 @@ __all__ = [
 _FILE_SCHEME = "file://"
 #: ``scheme://`` at the start of a path (RFC 3986's scheme characters)
 _URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://")
+#: a path whose first part is ``scheme:`` then one slash: a URL pathlib folded (two letters at least,
+#: so that a drive letter's ``C:/`` stays a path)
+_MANGLED_URL = re.compile(r"([A-Za-z][A-Za-z0-9+.-]+):/(?!/)")
 
 
 def local_path(path: "str | os.PathLike[str]") -> str:
@@ -48,8 +51,17 @@ def local_path(path: "str | os.PathLike[str]") -> str:
     p = os.fspath(path)
     if not isinstance(p, str):
         p = os.fsdecode(p)
+    mangled = _MANGLED_URL.match(p)  # pathlib folds "s3://b/x" into "s3:/b/x", and str() keeps that
+    if mangled is not None and mangled.group(1).lower() != "file":
+        raise UnsupportedSchemeError(
+            f"{p!r} looks like a {mangled.group(1)}:// URL that lost a slash (pathlib folds Path('s3://b/x') "
+            "into 's3:/b/x'); gpusaver reads and writes local paths and file:// URLs only",
+            mangled.group(1),
+        )
     url = _URL.match(p)
-    if url is not None and (url.group(1).lower() != "file" or not p.startswith(_FILE_SCHEME)):
+    if url is not None and url.group(1).lower() == "file" and not p.startswith(_FILE_SCHEME):
+        p = _FILE_SCHEME + p[len("file://"):]  # schemes are case-insensitive: FILE:///x is file:///x
+    if url is not None and url.group(1).lower() != "file":
         raise UnsupportedSchemeError(
             f"{p!r} is a {url.group(1)}:// URL; gpusaver reads and writes local paths and file:// URLs only "
             f"(a {url.group(1)}:// path would otherwise become a local directory named {url.group(1) + ':'!r})",

@@ -94,5 +94,24 @@ def test_file_urls_and_local_paths_with_colons_still_work(in_tmp) -> None:
     assert (gs.load("file://localhost" + str(in_tmp / "u" / "ck"))["a"] == np.arange(3)).all()
     gs.save({"a": np.arange(2)}, "run:1/ck")  # a local directory named "run:1"
     assert (gs.load("run:1/ck")["a"] == np.arange(2)).all()
-    gs.save({"a": np.arange(2)}, "s3:/single-slash/ck")  # no "//": a local path
-    assert os.path.isdir(in_tmp / "s3:" / "single-slash")
+    gs.save({"a": np.arange(2)}, "C:/drive-like/ck")  # one letter and a colon: a local directory "C:"
+    assert os.path.isdir(in_tmp / "C:" / "drive-like")
+    with pytest.raises(UnsupportedSchemeError):  # "s3:/x" is a URL that lost a slash (pathlib folds "//")
+        gs.save({"a": np.arange(2)}, "s3:/single-slash/ck")
+
+
+def test_a_url_pathlib_folded_into_a_path_is_refused(in_tmp) -> None:
+    """Path("s3://bucket/ck") is Path("s3:/bucket/ck"): it once made ./s3:/bucket/ck.*"""
+    import pathlib
+
+    for url in ("s3://bucket/ck", "gs://b/x"):
+        with pytest.raises(UnsupportedSchemeError):
+            gs.save({"a": np.ones(2)}, pathlib.Path(url))
+        with pytest.raises(UnsupportedSchemeError):
+            convert(str(in_tmp / "local" / "ck"), pathlib.Path(url + ".safetensors"))
+    assert not any(name.startswith(("s3", "gs")) for name in os.listdir(in_tmp))
+
+
+def test_file_scheme_in_capitals_is_the_file_scheme(in_tmp) -> None:
+    gs.save({"a": np.arange(2)}, "FILE://" + str(in_tmp / "caps" / "ck"))
+    assert (gs.load(str(in_tmp / "caps" / "ck"))["a"] == np.arange(2)).all()
