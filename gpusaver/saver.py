@@ -78,6 +78,20 @@ __all__ = ["Saver", "PhaseCallbackWarning"]
 
 
 
+def _stored_identity(reader: BundleReader, name: str, entry: Any) -> tuple[Any, ...]:
+    """What tells two stored tensors' values apart: dtype, shape and the crc32c and size of its bytes
+    (of each slice's, for a tensor stored in slices)."""
+    from gpusaver.format.slices import encode_slice_key
+
+    if not entry.slices:
+        return entry.dtype, tuple(entry.shape), entry.crc32c, entry.size
+    parts = []
+    for extents in entry.slices:
+        piece = reader.entry(encode_slice_key(name, extents))
+        parts.append((tuple(map(tuple, extents)), piece.crc32c, piece.size))
+    return entry.dtype, tuple(entry.shape), tuple(parts)
+
+
 def _stored_bytes(reader: BundleReader, name: str, entry: Any) -> int:
     """The data-file bytes of a stored variable (all its slices, when partitioned)."""
     from gpusaver.format.slices import encode_slice_key
@@ -149,6 +163,7 @@ def observe_phases(on_phase: Callable[[str, float], None] | None, prefix: str) -
     """
     if on_phase is None:
         return None
+    deferred: list[BaseException] = []
 
     def observed(phase: str, seconds: float) -> None:
         if phase not in AFTER_COMMIT_PHASES:
@@ -156,6 +171,8 @@ def observe_phases(on_phase: Callable[[str, float], None] | None, prefix: str) -
             return
         try:
             on_phase(phase, seconds)
+        except (KeyboardInterrupt, SystemExit, GeneratorExit) as e:
+            deferred.append(e)  # raised once the save has recorded itself: see raise_deferred
         except Exception as e:  # noqa: BLE001 - reported, the save stands
             when = "the save was under way" if phase == "snapshot" else "the checkpoint was committed"
             message = (
@@ -167,6 +184,13 @@ def observe_phases(on_phase: Callable[[str, float], None] | None, prefix: str) -
             except Warning:  # warnings made errors (-W error): still never undo the save
                 logging.getLogger("gpusaver").warning(message)
 
+    def raise_deferred() -> None:
+        """Raises a KeyboardInterrupt or SystemExit the callback raised after the commit point, now that
+        the save is recorded (it is not an error of the save, and it must not be swallowed)."""
+        if deferred:
+            raise deferred.pop(0)
+
+    observed.raise_deferred = raise_deferred  # type: ignore[attr-defined]
     return observed
 
 
@@ -693,7 +717,10 @@ class Saver:
             pool.on_full = None
         handle.blocked_seconds = time.perf_counter() - t0
         if self._on_phase:
-            observe_phases(self._guarded(self._on_phase, handle), plan.prefix)("snapshot", handle.blocked_seconds)
+            snapshot = observe_phases(self._guarded(self._on_phase, handle), plan.prefix)
+            assert snapshot is not None
+            snapshot("snapshot", handle.blocked_seconds)
+            snapshot.raise_deferred()  # type: ignore[attr-defined]
         return handle
 
     def wait(self) -> None:
@@ -768,6 +795,7 @@ class Saver:
         """Writes ``groups`` as the checkpoint ``plan`` names, commits it, records it, applies retention
         (``handle``: the asynchronous save this is, whose callbacks must not wait for it)."""
         prefix, parent, parent_local, latest_filename = plan.prefix, plan.parent, plan.parent_local, plan.latest_filename
+        phases = observe_phases(self._guarded(self._on_phase, handle), prefix)
         clean_stale_temp_dirs(parent_local, self._fileops)
         doomed: list[tuple[str, TempDir]] = []
 
@@ -795,7 +823,7 @@ class Saver:
             sharded=self._sharded,
             durable=self._durable,
             fileops=self._fileops,
-            on_phase=observe_phases(self._guarded(self._on_phase, handle), prefix),
+            on_phase=phases,
             after_commit=record if plan.write_state else None,
             state_file=latest_filename if plan.write_state else None,
             progress=counter,
@@ -818,6 +846,8 @@ class Saver:
             # Once the state file no longer lists them, dropped checkpoints go, whatever happens.
             while doomed:
                 Retention.delete(*doomed.pop(0), meta_graph_suffix, self._fileops)
+        if phases is not None:
+            phases.raise_deferred()  # type: ignore[attr-defined]
         return prefix
 
     def _without(self, names: set[str]) -> list[Any]:
@@ -1042,6 +1072,9 @@ class Saver:
         present = [v for v in self._variables if v.name in stored]
         if self._ties:
             present = self._written_once(present, stored, reader)
+            through_tie = {self._variables[i].name for group in self._ties
+                           if any(self._variables[j].name in stored for j in group) for i in group}
+            missing = [n for n in missing if n not in through_tie]  # restored through another of its names
         converted = [v for v in present if cast and self._dtype_differs(v, stored[v.name])]
         cast_ids = {id(v) for v in converted}
         direct = [v for v in present if id(v) not in cast_ids]
@@ -1084,9 +1117,8 @@ class Saver:
             members = [self._variables[i] for i in group if id(self._variables[i]) in here]
             first = members[0] if members else None
             for other in members[1:]:
-                a, b = stored[first.name], stored[other.name]
-                same = (a.dtype == b.dtype and tuple(a.shape) == tuple(b.shape) and not a.slices and not b.slices
-                        and a.crc32c == b.crc32c and a.size == b.size)
+                same = _stored_identity(reader, first.name, stored[first.name]) == _stored_identity(
+                    reader, other.name, stored[other.name])
                 if not same:
                     raise InvalidArgumentError(
                         f"variables {first.name!r} and {other.name!r} are one array (tied), but checkpoint "

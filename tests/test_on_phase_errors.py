@@ -145,3 +145,24 @@ def test_ranks(tmp_path, phase) -> None:
         assert results == [str(tmp_path / "m")] * 2, results
         assert gs.latest_checkpoint(str(tmp_path)) == str(tmp_path / "m")
         assert (gs.load(str(tmp_path / "m"))["w"] == 1).all()
+
+
+@pytest.mark.parametrize("phase", ["merge", "total"])
+def test_a_keyboard_interrupt_after_the_commit_point_is_raised_once_the_save_is_recorded(tmp_path, phase) -> None:
+    """Ctrl-C in a callback after the commit: the interrupt reaches the caller (never swallowed), but
+    only once the checkpoint is recorded and retention ran; it used to leave the checkpoint committed,
+    unrecorded and never cleaned."""
+    armed = {"on": False}
+
+    def on_phase(p: str, seconds: float) -> None:
+        if armed["on"] and p == phase:
+            raise KeyboardInterrupt
+
+    saver = gs.Saver(_state(), max_to_keep=1, on_phase=on_phase)
+    saver.save(str(tmp_path / "m"), global_step=1)
+    armed["on"] = True
+    with pytest.raises(KeyboardInterrupt):
+        saver.save(str(tmp_path / "m"), global_step=2)
+    assert gs.latest_checkpoint(str(tmp_path)) == str(tmp_path / "m-2")
+    assert saver.last_checkpoints == [str(tmp_path / "m-2")]
+    assert not [f for f in os.listdir(tmp_path) if f.startswith("m-1") or "_temp" in f]
