@@ -18,7 +18,7 @@ The Saver follows ``tf.compat.v1.train.Saver``, made eager::
 """
 
 from gpusaver._version import __version__
-from gpusaver.api import load, save
+from gpusaver.api import LoadResult, load, load_into, save
 from gpusaver.checkpoint_management import (
     checkpoint_exists,
     generate_checkpoint_state_proto,
@@ -63,6 +63,8 @@ __all__ = [
     "__version__",
     "save",
     "load",
+    "load_into",
+    "LoadResult",
     "Saver",
     "CheckpointManager",
     "RestoreResult",

@@ -10,6 +10,15 @@ None, nested to any depth::
     state = gpusaver.load("ckpt/s7", framework="torch")    # ... as torch tensors
     gpusaver.load("ckpt/model", like=model.state_dict())  # in place
 
+Statefuls (objects with ``state_dict()`` and ``load_state_dict()``, as torch DCP's: modules,
+optimizers, LR schedulers, ``GradScaler``) are saved as their state dicts and restored in place::
+
+    gpusaver.save({"model": model, "optim": opt, "sched": sched, "step": 7}, "ckpt/s7")
+    gpusaver.load_into({"model": model, "optim": opt, "sched": sched, "step": 0}, "ckpt/s7")
+
+One tensor under several paths (tied weights: GPT-2's ``lm_head.weight`` is
+``transformer.wte.weight``) is stored once and comes back tied.
+
 The files are one TensorFlow V2 checkpoint (``path.index`` and its data
 files), written atomically; no ``checkpoint`` state file is written. Each
 array is a variable named by its path (``model/fc.weight``); the tree's
@@ -20,14 +29,14 @@ from __future__ import annotations
 
 import operator
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 
 from gpusaver.errors import InvalidArgumentError, InvalidArgumentTypeError
 from gpusaver.progress import ProgressCallback
 
-__all__ = ["save", "load", "flatten", "unflatten"]
+__all__ = ["save", "load", "load_into", "LoadResult", "flatten", "unflatten"]
 
 SEP = "/"
 
@@ -91,6 +100,15 @@ def save(
     0-d one. The structure (containers, key types and order, leaf kinds) is
     one more tensor, ``_gpusaver/tree``, so that :func:`load` gives the very
     tree back. See :mod:`gpusaver.tree` for the names and the format.
+
+    A Stateful leaf (an object with ``state_dict()`` and ``load_state_dict()``: an ``nn.Module``,
+    an optimizer, an LR scheduler, a ``GradScaler``) is written as its ``state_dict()``;
+    :func:`load_into` restores it. An object with ``state_dict()`` alone is refused (it could not
+    be restored): save its ``state_dict()``. Two array leaves that are one tensor (the same object,
+    or views of the same memory with the same shape, strides and dtype: a tied embedding and
+    output head in a ``state_dict()``) are written once, as one variable named by the first leaf's
+    path; TensorFlow's reader sees that one variable for the pair, and :func:`load` gives them
+    back as one array. Other views that overlap are written as they are, each its own variable.
 
     Args:
         tree: the state to write.
@@ -189,7 +207,8 @@ def load(
         key types and order, Python scalars as their types, arrays as
         ``framework``'s); for a checkpoint without the structure (written by a
         Saver, TensorFlow, or an older gpusaver), ``{name: array}`` of every
-        variable (partitioned ones whole). With ``like``: a tree of ``like``'s
+        variable (partitioned ones whole). Leaves saved as one tensor (tied) are
+        one array again. With ``like``: a tree of ``like``'s
         shape holding the restored values (the very same objects for mutable
         leaves).
 
@@ -392,15 +411,19 @@ def _load_tree(
         names: list[str] = []
         trees.decode(spec, lambda kind, name, *_: names.append(name) if name is not None else None, prefix)
         bundle = reader.bundle
-        counter = Progress(progress, sum(_stored_bytes(bundle, n, bundle.entry(n)) for n in names))
+        counter = Progress(progress, sum(_stored_bytes(bundle, n, bundle.entry(n)) for n in dict.fromkeys(names)))
         bundle.set_progress(counter)
 
     on_host = _string_tensors(reader, target)
+    arrays: dict[str, Any] = {}  # tied leaves (one variable under several paths) come back as one array
 
     def leaf(kind: str, name: str | None, inline: Any, seq: int, path: tuple, dicts: tuple) -> Any:
         if kind == "a":
-            value = reader.get_tensor(name, device=None if name in on_host else target.read_device)
-            return target.array(value, name)
+            got = arrays.get(name)
+            if got is None:
+                value = reader.get_tensor(name, device=None if name in on_host else target.read_device)
+                got = arrays[name] = target.array(value, name)
+            return got
         if name is None:
             return trees.inline_value(kind, inline)
         value = reader.get_tensor(name)
@@ -637,7 +660,12 @@ def _inline_array(value: Any) -> np.ndarray:
 
 
 def _load_like(prefix: str, like: Any, spec: dict[str, Any] | None, strict: bool, cast: bool, allow_pickle: bool,
-               progress: ProgressCallback | None) -> Any:
+               progress: ProgressCallback | None, rebuild: bool = True) -> Any:
+    """:func:`load` with ``like``: the rebuilt tree, or (``rebuild=False``) ``(results, leaves)``:
+    ``{path: new value}`` of the leaves replaced (immutable ones) and ``{path: like's leaf}``.
+
+    A variable that the structure gives several leaves (tied) is written once where like's leaves
+    are one tensor too (:func:`gpusaver.tree.tie_key`), else into each of them."""
     from gpusaver import tree as trees
     from gpusaver.checkpoint_reader import load_checkpoint
     from gpusaver.errors import CorruptCheckpointError, DTypeMismatchError
@@ -650,6 +678,7 @@ def _load_like(prefix: str, like: Any, spec: dict[str, Any] | None, strict: bool
     by_name: dict[str, tuple] = {}  # tensor name -> like path, restored through a Saver or the reader
     inline: dict[tuple, Any] = {}  # like path -> the value the structure carries
     later: dict[tuple, Any] = {}  # like path -> Stored, read as without like (like's leaf is None; pickles)
+    again: list[tuple[tuple, str]] = []  # (like path, tensor name) of a tied leaf after its variable's first
     if spec is None:
         names = trees.leaf_names(like) if leaves else {}
         for path, name in names.items():
@@ -680,9 +709,11 @@ def _load_like(prefix: str, like: Any, spec: dict[str, Any] | None, strict: bool
                 later[path] = stored
                 continue
             if (trees._FAST.get(type(value)) or trees._classify(value)) == "o":
+                hint = (" (it has state_dict() and load_state_dict(): gpusaver.load_into restores it)"
+                        if trees.is_stateful(value) else "")
                 raise DTypeMismatchError(
                     f"{trees.show_path(path)} is a {type(value).__qualname__}, which is not data, where checkpoint "
-                    f"{prefix!r} holds data"
+                    f"{prefix!r} holds data{hint}"
                 )
             if stored.name is None:
                 try:
@@ -691,6 +722,8 @@ def _load_like(prefix: str, like: Any, spec: dict[str, Any] | None, strict: bool
                     raise CorruptCheckpointError(
                         f"the structure of {prefix!r} is damaged at {trees.show_path(path)}: {e}", prefix
                     ) from None
+            elif stored.name in by_name:
+                again.append((path, stored.name))  # tied: one variable for several leaves
             else:
                 by_name[stored.name] = path
         saver_strict = True
@@ -728,6 +761,7 @@ def _load_like(prefix: str, like: Any, spec: dict[str, Any] | None, strict: bool
             for n in mutable:
                 _check_leaf(reader, variables[n], saver_strict, cast)
             _check_no_extra(leaves, stored_leaves, prefix)
+        copies, same = _tied_targets(reader, again, by_name, leaves, cast)
         if mutable:
             Saver(mutable, max_to_keep=None).restore(prefix, strict=saver_strict, cast=cast, progress=progress)
         for name in present:
@@ -741,7 +775,13 @@ def _load_like(prefix: str, like: Any, spec: dict[str, Any] | None, strict: bool
                 results[path] = reader.get_tensor(stored.name)
             else:
                 results[path] = _host_leaf(stored.kind, reader.get_tensor(stored.name))
-    for path, variable, value in inline_writes:
+    for path, first in same:
+        if first in results:
+            results[path] = results[first]
+    for path, variable, value in inline_writes + copies:
+        if variable.immutable is not None:
+            results[path] = _like(leaves[path], variable, value, cast)
+            continue
         with ordered_with_framework([leaves[path]], writes=True):
             if type(variable.array).__module__.split(".")[0] == "cupy":
                 import cupy
@@ -749,7 +789,35 @@ def _load_like(prefix: str, like: Any, spec: dict[str, Any] | None, strict: bool
                 variable.array[...] = cupy.asarray(value)
             else:
                 variable.array[...] = value
+    if not rebuild:
+        return results, leaves
     return _rebuild(containers, results, leaves)
+
+
+def _tied_targets(reader: Any, again: list[tuple[tuple, str]], by_name: dict[str, tuple], leaves: dict[tuple, Any],
+                  cast: bool) -> tuple[list[tuple[tuple, Any, np.ndarray]], list[tuple[tuple, tuple]]]:
+    """For the leaves of like that the checkpoint ties to an earlier leaf's variable: ``(copies, same)``,
+    the ``(path, Variable, value)`` to write into a leaf that is another tensor than the first's (read
+    and checked now, before anything changes) and the ``(path, first path)`` of a leaf that is the
+    first's very tensor (written with it)."""
+    from gpusaver import tree as trees
+    from gpusaver.variables import Variable, checked_cast
+
+    copies: list[tuple[tuple, Any, np.ndarray]] = []
+    same: list[tuple[tuple, tuple]] = []
+    for path, name in again:
+        first = by_name[name]
+        key = trees.tie_key(leaves[path])
+        if key is not None and key == trees.tie_key(leaves[first]):
+            same.append((path, first))
+            continue
+        variable = Variable(leaves[path], name)
+        _check_leaf(reader, variable, True, cast)
+        value = reader.get_tensor(name)
+        if variable.immutable is None and value.dtype != variable.dtype:
+            value = checked_cast(value, variable.dtype, trees.show_path(path))
+        copies.append((path, variable, value))
+    return copies, same
 
 
 def _plain_name(path: tuple) -> str:
@@ -835,3 +903,329 @@ def _like(old: Any, variable: Any, value: np.ndarray, cast: bool) -> Any:
         item = value.item()
         return item.decode("utf-8") if isinstance(old, str) and isinstance(item, bytes) else item
     return value
+
+
+# ----------------------------------------------------------------------------- load_into
+class LoadResult(NamedTuple):
+    """What :func:`load_into` did not restore, as torch's ``load_state_dict`` reports it: paths as
+    ``"a/b/c"`` strings (int keys and list indices in decimal)."""
+
+    #: the target's leaves (and Statefuls) the checkpoint lacks, in the target's order
+    missing_keys: list[str]
+    #: the checkpoint's leaves the target lacks, in the checkpoint's order
+    unexpected_keys: list[str]
+
+
+def load_into(
+    target: Any,
+    path: "str | os.PathLike[str]",
+    *,
+    strict: bool = True,
+    cast: bool = False,
+    progress: ProgressCallback | None = None,
+) -> LoadResult:
+    """Restores a checkpoint written by :func:`save` into ``target``, in place.
+
+    ``target`` is a tree (dicts, lists, tuples) of arrays and Statefuls (objects with
+    ``state_dict()`` and ``load_state_dict()``, as torch DCP's: an ``nn.Module``, an optimizer, an
+    LR scheduler, a ``GradScaler``), or one Stateful; the checkpoint is what ``save`` made of the
+    same kind of tree (``gs.save({"model": model, "optim": opt, "step": 7}, path)``)::
+
+        result = gs.load_into({"model": model, "optim": opt, "step": 0}, path)
+
+    * Arrays (NumPy, CuPy, torch CPU and CUDA) are written into; the other leaves of a dict or list
+      of the target (Python numbers, JAX arrays, None) are replaced in it (``"step"`` above becomes 7).
+    * An ``nn.Module``'s tensors are written into its own storage (as ``load(path,
+      like=module.state_dict())``: shapes and dtypes must fit; tied parameters are written once and
+      stay tied); ``load_state_dict`` is called only for leaves of its state dict that are not tensors.
+    * Any other Stateful gets its state read from the checkpoint as a new tree (torch tensors on
+      the host for a torch object, else NumPy arrays) and ``load_state_dict(state)``. An optimizer
+      that has not stepped has no moments to write into: torch's ``Optimizer.load_state_dict``
+      moves (and casts) the loaded ones to the device and dtype of their parameters. Its state
+      dict need not list what it will accept, so the checkpoint's leaves under such an object are
+      never unexpected; the object is missing only when the checkpoint has nothing at its path.
+
+    Args:
+        target: the tree to restore into.
+        path: a checkpoint prefix, or a directory whose ``checkpoint`` file names one.
+        strict: refuse a mismatch (missing or unexpected keys) before anything changes; with
+            ``strict=False`` the rest is restored and the mismatch returned.
+        cast: convert stored tensors of another dtype (exactly, or refused).
+        progress: ``callback(done_bytes, total_bytes)`` of the arrays written in place.
+
+    Returns:
+        ``LoadResult(missing_keys, unexpected_keys)`` (both empty when ``strict``).
+
+    Raises:
+        TensorNotFoundError: strict, and the checkpoint lacks leaves of ``target`` (named).
+        InvalidArgumentError: strict, and the checkpoint holds leaves ``target`` lacks (named); a
+            structure that differs (a container where a leaf is); a checkpoint without the
+            structure :func:`save` writes; an immutable leaf inside a tuple; an optimizer whose
+            parameter groups differ from the stored ones; pickled leaves.
+        DTypeMismatchError, ShapeMismatchError: an array or module tensor that does not fit.
+
+    Every check runs before anything in ``target`` changes. An error that a Stateful's own
+    ``load_state_dict`` raises is its own (they are called last, after the arrays are written).
+    """
+    from gpusaver import tree as trees
+    from gpusaver.checkpoint_reader import CheckpointReader, resolve_checkpoint_path
+    from gpusaver.errors import TensorNotFoundError
+
+    prefix = resolve_checkpoint_path(path)
+    with CheckpointReader(prefix) as reader:
+        if not reader.has_tensor(trees.TREE_TENSOR):
+            raise InvalidArgumentError(
+                f"checkpoint {prefix!r} has no tree structure (it was not written by gpusaver.save): "
+                "gpusaver.load(path, like=...) or a Saver restores it"
+            )
+        spec = trees.parse_spec(reader.get_tensor(trees.TREE_TENSOR), prefix)
+    stored_containers, stored_leaves = _stored_layout(spec, prefix)
+    view, order, holders, modules, statefuls = _expand(target)
+    own = {p for p, is_leaf in order if is_leaf}
+    objects = [p for p, _ in statefuls]
+    for p in objects:
+        if p in stored_leaves:
+            raise InvalidArgumentError(
+                f"target has a {type(dict(statefuls)[p]).__qualname__} (a Stateful) at {trees.show_path(p)}, "
+                f"where checkpoint {prefix!r} has a leaf"
+            )
+
+    def under_object(p: tuple) -> bool:
+        return any(p[: len(o)] == o for o in objects)
+
+    missing = [p for p, is_leaf in order if (p not in stored_leaves if is_leaf else p not in stored_containers)]
+    unexpected = [p for p in stored_leaves if p not in own and not under_object(p)]
+    if strict and missing:
+        raise TensorNotFoundError(
+            f"checkpoint {prefix!r} lacks {_key_list(missing)} of the target (strict=False restores the rest)",
+            _plain_name(missing[0]),
+        )
+    if strict and unexpected:
+        raise InvalidArgumentError(
+            f"checkpoint {prefix!r} also holds {_key_list(unexpected)}, which the target lacks "
+            "(strict=False restores the rest)"
+        )
+    for p, _ in order:  # leaves replaced, not written into: a tuple cannot take them
+        holder = holders.get(p)
+        if holder is not None and isinstance(holder[0], tuple) and p in stored_leaves and not _in_place(_leaf_at(view, p)):
+            raise InvalidArgumentError(
+                f"target's {trees.show_path(p)} is a {type(_leaf_at(view, p)).__name__} inside a tuple: it cannot "
+                "be restored in place (gpusaver.load(path, like=...) returns a new tree)"
+            )
+    states = _read_states(prefix, spec, [(p, o) for p, o in statefuls if p in stored_containers])
+    results, leaves = _load_like(prefix, view, spec, False, cast, False, progress, rebuild=False)
+    touched: dict[tuple, list[tuple[tuple, Any]]] = {}
+    for p, value in results.items():
+        if value is leaves[p]:
+            continue
+        if p in holders:
+            container, key = holders[p]
+            container[key] = value
+            continue
+        m = max((mp for mp in modules if p[: len(mp)] == mp), key=len)
+        touched.setdefault(m, []).append((p[len(m):], value))
+    for mp, changes in touched.items():  # leaves of a module's state dict that are not tensors
+        module, sd = modules[mp]
+        for rel, value in changes:
+            node = sd
+            for k in rel[:-1]:
+                node = node[k]
+            node[rel[-1]] = value
+        module.load_state_dict(sd, strict=False)
+    for obj, state in states:
+        obj.load_state_dict(state)
+    return LoadResult([_plain_name(p) for p in missing], [_plain_name(p) for p in unexpected])
+
+
+def _key_list(paths: list[tuple]) -> str:
+    shown = ", ".join(repr(_plain_name(p)) for p in paths[:10])
+    return shown + (f" and {len(paths) - 10} more" if len(paths) > 10 else "")
+
+
+def _leaf_at(view: Any, path: tuple) -> Any:
+    """The node of a tree at ``path``."""
+    node = view
+    for k in path:
+        node = node[k]
+    return node
+
+
+def _in_place(value: Any) -> bool:
+    """Whether a leaf is an array a restore writes into (not a value it replaces)."""
+    from gpusaver import tree as trees
+
+    if (trees._FAST.get(type(value)) or trees._classify(value)) != "a":
+        return False
+    return type(value).__module__.split(".")[0] not in ("jax", "jaxlib")
+
+
+def _is_module(value: Any) -> bool:
+    import sys
+
+    if "torch" not in sys.modules:
+        return False
+    import torch
+
+    return isinstance(value, torch.nn.Module)
+
+
+def _expand(target: Any) -> tuple[Any, list, dict, dict, list]:
+    """``target`` seen as the tree :func:`save` wrote for it: ``(view, order, holders, modules, statefuls)``.
+
+    ``view``: plain dicts, lists and tuples of target's leaves, a module's ``state_dict()`` in its
+    place (whose tensors are the module's own storage), an empty dict in place of any other Stateful;
+    ``order``: ``(path, is a leaf)`` of each leaf and other Stateful in preorder; ``holders``: ``{leaf
+    path: (target's container, its key)}`` for the leaves of target's own containers; ``modules``:
+    ``{path: (module, its state dict)}``; ``statefuls``: ``[(path, object)]`` of the other Statefuls.
+    """
+    from gpusaver import tree as trees
+
+    order: list[tuple[tuple, bool]] = []
+    holders: dict[tuple, tuple[Any, Any]] = {}
+    modules: dict[tuple, tuple[Any, Any]] = {}
+    statefuls: list[tuple[tuple, Any]] = []
+
+    def convert(value: Any, path: tuple) -> tuple[Any, bool]:
+        """(the view's value, whether it is a container to walk into)"""
+        if isinstance(value, (Mapping, list, tuple)):
+            return value, True
+        if _is_module(value):
+            sd = trees.state_of(value, path)
+            modules[path] = (value, sd)
+            return sd, True
+        if trees.is_stateful(value):
+            statefuls.append((path, value))
+            order.append((path, False))
+            return {}, False
+        return value, False
+
+    root, walk = convert(target, ())
+    if not walk:
+        if not statefuls:
+            raise InvalidArgumentTypeError(
+                f"a target is a dict, list or tuple (of arrays and Statefuls), or a Stateful, not {type(target).__name__}"
+            )
+        return root, order, holders, modules, statefuls
+    view: Any = None
+    on_path: set[int] = set()
+    stack: list[list[Any]] = []
+
+    def open_(node: Any, path: tuple, in_module: bool) -> None:
+        _, keys, values = trees._children(node, path)
+        own = list(node.keys()) if isinstance(node, Mapping) else keys
+        on_path.add(id(node))
+        stack.append([node, path, keys, values, own, 0, [], in_module])
+
+    open_(root, (), bool(modules))
+    while stack:
+        frame = stack[-1]
+        node, path, keys, values, own, i, out, in_module = frame
+        if i < len(keys):
+            frame[5] = i + 1
+            sub = path + (keys[i],)
+            value, walk = convert(values[i], sub) if not in_module else (values[i], isinstance(values[i], (Mapping, list, tuple)))
+            if walk:
+                if id(value) in on_path:
+                    raise InvalidArgumentError(f"the target holds itself: {trees.show_path(sub)} is a container it is inside of")
+                open_(value, sub, in_module or sub in modules)
+                continue
+            if not (statefuls and statefuls[-1][0] == sub):
+                order.append((sub, True))
+                if not in_module:
+                    holders[sub] = (node, own[i])
+            out.append(value)
+            continue
+        stack.pop()
+        on_path.discard(id(node))
+        made = dict(zip(keys, out)) if isinstance(node, Mapping) else (list(out) if isinstance(node, list) else tuple(out))
+        if stack:
+            stack[-1][6].append(made)
+        else:
+            view = made
+    return view, order, holders, modules, statefuls
+
+
+def _uses_torch(obj: Any) -> bool:
+    """Whether a Stateful's state is torch's: a torch object, or one whose state dict holds torch tensors."""
+    import sys
+
+    if type(obj).__module__.split(".")[0] == "torch":
+        return True
+    if "torch" not in sys.modules:
+        return False
+    import torch
+
+    stack = [obj.state_dict()]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, torch.Tensor):
+            return True
+        if isinstance(node, Mapping):
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
+    return False
+
+
+def _read_states(prefix: str, spec: dict[str, Any], statefuls: list[tuple[tuple, Any]]) -> list[tuple[Any, Any]]:
+    """``[(object, its state as read)]`` for the Statefuls the checkpoint holds: each subtree read as a
+    new tree (torch tensors on the host for a torch object, else NumPy), tied leaves one tensor; an
+    optimizer's parameter groups checked against its own."""
+    from gpusaver import tree as trees
+    from gpusaver.checkpoint_reader import CheckpointReader
+
+    if not statefuls:
+        return []
+    targets = [(p, _Target.of("torch" if _uses_torch(o) else "numpy", None)) for p, o in statefuls]
+    with CheckpointReader(prefix) as reader:
+        arrays: dict[tuple[str, str], Any] = {}
+
+        def leaf(kind: str, name: str | None, inline: Any, seq: int, path: tuple, dicts: tuple) -> Any:
+            target = next((t for p, t in targets if path[: len(p)] == p), None)
+            if target is None:
+                return None
+            if name is None:
+                return trees.inline_value(kind, inline)
+            if kind == "p":
+                raise InvalidArgumentError(
+                    f"checkpoint {prefix!r} holds a pickled object at {trees.show_path(path)}; load_into does not "
+                    "unpickle (gpusaver.load(path, allow_pickle=True) does, for checkpoints you trust)"
+                )
+            if kind != "a":
+                return _host_leaf(kind, reader.get_tensor(name))
+            got = arrays.get((target.framework, name))
+            if got is None:
+                got = arrays[(target.framework, name)] = target.array(reader.get_tensor(name), name)
+            return got
+
+        tree = trees.decode(spec, leaf, prefix)
+    out = []
+    for p, obj in statefuls:
+        state = _leaf_at(tree, p)
+        _check_optimizer(obj, state, p, prefix)
+        out.append((obj, state))
+    return out
+
+
+def _check_optimizer(obj: Any, state: Any, path: tuple, where: str) -> None:
+    """Refuses (before anything changes) stored parameter groups that a torch optimizer's
+    ``load_state_dict`` would refuse."""
+    import sys
+
+    if "torch" not in sys.modules:
+        return
+    import torch
+
+    if not isinstance(obj, torch.optim.Optimizer):
+        return
+    shown = _plain_name(path) or "the root"
+    groups = state.get("param_groups") if isinstance(state, Mapping) else None
+    if not isinstance(groups, (list, tuple)) or not isinstance(state.get("state"), Mapping):
+        raise InvalidArgumentError(f"checkpoint {where!r} holds no optimizer state at {shown!r} (no state and param_groups)")
+    mine = [len(g["params"]) for g in obj.param_groups]
+    theirs = [len(g.get("params", ())) if isinstance(g, Mapping) else -1 for g in groups]
+    if mine != theirs:
+        raise InvalidArgumentError(
+            f"the optimizer at {shown!r} has parameter groups of {mine} parameters, checkpoint {where!r} "
+            f"{theirs}: it is another model's"
+        )

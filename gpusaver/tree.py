@@ -33,6 +33,19 @@ for ``{"model": {"w": w}, "optim": {"state": {0: {"m": m}}, "param_groups":
 [{"lr": 1e-3, "betas": (0.9, 0.999)}]}, "step": 7}``: tensors ``model/w`` and
 ``optim/state/0/m``, and the structure.
 
+Tied leaves: two array leaves that are one tensor -- the same object, or views of the same memory
+with the same shape, strides and dtype, as a GPT-2 ``state_dict()``'s ``transformer.wte.weight`` and
+``lm_head.weight`` are -- are written once. The second leaf's entry in ``names`` is the first
+leaf's variable name: a name that more than one leaf has is one tensor (tied), read once and given
+to each of them. TensorFlow's reader sees one variable for the pair. Other views that overlap
+one buffer are written as they are, each its own variable. This stays version 1: a reader that
+predates ties reads each such leaf from the one variable (equal arrays, no longer one).
+
+Stateful objects (as torch DCP's ``Stateful``): a leaf with ``state_dict()`` and
+``load_state_dict()`` methods (an ``nn.Module``, an optimizer, an LR scheduler, a ``GradScaler``)
+is written as its state dict, which the structure records as the container it is;
+:func:`gpusaver.api.load_into` gives it back through ``load_state_dict``.
+
 ``nodes`` lists the containers in preorder: ``["d", keys, kinds]`` a dict,
 ``["l", kinds]`` a list, ``["t", kinds]`` a tuple, ``["T", kinds, class,
 fields]`` a NamedTuple. ``kinds`` has one letter per child: ``c`` a container
@@ -83,6 +96,8 @@ __all__ = [
     "parse_spec",
     "show_path",
     "leaf_names",
+    "is_stateful",
+    "tie_key",
 ]
 
 RESERVED_PREFIX = "_gpusaver/"
@@ -230,18 +245,134 @@ def _escaped(key: Any, first: bool, in_dict: bool) -> str:
     return f"%i{key}" if in_dict else str(key)
 
 
-def encode(tree: Any, *, allow_pickle: bool = False, skip_objects: bool = False) -> Encoded:
+def is_stateful(value: Any) -> bool:
+    """Whether ``value`` is a Stateful (as torch DCP's): it has callable ``state_dict`` and
+    ``load_state_dict`` (a class itself is not)."""
+    return (not isinstance(value, type) and callable(getattr(value, "state_dict", None))
+            and callable(getattr(value, "load_state_dict", None)))
+
+
+def state_of(value: Any, path: tuple[Any, ...]) -> Any:
+    """A Stateful's ``state_dict()``, what :func:`encode` writes in its place.
+
+    Raises:
+        InvalidArgumentError: ``state_dict()`` raised, naming the path.
+    """
+    try:
+        return value.state_dict()
+    except Exception as e:  # noqa: BLE001 - the object's own error, named by its path
+        raise InvalidArgumentError(
+            f"{show_path(path)} ({type(value).__qualname__}): its state_dict() raised {type(e).__name__}: {e}"
+        ) from e
+
+
+def tie_key(value: Any) -> Any:
+    """What makes two array leaves one tensor: the same memory seen the same way (address, shape,
+    byte strides, dtype, device; torch's conjugate and negative bits), or for an array whose memory
+    is not seen, the same object. None for an empty array (nothing to write, nothing to tie)."""
+    t = type(value)
+    if t is np.ndarray:
+        if value.size == 0:
+            return None
+        return ("host", value.__array_interface__["data"][0], value.shape, value.strides, value.dtype.name,
+                False, False)
+    module = t.__module__.split(".")[0]
+    try:
+        if module == "torch":
+            if value.layout is not _torch_strided() or value.numel() == 0:
+                return None if value.numel() == 0 else ("id", id(value))
+            dev = value.device
+            size = value.element_size()
+            return ("host" if dev.type == "cpu" else (dev.type, dev.index), value.data_ptr(), tuple(value.shape),
+                    tuple(st * size for st in value.stride()), str(value.dtype).rpartition(".")[2],
+                    bool(value.is_conj()), bool(value.is_neg()))
+        if module == "cupy":
+            if value.size == 0:
+                return None
+            return (("cuda", value.device.id), value.data.ptr, tuple(value.shape), tuple(value.strides),
+                    value.dtype.name, False, False)
+    except Exception:  # noqa: BLE001 - a tensor without storage (meta, fake): only itself
+        pass
+    return ("id", id(value))
+
+
+def _find_ties(arrays: list[tuple[int, str, Any]]) -> dict[int, tuple[int, str]]:
+    """``{leaf number: (leaf number, name) of the first leaf it is one tensor with}`` among the
+    ``(leaf number, name, value)`` of the array leaves. Only leaves that start at one address (found
+    at once: one call to the C extension for NumPy arrays) are compared by :func:`tie_key`."""
+    from gpusaver import native
+
+    starts: list[Any] = [None] * len(arrays)
+    host = [i for i, a in enumerate(arrays) if type(a[2]) is np.ndarray]
+    bounds = getattr(native.lib, "byte_bounds", None)
+    if len(host) > 1 and bounds is not None:
+        lo, _ = bounds([arrays[i][2] for i in host])
+        for i, start in zip(host, lo.tolist()):
+            starts[i] = start
+    for i, (_, _, value) in enumerate(arrays):
+        if starts[i] is None:
+            starts[i] = _start(value)
+    count: dict[Any, int] = {}
+    for start in starts:
+        count[start] = count.get(start, 0) + 1
+    seen: dict[Any, tuple[int, str]] = {}
+    tied: dict[int, tuple[int, str]] = {}
+    for i, (seq, name, value) in enumerate(arrays):
+        if count[starts[i]] < 2:
+            continue
+        key = tie_key(value)
+        if key is None:
+            continue
+        first = seen.get(key)
+        if first is None:
+            seen[key] = (seq, name)
+        else:
+            tied[seq] = first
+    return tied
+
+
+def _start(value: Any) -> Any:
+    """Where an array's memory starts (cheaply: ties are sought among arrays that start at one place)."""
+    t = type(value)
+    try:
+        if t is np.ndarray:
+            return value.__array_interface__["data"][0]
+        module = t.__module__.split(".")[0]
+        if module == "torch":
+            return value.data_ptr()
+        if module == "cupy":
+            return value.data.ptr
+    except Exception:  # noqa: BLE001 - no memory to see: only the object itself
+        pass
+    return ("id", id(value))
+
+
+def _torch_strided() -> Any:
+    import torch
+
+    return torch.strided
+
+
+def encode(tree: Any, *, allow_pickle: bool = False, skip_objects: bool = False, ties: bool = True) -> Encoded:
     """The tensors and the structure of ``tree``; everything checked, nothing written.
+
+    A Stateful leaf (:func:`is_stateful`) is its ``state_dict()``. With ``ties``, an array leaf that
+    is one tensor with an earlier one (:func:`tie_key`) is not written again: the structure names
+    the earlier leaf's variable for it.
 
     Raises:
         InvalidArgumentTypeError: the root is not a container; a key that is neither str nor int;
             an object that is not data (without ``allow_pickle``) -- each naming its path.
         InvalidArgumentError: a cycle; a tree with no leaves.
     """
+    states: dict[int, Any] = {}  # id of a Stateful -> its state dict (the second walk sees the same)
+    if not isinstance(tree, (Mapping, list, tuple)) and is_stateful(tree):
+        tree = state_of(tree, ())
     if not isinstance(tree, (Mapping, list, tuple)):
         raise InvalidArgumentTypeError(
             f"a tree is a dict, list or tuple (of arrays, scalars and more of them), not {type(tree).__name__}"
         )
+    arrays: list[tuple[int, str, Any]] = []  # (leaf number, name, value) of the array leaves, for ties
     nodes: list[list[Any]] = []
     flat: dict[str, Any] = {}
     values: dict[str, str] = {}
@@ -272,10 +403,15 @@ def encode(tree: Any, *, allow_pickle: bool = False, skip_objects: bool = False)
             value = vals[i]
             i += 1
             kind = fast.get(type(value)) or _classify(value)
+            if kind == "o" and is_stateful(value):
+                holder = value
+                value = states[id(holder)] = state_of(holder, path + (key,))
+                kind = fast.get(type(value)) or _classify(value)
             name = prefix + (key if type(key) is str else str(key))
             if kind == "a":
                 flat[name] = value
                 tensors += 1
+                arrays.append((seq, name, value))
             elif kind == "c":
                 if id(value) in on_path:
                     raise InvalidArgumentError(
@@ -319,11 +455,14 @@ def encode(tree: Any, *, allow_pickle: bool = False, skip_objects: bool = False)
             else:  # "o": an object that is not data
                 where = show_path(path + (key,))
                 if not allow_pickle:
+                    half = callable(getattr(value, "state_dict", None)) and not isinstance(value, type)
+                    hint = ("; it has state_dict() but no load_state_dict(), so it could not be restored: "
+                            "save its .state_dict() (a dict) instead" if half else "")
                     raise InvalidArgumentTypeError(
                         f"{where} is a {type(value).__module__}.{type(value).__qualname__}, which is not data "
-                        "gpusaver stores (arrays, numbers, str, bytes, None, dicts, lists, tuples); "
-                        "gs.save(..., allow_pickle=True) stores it pickled, and gs.load then needs "
-                        "allow_pickle=True too"
+                        "gpusaver stores (arrays, numbers, str, bytes, None, dicts, lists, tuples, objects with "
+                        f"state_dict() and load_state_dict()){hint}; gs.save(..., allow_pickle=True) stores it "
+                        "pickled, and gs.load then needs allow_pickle=True too"
                     )
                 try:
                     blob = pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
@@ -350,11 +489,19 @@ def encode(tree: Any, *, allow_pickle: bool = False, skip_objects: bool = False)
             fix = True  # an empty name, or one under the reserved prefix, may be among the root's
     if seq == 0:
         raise InvalidArgumentError("the tree has no leaves to save")
+    tied = _find_ties(arrays) if ties and len(arrays) > 1 else {}
+    for seq_, name_, value_ in arrays:
+        if seq_ in tied:  # written once, under its first leaf's name
+            tensors -= 1
+            if flat.get(name_) is value_:
+                del flat[name_]  # (were it another leaf's too, names are settled anew below)
     if len(flat) != tensors:
         fix = True  # two leaves share a name
     names: dict[str, str] = {}
     if fix:
-        flat, names = _settle_names(tree, nodes, flat)
+        flat, names = _settle_names(tree, nodes, flat, set(tied), states)
+    for seq_, (first_seq, first_name) in tied.items():  # the tied leaf names its first leaf's variable
+        names[str(seq_)] = names.get(str(first_seq), first_name)
     spec = {"format": FORMAT, "version": VERSION, "nodes": nodes, "names": names, "values": values}
     return Encoded(flat, spec, pickled)
 
@@ -369,17 +516,20 @@ def _root_needs_care(keys: list[Any]) -> bool:
     return "\0\0" in joined or "\0_gpusaver" in joined
 
 
-def _settle_names(tree: Any, nodes: list[list[Any]], flat: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+def _settle_names(tree: Any, nodes: list[list[Any]], flat: dict[str, Any], tied: set[int] = frozenset(),
+                  states: dict[int, Any] | None = None) -> tuple[dict[str, Any], dict[str, str]]:
     """Gives escaped names to the leaves whose own name is unusable or shared (see the module's
-    docstring); returns the tensors by their settled names and ``{leaf number: name}`` of the escaped."""
+    docstring); returns the tensors by their settled names and ``{leaf number: name}`` of the escaped.
+    The ``tied`` leaves (numbers) have no variable of their own and are left out; ``states`` are the
+    state dicts :func:`encode` wrote for the tree's Statefuls."""
     leaves: list[tuple[int, tuple[Any, ...], tuple[bool, ...], Any, str]] = []  # seq, path, in-dict flags, value, name
 
     def leaf(kind: str, name: str | None, value: Any, seq: int, path: tuple[Any, ...], dicts: tuple[bool, ...]) -> Any:
-        if name is not None:
+        if name is not None and seq not in tied:
             leaves.append((seq, path, dicts, value, name))
         return None
 
-    values_of = _tensor_values(tree)
+    values_of = _tensor_values(tree, states or {})
     _walk_spec(nodes, {}, lambda kind, name, inline, seq, path, dicts: leaf(kind, name, values_of[seq], seq, path, dicts))
     primary = [e[4] for e in leaves]
     escape: set[int] = {j for j, n in enumerate(primary) if not n or n.startswith(RESERVED_PREFIX)}
@@ -401,15 +551,18 @@ def _escaped_name(path: tuple[Any, ...], dicts: tuple[bool, ...]) -> str:
     return "/".join(_escaped(k, j == 0, d) for j, (k, d) in enumerate(zip(path, dicts)))
 
 
-def _tensor_values(tree: Any) -> dict[int, Any]:
+def _tensor_values(tree: Any, states: dict[int, Any]) -> dict[int, Any]:
     """``{leaf number: the value written for it}`` for the tensor leaves, by a second walk (only when
-    names must be settled: rare)."""
+    names must be settled: rare); a Stateful is the state dict in ``states``."""
     out: dict[int, Any] = {}
     seq = 0
     stack = [iter(_children(tree, ())[2])]
     while stack:
         for value in stack[-1]:
             kind = _FAST.get(type(value)) or _classify(value)
+            if kind == "o" and id(value) in states:
+                value = states[id(value)]
+                kind = _FAST.get(type(value)) or _classify(value)
             if kind == "c":
                 stack.append(iter(_children(value, ())[2]))
                 break
@@ -495,7 +648,8 @@ def inline_value(kind: str, raw: Any) -> Any:
 
 def variables(tree: Any, *, allow_pickle: bool = False) -> dict[str, Any]:
     """``{name: value}`` of every tensor :func:`gpusaver.save` writes for ``tree``, the structure
-    tensor included (for a Saver that writes the same files, e.g. ``Saver.save_async``).
+    tensor included (for a Saver that writes the same files, e.g. ``Saver.save_async``). Tied
+    leaves (one tensor under two paths) are one entry: TensorFlow's reader sees one variable.
 
     Raises:
         as :func:`encode`.
@@ -653,8 +807,9 @@ def stored_tree(spec: dict[str, Any], where: str) -> Any:
 
 def leaf_names(tree: Any) -> dict[tuple[Any, ...], str]:
     """``{path: variable name}`` of the leaves of ``tree`` that :func:`encode` writes as tensors
-    (escaped where needed), for restoring from a checkpoint that has no structure tensor."""
-    enc = encode(tree, skip_objects=True)
+    (escaped where needed), for restoring from a checkpoint that has no structure tensor (each leaf
+    by its own name: such a checkpoint names every one of them)."""
+    enc = encode(tree, skip_objects=True, ties=False)
     out: dict[tuple[Any, ...], str] = {}
 
     def leaf(kind: str, name: str | None, inline: Any, seq: int, path: tuple, dicts: tuple) -> None:
