@@ -730,11 +730,6 @@ class Saver:
 
     def _settle(self) -> None:
         """Waits for the pending asynchronous save; raises its error if nobody collected it."""
-        if self._pending is not None and self._pending.on_its_thread():
-            raise SaverBusyError(
-                "a call of the Saver from a callback of its own asynchronous save would wait for that save "
-                "for ever; call it once the save has finished"
-            )
         pending, self._pending = self._pending, None
         if pending is not None:
             error = pending._uncollected()

@@ -18,16 +18,12 @@ from hypothesis import given, settings, strategies as st
 import gpusaver as gs
 from gpusaver.errors import InvalidArgumentError
 
+import tiny_models  # noqa: E402
+
 torch = pytest.importorskip("torch")
 
 
-def _gpt2(seed: int):
-    transformers = pytest.importorskip("transformers")
-    transformers.logging.set_verbosity_error()
-    torch.manual_seed(seed)
-    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=96, n_positions=16,
-                                     bos_token_id=0, eos_token_id=0)
-    return transformers.GPT2LMHeadModel(config)
+_gpt2 = tiny_models.gpt2
 
 
 def test_gpt2_state_dict_saves_and_restores_with_its_tie(tmp_path, tf) -> None:

@@ -22,18 +22,14 @@ from gpusaver import tree as trees
 from gpusaver.api import load_into
 from gpusaver.checkpoint_reader import CheckpointReader
 
+import tiny_models  # noqa: E402
+
 torch = pytest.importorskip("torch")
 
 WTE, HEAD = "model/transformer.wte.weight", "model/lm_head.weight"
 
 
-def _gpt2(seed: int):
-    transformers = pytest.importorskip("transformers")
-    transformers.logging.set_verbosity_error()
-    torch.manual_seed(seed)
-    config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=96, n_positions=16,
-                                     bos_token_id=0, eos_token_id=0)
-    return transformers.GPT2LMHeadModel(config)
+_gpt2 = tiny_models.gpt2
 
 
 def _spec(prefix: str) -> dict[str, Any]:

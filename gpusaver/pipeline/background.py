@@ -99,10 +99,6 @@ class SaveHandle:
                 "a callback of this asynchronous save waited for the save itself, which would wait for ever"
             )
 
-    def on_its_thread(self) -> bool:
-        """Whether the caller is this save's own background thread (one of its callbacks)."""
-        return self._thread is not None and self._thread is threading.current_thread()
-
     def done(self) -> bool:
         """Whether the save has finished (committed, or failed)."""
         return self._done.is_set()
